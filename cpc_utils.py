@@ -1,0 +1,1382 @@
+"""Contrastive Predictive Coding for image anomaly detection, in one file.
+
+Everything the notebooks share, read top to bottom in the order the data flows:
+data (MVTec AD layout + embedded demo data) -> patch grids -> encoders
+(pre-activation ResNet v2, DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss
+-> one resumable training loop -> scoring, metrics and the pixel baseline -> plots and
+results files.
+
+Papers:
+  * CPC:    van den Oord, Li, Vinyals 2018, "Representation Learning with Contrastive
+            Predictive Coding", arXiv:1807.03748 (and CPC v2, Henaff et al. 2019,
+            arXiv:1905.09272, for the patch grid, LayerNorm and ResNet-v2 encoders).
+  * CPC-AD: de Haan, Loewe 2021, "Contrastive Predictive Coding for Anomaly Detection",
+            arXiv:2107.07820.
+
+Use it as `import cpc_utils as cu` after `pip install -e .`, or upload this file as a
+Kaggle utility script. `python -m cpc_utils demo-data OUT` writes the demo dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# ---- data ----------------------------------------------------------------------------
+# MVTec AD layout: <root>/<category>/{train/good, test/<defect>, ground_truth/<defect>}.
+# Images are decoded and resized once into uint8 tensors; every epoch reads those tensors.
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+KAGGLE_ROOTS = ("/kaggle/input/mvtec-ad", "/kaggle/input/mvtec-anomaly-detection")
+NESTED_DIR = "mvtec_anomaly_detection"
+LOCAL_ROOT = "data/mvtec_ad"
+EXPECTED_LAYOUT = """expected layout:
+  <root>/<category>/train/good/*.png
+  <root>/<category>/test/<defect>/*.png         (test/good/ holds normal test images)
+  <root>/<category>/ground_truth/<defect>/<stem>_mask.png"""
+
+
+def candidate_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
+    """Where MVTec AD is looked for, in order: the argument, $MVTEC_ROOT, Kaggle, ./data."""
+    if data_root:
+        return [Path(data_root)]
+    bases = [os.environ["MVTEC_ROOT"]] if os.environ.get("MVTEC_ROOT") else []
+    bases += list(KAGGLE_ROOTS) + [LOCAL_ROOT]
+    roots = []
+    for base in map(Path, bases):
+        roots += [base, base / NESTED_DIR]
+    return roots
+
+
+def _is_category_dir(path: Path) -> bool:
+    return (path / "train" / "good").is_dir()
+
+
+def list_categories(root: str | os.PathLike) -> list[str]:
+    """Categories under `root`: the folders that hold train/good."""
+    root = Path(root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _is_category_dir(p)) if root.is_dir() else []
+
+
+def find_mvtec_root(data_root: str | os.PathLike | None = None) -> Path:
+    """Return the first candidate root that holds at least one category.
+
+    An explicit `data_root` is the only candidate (a typo must not silently fall back to
+    other data). Raises FileNotFoundError naming every path tried and the expected layout.
+    """
+    tried = candidate_roots(data_root)
+    for root in tried:
+        if list_categories(root):
+            return root
+        if data_root and root.is_dir():  # maybe the user pointed at the nested level's parent
+            nested = root / NESTED_DIR
+            if list_categories(nested):
+                return nested
+    listing = "\n".join(f"  {p}" + ("" if p.exists() else "  (does not exist)") for p in tried)
+    raise FileNotFoundError(
+        f"no MVTec AD dataset found; tried:\n{listing}\n{EXPECTED_LAYOUT}\n"
+        "Pass data_root, set MVTEC_ROOT, or write the demo data with "
+        "`python -m cpc_utils demo-data data/demo`."
+    )
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split, ready for training or scoring.
+
+    images: (N, 3, H, W) uint8; masks: (N, 1, H, W) bool; labels: (N,) long, 1 = anomalous.
+    """
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    defect_types: list[str]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index], self.masks[index], self.labels[index],
+                        [self.defect_types[i] for i in index.tolist()],
+                        [self.paths[i] for i in index.tolist()])
+
+
+def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """Decode one image to (3, S, S) uint8, resized bilinearly.
+
+    Channels: every image becomes RGB. The grayscale categories (grid, screw, zipper) are
+    replicated to three equal channels, so one encoder shape serves all 15 categories and a
+    grayscale category costs nothing extra to learn (the three channels stay identical).
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    except Exception as e:  # PIL raises many types; the user needs the file name
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L").resize((image_size, image_size), Image.NEAREST)
+            return torch.from_numpy(np.asarray(im) > 127)[None]
+    except Exception as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from e
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
+    folder = cat_dir / "ground_truth" / defect
+    for ext in (".png", image.suffix):
+        if (folder / f"{image.stem}_mask{ext}").exists():
+            return folder / f"{image.stem}_mask{ext}"
+    raise FileNotFoundError(
+        f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
+
+
+def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
+                  num_threads: int = 8) -> dict[str, ImageSet]:
+    """Load train/good and the whole test split of one category.
+
+    Returns {"train": ImageSet, "test": ImageSet}. Every file is decoded exactly once here.
+    Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault.
+    """
+    root = find_mvtec_root(data_root)
+    cat_dir = root / category
+    if not _is_category_dir(cat_dir):
+        raise FileNotFoundError(f"unknown category {category!r} under {root}; available: "
+                                f"{', '.join(list_categories(root))}\n{EXPECTED_LAYOUT}")
+    train_files = _image_files(cat_dir / "train" / "good")
+    if not train_files:
+        raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
+    test_dir = cat_dir / "test"
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
+    test_items = []  # (image, defect, mask or None)
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for f in _image_files(defect_dir):
+            mask = None if defect_dir.name == "good" else _mask_path(cat_dir, defect_dir.name, f)
+            test_items.append((f, defect_dir.name, mask))
+    if not test_items:
+        raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
+
+    def decode(item):
+        f, defect, mask = item
+        m = read_mask(mask, image_size) if mask else torch.zeros(1, image_size, image_size, dtype=torch.bool)
+        return read_image(f, image_size), m, defect, str(f)
+
+    with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
+        train = list(pool.map(decode, [(f, "good", None) for f in train_files]))
+        test = list(pool.map(decode, test_items))
+    return {"train": _stack(train), "test": _stack(test)}
+
+
+def _stack(items: list[tuple]) -> ImageSet:
+    images, masks, defects, paths = zip(*items)
+    labels = torch.tensor([d != "good" for d in defects], dtype=torch.long)
+    return ImageSet(torch.stack(images), torch.stack(masks), labels, list(defects), list(paths))
+
+
+def split_train_val(train: ImageSet, val_fraction: float = 0.1, seed: int = 0) -> tuple[ImageSet, ImageSet | None]:
+    """Hold out a seeded fraction of train/good for early stopping (never test images)."""
+    n_val = int(round(len(train) * val_fraction))
+    if n_val == 0:
+        return train, None
+    if n_val >= len(train):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training images out of {len(train)}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+
+
+# ---- demo data -----------------------------------------------------------------------
+# A small dataset in exactly the MVTec AD layout, cut from real photographs that ship
+# inside scikit-image, with synthetic defects whose masks are exact by construction.
+
+DEMO_SOURCES = {  # category -> scikit-image photograph
+    "brick": "brick",                 # 512x512 grayscale, periodic (like MVTec tile/grid)
+    "gravel": "gravel",               # 512x512 grayscale, stochastic (like carpet)
+    "tissue": "immunohistochemistry", # 512x512 colour stained tissue (like leather/wood)
+}
+DEMO_DEFECTS = ("scratch", "stain", "hole", "foreign")
+DEMO_IMAGE_SIZE = 256
+
+
+def _demo_photo(name: str) -> np.ndarray:
+    import skimage.data
+    im = getattr(skimage.data, name)().astype(np.float32) / 255.0
+    return im[..., None] if im.ndim == 2 else im[..., :3]  # (H, W, C) in [0, 1]
+
+
+def _random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    H, W = photo.shape[:2]
+    crop = int(rng.integers(int(0.6 * min(H, W)), int(0.75 * min(H, W)) + 1))
+    y, x = rng.integers(0, H - crop + 1), rng.integers(0, W - crop + 1)
+    patch = photo[y:y + crop, x:x + crop]
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    from skimage.transform import resize
+    return resize(patch, (size, size, photo.shape[2]), order=1, anti_aliasing=True).astype(np.float32)
+
+
+def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    from skimage.draw import disk, ellipse, polygon
+    mask = np.zeros((size, size), bool)
+    s = size / 256  # defect sizes are given for 256 px images
+    cy, cx = rng.uniform(0.2, 0.8, 2) * size
+    if kind == "scratch":  # a thin random polyline
+        pts = [np.array([cy, cx])]
+        angle = rng.uniform(0, 2 * np.pi)
+        for _ in range(int(rng.integers(2, 5))):
+            angle += rng.uniform(-0.6, 0.6)
+            pts.append(pts[-1] + rng.uniform(20, 40) * s * np.array([np.sin(angle), np.cos(angle)]))
+        radius = rng.uniform(1.5, 2.5) * s
+        for a, b in zip(pts[:-1], pts[1:]):
+            for t in np.linspace(0, 1, 60):
+                rr, cc = disk(tuple(a + t * (b - a)), radius, shape=mask.shape)
+                mask[rr, cc] = True
+    elif kind in ("stain", "foreign"):
+        rr, cc = ellipse(cy, cx, rng.uniform(10, 22) * s, rng.uniform(10, 22) * s, shape=mask.shape,
+                         rotation=rng.uniform(0, np.pi))
+        mask[rr, cc] = True
+    elif kind == "hole":  # an irregular polygon
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
+        radii = rng.uniform(7, 16, 9) * s
+        rr, cc = polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=mask.shape)
+        mask[rr, cc] = True
+    else:
+        raise ValueError(f"unknown demo defect {kind!r}; known: {DEMO_DEFECTS}")
+    return mask
+
+
+def _apply_defect(img: np.ndarray, kind: str, mask: np.ndarray, other: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    out = img.copy()
+    if kind == "scratch":  # dark or bright line
+        out[mask] = 0.05 if rng.random() < 0.5 else 0.95
+    elif kind == "stain":  # a tinted, darkened blob that keeps the texture underneath
+        tint = np.array([1.0, 0.55, 0.3])[: img.shape[2]] if img.shape[2] == 3 else np.array([0.5])
+        out[mask] = np.clip(img[mask] * tint * rng.uniform(0.6, 0.8) + 0.05, 0, 1)
+    elif kind == "hole":  # near-black with sensor noise
+        out[mask] = np.clip(0.06 + 0.03 * rng.standard_normal((mask.sum(), img.shape[2])), 0, 1)
+    elif kind == "foreign":  # texture from another photograph pasted in
+        src = other.mean(-1, keepdims=True) if img.shape[2] == 1 else np.broadcast_to(other, other.shape[:2] + (3,))
+        out[mask] = src[mask]
+    return out
+
+
+def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None = None,
+                      n_train: int = 80, n_test_good: int = 10, n_per_defect: int = 6,
+                      image_size: int = DEMO_IMAGE_SIZE, seed: int = 0) -> Path:
+    """Write the embedded demo dataset in the MVTec AD layout and return its root.
+
+    Each category is one real photograph from scikit-image; train/good and test/good are
+    random crops of it, and each test/<defect> image is a crop with one synthetic defect
+    ({DEMO_DEFECTS}) whose mask is exactly the changed pixels. Deterministic for `seed`.
+    """
+    from PIL import Image
+    out = Path(out)
+    categories = list(categories or DEMO_SOURCES)
+    photos = {c: _demo_photo(DEMO_SOURCES[c]) for c in categories}
+    foreign = _demo_photo("coffee")  # a photograph that belongs to no category
+
+    def save(arr: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+
+    for ci, cat in enumerate(categories):
+        rng = np.random.default_rng([seed, ci])
+        photo = photos[cat]
+        for i in range(n_train):
+            save(_random_crop(photo, image_size, rng), out / cat / "train" / "good" / f"{i:03d}.png")
+        for i in range(n_test_good):
+            save(_random_crop(photo, image_size, rng), out / cat / "test" / "good" / f"{i:03d}.png")
+        for kind in DEMO_DEFECTS:
+            for i in range(n_per_defect):
+                img = _random_crop(photo, image_size, rng)
+                mask = _defect_mask(kind, image_size, rng)
+                other = _random_crop(foreign, image_size, rng)
+                save(_apply_defect(img, kind, mask, other, rng), out / cat / "test" / kind / f"{i:03d}.png")
+                save(mask[..., None].astype(np.float32), out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+    return out
+
+
+def resolve_data_root(data_root: str | os.PathLike | None, demo_dir: str | os.PathLike = "data/demo") -> Path:
+    """`data_root` if given; else MVTec AD wherever `find_mvtec_root` finds it; else the
+    demo data under `demo_dir`, written on first use. Used by notebooks with empty data_root."""
+    if data_root:
+        return find_mvtec_root(data_root)
+    try:
+        return find_mvtec_root(None)
+    except FileNotFoundError:
+        demo_dir = Path(demo_dir)
+        if not all(_is_category_dir(demo_dir / c) for c in DEMO_SOURCES):
+            make_demo_dataset(demo_dir)
+        return demo_dir
+
+
+# ---- patches -------------------------------------------------------------------------
+# An image is cut into a grid of overlapping patches (CPC v2: 64 px at stride 32 on 256 px
+# gives 7x7); CPC-AD cuts larger images into overlapping 256 px sub-images first.
+
+@dataclass
+class PatchGrid:
+    """Geometry of the patch grid.
+
+    Defaults follow the papers: 256 px images, 64 px patches, stride 32 -> a 7x7 grid.
+    With `subimage_size` set (CPC-AD: 768 px images, 256 px sub-images at stride 128 ->
+    5x5 sub-images x 49 patches = 1,225 patches), the grid is laid on every sub-image.
+    """
+    image_size: int = 256
+    patch_size: int = 64
+    stride: int = 32
+    subimage_size: int | None = None
+    subimage_stride: int | None = None
+
+    def __post_init__(self):
+        sub = self.subimage_size or self.image_size
+        if (sub - self.patch_size) % self.stride or self.patch_size > sub:
+            raise ValueError(f"patch_size {self.patch_size} at stride {self.stride} does not tile {sub} px")
+        if self.subimage_size and (self.image_size - self.subimage_size) % (self.subimage_stride or self.subimage_size):
+            raise ValueError(f"sub-images of {self.subimage_size} px at stride {self.subimage_stride} "
+                             f"do not tile {self.image_size} px")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of one (sub-)image."""
+        return ((self.subimage_size or self.image_size) - self.patch_size) // self.stride + 1
+
+    @property
+    def num_subimages(self) -> int:
+        """Sub-images per side (1 without sub-images)."""
+        if not self.subimage_size:
+            return 1
+        return (self.image_size - self.subimage_size) // (self.subimage_stride or self.subimage_size) + 1
+
+    @property
+    def overlap_steps(self) -> int:
+        """How many neighbouring rows share pixels with a patch: ceil(P / S) - 1."""
+        return math.ceil(self.patch_size / self.stride) - 1
+
+
+def to_subimages(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """(B, C, H, W) -> (B * S * S, C, s, s) sub-images, row-major; identity without sub-images."""
+    if not grid.subimage_size:
+        return x
+    s, st, S = grid.subimage_size, grid.subimage_stride or grid.subimage_size, grid.num_subimages
+    B, C = x.shape[:2]
+    u = x.unfold(2, s, st).unfold(3, s, st)                  # (B, C, S, S, s, s)
+    return u.permute(0, 2, 3, 1, 4, 5).reshape(B * S * S, C, s, s)
+
+
+def extract_patches(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """(B, C, H, W) images -> (B * n_sub, G, G, C, P, P) patches (unfold, no copies in loops)."""
+    x = to_subimages(x, grid)
+    P, st = grid.patch_size, grid.stride
+    return x.unfold(2, P, st).unfold(3, P, st).permute(0, 2, 3, 1, 4, 5)  # (B', G, G, C, P, P)
+
+
+def _fold_sum(values: torch.Tensor, out_size: int, kernel: int, stride: int) -> torch.Tensor:
+    """Spread each value over its kernel x kernel window and sum: (B, G, G) -> (B, 1, H, W)."""
+    B, G, _ = values.shape
+    cols = values.reshape(B, 1, G * G).expand(B, kernel * kernel, G * G)
+    return F.fold(cols, (out_size, out_size), kernel, stride=stride)
+
+
+def patches_to_pixels(values: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Per-patch values -> per-pixel map, averaging over every patch (and sub-image) covering a pixel.
+
+    Args:
+        values: (B, n_sub, G, G) with n_sub = num_subimages ** 2 (1 without sub-images).
+    Returns:
+        (B, 1, H, W) float map at image resolution.
+    """
+    B, n_sub, G, _ = values.shape
+    sub = grid.subimage_size or grid.image_size
+    v = values.reshape(B * n_sub, G, G).float()
+    total = _fold_sum(v, sub, grid.patch_size, grid.stride)                # (B*n_sub, 1, s, s)
+    count = _fold_sum(torch.ones_like(v[:1]), sub, grid.patch_size, grid.stride)
+    if grid.subimage_size:
+        S, st = grid.num_subimages, grid.subimage_stride or grid.subimage_size
+        total = _fold_sum_maps(total.reshape(B, S, S, sub, sub), grid.image_size, st)
+        count = _fold_sum_maps(count.expand(S * S, 1, sub, sub).reshape(1, S, S, sub, sub), grid.image_size, st)
+    return total / count
+
+
+def _fold_sum_maps(maps: torch.Tensor, out_size: int, stride: int) -> torch.Tensor:
+    """(B, S, S, s, s) sub-image maps -> (B, 1, H, W), summing where sub-images overlap."""
+    B, S, _, s, _ = maps.shape
+    cols = maps.permute(0, 3, 4, 1, 2).reshape(B, s * s, S * S)
+    return F.fold(cols, (out_size, out_size), s, stride=stride)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [-1, 1], channels_last (the fast layout for convs)."""
+    return (images.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+# ---- encoders ------------------------------------------------------------------------
+# Patch encoders (N, C, P, P) -> (N, D) by mean pooling: pre-activation ResNet v2 (He et al.
+# 2016, arXiv:1603.05027) and DenseNet (Huang et al. 2017, arXiv:1608.06993), cut after stage 3.
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """Normalisation for the encoders.
+
+    "layer" (the default) is LayerNorm over (C, H, W) of each patch (GroupNorm with one
+    group), as in CPC v2: BatchNorm lets the patches of one batch share statistics, which
+    the contrastive task can exploit to find its positive, and it makes a patch's embedding
+    (hence its anomaly score) depend on what else is in the batch. LayerNorm keeps every
+    patch independent, so training and scoring see the same function. "group" (32 groups),
+    "batch" and "none" are there to study that choice.
+    """
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; choose layer, group, batch or none")
+
+
+class PreActBasicBlock(nn.Module):
+    """norm-ReLU-conv3x3 twice, identity shortcut (ResNet-18 v2)."""
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int, norm: str):
+        super().__init__()
+        c_out = width * self.expansion
+        self.norm1, self.conv1 = norm_layer(norm, c_in), nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.norm2, self.conv2 = norm_layer(norm, width), nn.Conv2d(width, c_out, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):
+        h = F.relu(self.norm1(x))
+        skip = self.shortcut(h) if self.shortcut is not None else x
+        h = self.conv1(h)
+        return skip + self.conv2(F.relu(self.norm2(h)))
+
+
+class PreActBottleneck(nn.Module):
+    """norm-ReLU-conv 1x1 / 3x3 / 1x1 with 4x expansion (ResNet-50 v2)."""
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int, norm: str):
+        super().__init__()
+        c_out = width * self.expansion
+        self.norm1, self.conv1 = norm_layer(norm, c_in), nn.Conv2d(c_in, width, 1, bias=False)
+        self.norm2, self.conv2 = norm_layer(norm, width), nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.norm3, self.conv3 = norm_layer(norm, width), nn.Conv2d(width, c_out, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):
+        h = F.relu(self.norm1(x))
+        skip = self.shortcut(h) if self.shortcut is not None else x
+        h = self.conv1(h)
+        h = self.conv2(F.relu(self.norm2(h)))
+        return skip + self.conv3(F.relu(self.norm3(h)))
+
+
+class PatchEncoder(nn.Module):
+    """Stem (conv7x7/2 + maxpool/2) -> stages -> final norm-ReLU -> mean pool. `out_dim` = D."""
+
+    def __init__(self, stem_channels: int, stages: nn.Sequential, out_dim: int, norm: str, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 7, 2, 3, bias=False),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.stages = stages
+        self.final_norm = norm_layer(norm, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.final_norm(self.stages(self.stem(x))))  # (N, D, P/16, P/16)
+        return h.mean(dim=(2, 3))                                 # (N, D)
+
+
+def resnet_v2(block: type, layers: Sequence[int], norm: str = "layer", width: int = 64,
+              in_channels: int = 3) -> PatchEncoder:
+    """Pre-activation ResNet with three stages (widths w, 2w, 4w; strides 1, 2, 2)."""
+    stages, c = [], width
+    for i, n in enumerate(layers):
+        w = width * 2 ** i
+        blocks = []
+        for j in range(n):
+            blocks.append(block(c, w, 2 if (i > 0 and j == 0) else 1, norm))
+            c = w * block.expansion
+        stages.append(nn.Sequential(*blocks))
+    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels)
+
+
+class DenseLayer(nn.Module):
+    """norm-ReLU-conv1x1 (4k) -> norm-ReLU-conv3x3 (k); output concatenated to its input."""
+
+    def __init__(self, c_in: int, growth: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(norm_layer(norm, c_in), nn.ReLU(), nn.Conv2d(c_in, 4 * growth, 1, bias=False),
+                                  norm_layer(norm, 4 * growth), nn.ReLU(),
+                                  nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False))
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], 1)
+
+
+def densenet(layers: Sequence[int] = (6, 12, 24), norm: str = "layer", width: int = 64,
+             in_channels: int = 3) -> PatchEncoder:
+    """DenseNet-121 cut after its third dense block (growth rate width/2; transitions halve
+    channels and size)."""
+    stages, c, growth = [], width, width // 2
+    for i, n in enumerate(layers):
+        mods = []
+        if i > 0:  # transition: norm-ReLU-conv1x1 halving channels, then 2x2 average pool
+            mods += [norm_layer(norm, c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)]
+            c //= 2
+        for _ in range(n):
+            mods.append(DenseLayer(c, growth, norm))
+            c += growth
+        stages.append(nn.Sequential(*mods))
+    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels)
+
+
+ENCODERS: dict[str, Callable[..., PatchEncoder]] = {
+    # name: builder(norm, width, in_channels)          D     params (width 64, LayerNorm)
+    "resnet18v2": lambda **kw: resnet_v2(PreActBasicBlock, (2, 2, 2), **kw),   # 256    2.78 M
+    "resnet50v2": lambda **kw: resnet_v2(PreActBottleneck, (3, 4, 6), **kw),   # 1024   8.54 M
+    "densenet": lambda **kw: densenet((6, 12, 24), **kw),                      # 1024   6.96 M
+}
+
+
+def build_encoder(name: str, norm: str = "layer", width: int = 64, in_channels: int = 3) -> PatchEncoder:
+    """Build a patch encoder from the `ENCODERS` registry; `width` scales every channel count."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODERS)}")
+    return ENCODERS[name](norm=norm, width=width, in_channels=in_channels).to(memory_format=torch.channels_last)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---- CPC and CPC-AD ------------------------------------------------------------------
+# InfoNCE the MoCo way (positive in column 0, per-row cross-entropy kept unreduced), the
+# PixelCNN context network of CPC, and the context-free directional predictors of CPC-AD.
+
+def similarity_logits(pred: torch.Tensor, targets: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
+    """Scores of every prediction against every target: (N, D) x (M, D) -> (N, M)."""
+    pred, targets = pred.float(), targets.float()
+    if similarity == "cosine":
+        pred, targets = F.normalize(pred, dim=-1), F.normalize(targets, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"unknown similarity {similarity!r}; choose dot or cosine")
+    return pred @ targets.T / temperature
+
+
+def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor,
+             num_negatives: int | None = None, pos_index: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, similarity: str = "dot",
+             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row InfoNCE loss: -log softmax of the positive among itself and its negatives.
+
+    Args:
+        pred: (N, D) predictions W_k c_t.
+        positive: (N, D) the true targets z_{t+k}.
+        candidates: (M, D) embeddings the negatives are drawn from.
+        num_negatives: negatives per row, sampled uniformly without the positive; None uses
+            every candidate (deterministic: how CPC-AD scores against its bank).
+        pos_index: (N,) index of each row's positive inside `candidates`, excluded from its
+            negatives; None when the candidates cannot contain it (a bank of train patches).
+    Returns:
+        loss (N,) and correct (N,) bool: the positive scored above every negative.
+    """
+    N, M = pred.shape[0], candidates.shape[0]
+    pos = _paired_logits(pred, positive, similarity, temperature)                       # (N, 1)
+    scores = similarity_logits(pred, candidates, similarity, temperature)               # (N, M)
+    if num_negatives is None:
+        if pos_index is not None:
+            scores = scores.scatter(1, pos_index[:, None], float("-inf"))
+        neg = scores
+    else:
+        n_pool = M - (pos_index is not None)
+        idx = torch.randint(0, n_pool, (N, num_negatives), generator=generator).to(pred.device)
+        if pos_index is not None:
+            idx = idx + (idx >= pos_index[:, None]).long()  # skip over the positive
+        neg = scores.gather(1, idx)                                                     # (N, num_negatives)
+    logits = torch.cat([pos, neg], dim=1)                                               # positive in column 0
+    loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
+    return loss, logits.argmax(1) == 0
+
+
+def _paired_logits(pred: torch.Tensor, positive: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
+    """Row-wise score of each prediction with its own target: (N, D), (N, D) -> (N, 1)."""
+    pred, positive = pred.float(), positive.float()
+    if similarity == "cosine":
+        pred, positive = F.normalize(pred, dim=-1), F.normalize(positive, dim=-1)
+    return (pred * positive).sum(-1, keepdim=True) / temperature
+
+
+def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Images (B, C, H, W) float -> patch embeddings on the grid (B * n_sub, D, G, G)."""
+    p = extract_patches(x, grid)                                  # (B', G, G, C, P, P)
+    Bp, G = p.shape[:2]
+    p = p.reshape(Bp * G * G, *p.shape[3:]).contiguous(memory_format=torch.channels_last)
+    z = encoder(p)                                                # (B' * G * G, D)
+    return z.reshape(Bp, G, G, -1).permute(0, 3, 1, 2)            # (B', D, G, G)
+
+
+class CausalConv2d(nn.Conv2d):
+    """Convolution whose output row i sees input rows <= i only (padding above, none below)."""
+
+    def forward(self, x):
+        kh, kw = self.kernel_size
+        return super().forward(F.pad(x, (kw // 2, kw // 2, kh - 1, 0)))
+
+
+class PixelCNNContext(nn.Module):
+    """PixelCNN-style context network over the patch grid, top to bottom.
+
+    Residual blocks of ReLU -> causal 2x3 conv -> ReLU -> 1x1 conv, so c[:, :, i] depends
+    on z[:, :, :i + 1] only (rows of the grid at and above i), with a receptive field
+    that grows by one row per block. (B, D, G, G) -> (B, hidden, G, G).
+    """
+
+    def __init__(self, dim: int, hidden: int, layers: int = 4):
+        super().__init__()
+        self.inp = nn.Conv2d(dim, hidden, 1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), CausalConv2d(hidden, hidden, (2, 3)), nn.ReLU(), nn.Conv2d(hidden, hidden, 1))
+            for _ in range(layers))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.inp(z)
+        for block in self.blocks:
+            c = c + block(c)
+        return c
+
+
+@dataclass
+class CPCConfig:
+    """CPC (notebook 01). Row i of the context predicts rows i + overlap + k, k = 1..pred_steps:
+    rows closer than that share pixels with the context patch, which would make the task a
+    copy. With 64 px patches at stride 32 the overlap is one row."""
+    encoder: str = "resnet18v2"
+    norm: str = "layer"
+    width: int = 64
+    pred_steps: int = 3
+    num_negatives: int = 16
+    context_dim: int = 256
+    context_layers: int = 4
+    similarity: str = "dot"
+    temperature: float = 1.0
+
+
+class CPC(nn.Module):
+    """Encoder + PixelCNN context + one linear predictor W_k per step, trained with InfoNCE."""
+
+    def __init__(self, cfg: CPCConfig, grid: PatchGrid):
+        super().__init__()
+        self.cfg, self.grid = cfg, grid
+        self.offset = grid.overlap_steps
+        if grid.grid - self.offset - cfg.pred_steps < 1:
+            raise ValueError(f"a {grid.grid}x{grid.grid} grid with {self.offset} overlapping rows "
+                             f"leaves no context for pred_steps={cfg.pred_steps}")
+        self.encoder = build_encoder(cfg.encoder, cfg.norm, cfg.width)
+        D = self.encoder.out_dim
+        self.context = PixelCNNContext(D, cfg.context_dim, cfg.context_layers)
+        self.W = nn.ModuleList(nn.Linear(cfg.context_dim, D, bias=False) for _ in range(cfg.pred_steps))
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """InfoNCE over every (context row, step k) pair, negatives drawn from the whole batch.
+
+        Returns loss (scalar), loss_per_step (K,) and acc_per_step (K,).
+        """
+        z = encode_grid(self.encoder, x, self.grid)               # (B, D, G, G)
+        c = self.context(z)                                       # (B, Dc, G, G)
+        B, D, G, _ = z.shape
+        candidates = z.permute(0, 2, 3, 1).reshape(B * G * G, D)  # (B*G*G, D), index b*G*G + i*G + j
+        ids = torch.arange(B * G * G, device=z.device).view(B, G, G)
+        losses, accs = [], []
+        for k, W_k in enumerate(self.W, start=1):
+            rows = G - self.offset - k
+            pred = W_k(c[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, c.shape[1]))   # (B*rows*G, D)
+            pos_index = ids[:, self.offset + k:].reshape(-1)
+            loss, correct = info_nce(pred, candidates[pos_index], candidates, self.cfg.num_negatives,
+                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature)
+            losses.append(loss.mean())
+            accs.append(correct.float().mean())
+        per_step = torch.stack(losses)
+        return {"loss": per_step.mean(), "loss_per_step": per_step.detach(), "acc_per_step": torch.stack(accs)}
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-level representation: mean of the patch embeddings, (B, D)."""
+        z = encode_grid(self.encoder, x, self.grid)
+        return z.reshape(x.shape[0], -1, *z.shape[1:]).mean(dim=(1, 3, 4))
+
+
+DIRECTIONS = ("top_down", "bottom_up", "left_right", "right_left")
+
+
+def orient(t: torch.Tensor, direction: str) -> torch.Tensor:
+    """Turn a (..., G, G) grid so that `direction` becomes row i -> row i + k."""
+    if direction == "top_down":
+        return t
+    if direction == "bottom_up":
+        return t.flip(-2)
+    if direction == "left_right":
+        return t.transpose(-1, -2)
+    if direction == "right_left":
+        return t.transpose(-1, -2).flip(-2)
+    raise ValueError(f"unknown direction {direction!r}; choose from {DIRECTIONS}")
+
+
+def unorient(t: torch.Tensor, direction: str) -> torch.Tensor:
+    """Inverse of `orient`."""
+    return t.flip(-2).transpose(-1, -2) if direction == "right_left" else orient(t, direction)
+
+
+@dataclass
+class CPCADConfig:
+    """CPC-AD (notebook 02): score(z_t, z_{t+k}) = z_{t+k}^T W_k z_t, no context network.
+
+    Defaults, from the study recorded in the README and notebook 02:
+      * similarity "cosine" at temperature 0.1: with raw dot products the embeddings collapse
+        and the loss sits at log(N + 1); normalised vectors with a low temperature learn.
+      * target_offset 0: the target k = 1 is the next patch, which shares half its pixels with
+        the context. That makes the task learnable within a few epochs on CPU; an anomaly in
+        the shared region breaks the match, which is the signal we score.
+      * test_negatives: a fixed bank of encoded train/good patches, every one used for every
+        test patch, so scoring is deterministic and less noisy than sampled negatives.
+    """
+    encoder: str = "resnet18v2"
+    norm: str = "layer"
+    width: int = 64
+    pred_steps: int = 3
+    target_offset: int = 0
+    num_negatives: int | None = 63
+    test_negatives: int = 1024
+    similarity: str = "cosine"
+    temperature: float = 0.1
+    shared_encoder: bool = True
+    directions: tuple[str, ...] = DIRECTIONS
+
+
+class CPCAD(nn.Module):
+    """CPC-AD: per-patch InfoNCE losses in four directions, averaged into an anomaly map.
+
+    `shared_encoder=True` encodes each patch once and gives each direction its own W_k;
+    `False` trains four independent encoder + W_k models, as in the paper (4x the encoding).
+    Each prediction's loss is assigned to the patch being predicted, z_{t+k}.
+    """
+
+    def __init__(self, cfg: CPCADConfig, grid: PatchGrid):
+        super().__init__()
+        self.cfg, self.grid = cfg, grid
+        G, K, off = grid.grid, cfg.pred_steps, cfg.target_offset
+        if G - off - K < 1:
+            raise ValueError(f"a {G}x{G} grid leaves no context for pred_steps={K}, target_offset={off}")
+        cover = sum(unorient(self._target_count(G), d) for d in cfg.directions)
+        if (cover == 0).any():
+            raise ValueError(f"directions {cfg.directions} leave patches that are never predicted; "
+                             "add the opposite direction")
+        n_enc = 1 if cfg.shared_encoder else len(cfg.directions)
+        self.encoders = nn.ModuleList(build_encoder(cfg.encoder, cfg.norm, cfg.width) for _ in range(n_enc))
+        D = self.encoders[0].out_dim
+        W = torch.empty(len(cfg.directions), K, D, D)
+        for w in W.view(-1, D, D):
+            nn.init.xavier_uniform_(w)
+        self.W = nn.Parameter(W)                                  # (n_dir, K, D, D): W_k per direction
+
+    def _target_count(self, G: int) -> torch.Tensor:
+        """How many predictions target each patch in the oriented frame: (G, G)."""
+        count = torch.zeros(G, G)
+        for k in range(1, self.cfg.pred_steps + 1):
+            count[self.cfg.target_offset + k:] += 1
+        return count
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One (B', D, G, G) grid per encoder (one when shared, one per direction otherwise)."""
+        return [encode_grid(enc, x, self.grid) for enc in self.encoders]
+
+    def patch_losses(self, zs: list[torch.Tensor], bank: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-patch InfoNCE loss, averaged over steps k and directions: (B', G, G).
+
+        Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it,
+        `num_negatives` patches of the same batch (training, all normal images).
+        """
+        G, off = self.grid.grid, self.cfg.target_offset
+        total = 0.0
+        count = 0.0
+        for d, direction in enumerate(self.cfg.directions):
+            z = zs[d % len(zs)]                                               # (B, D, G, G)
+            B, D = z.shape[:2]
+            flat = z.permute(0, 2, 3, 1).reshape(B * G * G, D)                 # candidates, index b*G*G + i*G + j
+            ids = orient(torch.arange(B * G * G, device=z.device).view(B, G, G), direction)
+            zo = orient(z, direction)
+            loss_map = z.new_zeros(B, G, G, dtype=torch.float32)
+            for k in range(1, self.cfg.pred_steps + 1):
+                rows = G - off - k
+                ctx = zo[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, D)       # (B*rows*G, D)
+                pred = ctx @ self.W[d, k - 1].to(ctx.dtype)
+                pos_index = ids[:, off + k:].reshape(-1)
+                if bank is None:
+                    loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
+                                       generator, self.cfg.similarity, self.cfg.temperature)
+                else:
+                    loss, _ = info_nce(pred, flat[pos_index], bank[d % len(zs)], None, None,
+                                       None, self.cfg.similarity, self.cfg.temperature)
+                loss_map[:, off + k:] += loss.view(B, rows, G)
+            total = total + unorient(loss_map, direction)
+            count = count + unorient(self._target_count(G).to(z.device), direction)
+        return total / count
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training objective: the mean per-patch loss with in-batch negatives."""
+        return {"loss": self.patch_losses(self.encode(x), generator=generator).mean()}
+
+    @torch.no_grad()
+    def build_bank(self, images: torch.Tensor, size: int | None = None, seed: int = 0,
+                   batch_size: int = 512) -> torch.Tensor:
+        """Encode a fixed random sample of train/good patches as test-time negatives: (n_enc, M, D).
+
+        Only the sampled patches are cut out and encoded, so the cost is M patches, not the set.
+        """
+        size = size or self.cfg.test_negatives
+        device = self.W.device
+        g = torch.Generator().manual_seed(seed)
+        n_sub, G, P, st = self.grid.num_subimages ** 2, self.grid.grid, self.grid.patch_size, self.grid.stride
+        n_total = len(images) * n_sub * G * G
+        pick = torch.randperm(n_total, generator=g)[:size].sort().values
+        img, rest = pick // (n_sub * G * G), pick % (n_sub * G * G)
+        sub, i, j = rest // (G * G), (rest % (G * G)) // G, rest % G
+        out = [[] for _ in self.encoders]
+        for lo in range(0, len(pick), batch_size):
+            sl = slice(lo, lo + batch_size)
+            x = to_float(images[img[sl]].to(device))
+            s = to_subimages(x, self.grid) if n_sub > 1 else x    # (B*n_sub, C, s, s)
+            s = s.view(len(x), n_sub, *s.shape[1:])[torch.arange(len(x)), sub[sl]] if n_sub > 1 else s
+            patches = torch.stack([s[b, :, ii * st:ii * st + P, jj * st:jj * st + P]
+                                   for b, (ii, jj) in enumerate(zip(i[sl].tolist(), j[sl].tolist()))])
+            patches = patches.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                for e, enc in enumerate(self.encoders):
+                    out[e].append(enc(patches).float())
+        return torch.stack([torch.cat(o) for o in out])           # (n_enc, M, D)
+
+
+# ---- training ------------------------------------------------------------------------
+# One loop for CPC and CPC-AD: Adam, early stopping on validation loss, an atomic checkpoint
+# after every epoch with the RNG states, so an interrupted run resumes to the same weights.
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16          # images per step; each gives n_sub * G * G patches
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    patience: int = 5             # epochs without a better validation loss before stopping
+    seed: int = 0
+    device: str = "auto"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op elsewhere, so the CPU path stays fp32."""
+    import contextlib
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_atomic(obj, path: str | os.PathLike, writer: Callable = torch.save) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    save_atomic(obj, path, lambda o, f: f.write(json.dumps(o, indent=2, default=_json_default).encode()))
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                    seed: int = 0) -> float:
+    """Mean training objective on held-out images, with a fixed negative sample (repeatable)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for idx in _batches(len(images), batch_size, None):
+        with autocast(device):
+            total += model.loss(to_float(images[idx].to(device, non_blocking=True)), g)["loss"].item() * len(idx)
+        n += len(idx)
+    return total / n
+
+
+def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
+                checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+                progress: bool = True) -> list[dict]:
+    """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
+
+    Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
+    at the end the best weights are loaded. `resume=True` continues from `last.pt`
+    (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
+    last good checkpoint in place.
+    """
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
+    history, best, bad_epochs, start = [], float("inf"), 0, 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume and ckpt and (ckpt / "last.pt").exists():
+        state = torch.load(ckpt / "last.pt", map_location=device, weights_only=False)
+        _check_resumable(state, model, cfg, ckpt / "last.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"]
+    images = train.images.to(device)  # decoded once; one host->device copy for the whole run
+    val_images = val.images.to(device) if val is not None and len(val) else None
+    bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, initial=start, total=cfg.epochs)
+    for epoch in bar:
+        if bad_epochs >= cfg.patience:
+            break
+        t0, model_losses, extras = time.perf_counter(), [], {}
+        model.train()
+        for step, idx in enumerate(_batches(len(images), cfg.batch_size, g)):
+            with autocast(device):
+                out = model.loss(to_float(images[idx.to(device)]), g)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}{where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model_losses.append(loss.item())
+            for key, v in out.items():
+                if key != "loss":
+                    extras.setdefault(key, []).append(v.detach().float().cpu())
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)),
+                  **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
+        if val_images is not None:
+            record["val_loss"] = validation_loss(model, val_images, cfg.batch_size, device, cfg.seed + 1)
+            if record["val_loss"] < best:
+                best, bad_epochs = record["val_loss"], 0
+                if ckpt:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, ckpt / "best.pt")
+            else:
+                bad_epochs += 1
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        if ckpt:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                         "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                         "history": history, "best": best, "bad_epochs": bad_epochs,
+                         "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
+                        ckpt / "last.pt")
+    if ckpt and (ckpt / "best.pt").exists():
+        model.load_state_dict(torch.load(ckpt / "best.pt", map_location=device, weights_only=False)["model"])
+    model.eval()
+    return history
+
+
+def _model_config(model: nn.Module) -> dict:
+    cfg = getattr(model, "cfg", None)
+    return {"class": type(model).__name__, **(dataclasses.asdict(cfg) if cfg is not None else {})}
+
+
+def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path) -> None:
+    saved = state.get("config", {})
+    now = {"train": dataclasses.asdict(cfg), "model": _model_config(model)}
+    saved_model = json.loads(json.dumps(saved.get("model"), default=list))
+    now_model = json.loads(json.dumps(now["model"], default=list))
+    diff = [k for k in now_model if saved_model.get(k) != now_model[k]]
+    diff += [f"train.{k}" for k in now["train"] if k != "epochs" and saved.get("train", {}).get(k) != now["train"][k]]
+    if diff:
+        raise ValueError(f"cannot resume from {path}: its configuration differs in {', '.join(diff)}; "
+                         "use another checkpoint_dir or resume=False")
+
+
+# ---- scoring and metrics -------------------------------------------------------------
+# Patch loss maps -> image scores (mean as in the paper, and max) and pixel heatmaps; the
+# MVTec AD metrics; and the non-learned reference every report is compared against.
+
+@torch.no_grad()
+def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_size: int = 16,
+                 device: str | torch.device = "auto", progress: bool = False) -> torch.Tensor:
+    """CPC-AD patch loss maps of uint8 images (N, C, H, W) -> (N, n_sub, G, G), deterministic.
+
+    Sub-images are scored one grid at a time, against the same bank of train/good negatives.
+    """
+    device = resolve_device(device)
+    model.eval().to(device)
+    bank = bank.to(device)
+    maps = []
+    for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
+        with autocast(device):
+            loss = model.patch_losses(model.encode(to_float(images[idx].to(device, non_blocking=True))), bank)
+        maps.append(loss.float().cpu())
+    G = model.grid.grid
+    return torch.cat(maps).view(len(images), -1, G, G)
+
+
+def image_scores(patch_maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """(N, n_sub, G, G) -> (N,): the mean patch loss (CPC-AD paper) or the max."""
+    flat = patch_maps.flatten(1)
+    if reduce == "mean":
+        return flat.mean(1)
+    if reduce == "max":
+        return flat.max(1).values
+    raise ValueError(f"unknown reduce {reduce!r}; choose mean or max")
+
+
+@torch.no_grad()
+def pixel_baseline(train_images: torch.Tensor, test_images: torch.Tensor, grid: PatchGrid,
+                   resolution: int = 8, device: str | torch.device = "auto", chunk: int = 2048) -> torch.Tensor:
+    """Non-learned reference: raw-pixel patch nearest-neighbour distance to train patches.
+
+    Each patch is average-pooled to `resolution` x `resolution` pixels and compared (L2) with
+    every train/good patch at any position. Returns (N, n_sub, G, G) distance maps; use the
+    max as the image score and `patches_to_pixels` for the pixel map.
+    """
+    device = resolve_device(device)
+
+    def features(images):
+        out = []
+        for idx in _batches(len(images), 32, None):
+            p = extract_patches(to_float(images[idx].to(device)), grid)              # (B', G, G, C, P, P)
+            Bp, G = p.shape[:2]
+            p = F.adaptive_avg_pool2d(p.reshape(Bp * G * G, *p.shape[3:]), resolution)
+            out.append(p.flatten(1))                                                 # (B'*G*G, C*r*r)
+        return torch.cat(out)
+
+    bank = features(train_images)
+    query = features(test_images)
+    dist = torch.cat([torch.cdist(q, bank).min(1).values for q in query.split(chunk)])
+    G = grid.grid
+    return dist.cpu().view(len(test_images), -1, G, G)
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds."""
+    from sklearn.metrics import precision_recall_curve
+    p, r, _ = precision_recall_curve(labels, scores)
+    return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresholds: int = 1000) -> float:
+    """Area under the per-region-overlap curve up to `max_fpr`, divided by `max_fpr` (MVTec AD).
+
+    PRO at a threshold is the mean, over every connected defect region of every image, of
+    the fraction of that region above the threshold; FPR is the fraction of normal pixels
+    above it. Thresholds are placed at the normal-pixel quantiles for FPR 0..max_fpr.
+
+    Args: masks (N, H, W) bool, maps (N, H, W) float.
+    """
+    from skimage.measure import label
+    masks, maps = np.asarray(masks).astype(bool), np.asarray(maps, dtype=np.float64)
+    normal = np.sort(maps[~masks])
+    regions = []
+    for m, s in zip(masks, maps):
+        lab = label(m, connectivity=2)
+        regions += [np.sort(s[lab == r]) for r in range(1, lab.max() + 1)]
+    if not regions or not len(normal):
+        raise ValueError("AUPRO needs at least one defect region and one normal pixel")
+    thresholds = np.quantile(normal, 1 - np.linspace(0, max_fpr, num_thresholds))
+    thresholds = np.concatenate([[np.inf], thresholds])
+    fpr = 1 - np.searchsorted(normal, thresholds, side="right") / len(normal)
+    pro = np.mean([1 - np.searchsorted(r, thresholds, side="right") / len(r) for r in regions], axis=0)
+    keep = fpr <= max_fpr
+    f, p = fpr[keep], pro[keep]
+    if f[-1] < max_fpr:  # close the curve exactly at max_fpr by linear interpolation
+        nxt = np.argmax(fpr > max_fpr)
+        f = np.append(f, max_fpr)
+        p = np.append(p, np.interp(max_fpr, [fpr[nxt - 1], fpr[nxt]], [pro[nxt - 1], pro[nxt]]))
+    return float(np.trapezoid(p, f) / max_fpr)
+
+
+def compute_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,
+                    masks: torch.Tensor | np.ndarray | None = None,
+                    pixel_maps: torch.Tensor | np.ndarray | None = None) -> dict[str, float]:
+    """Image AUROC and F1-max; with masks and maps also pixel AUROC and AUPRO.
+
+    Args: labels (N,), scores (N,), masks (N, 1, H, W) bool, pixel_maps (N, 1, H, W).
+    """
+    from sklearn.metrics import roc_auc_score
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("anomaly scores contain NaN or infinity")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the test set needs both normal and anomalous images to compute AUROC")
+    out = {"image_auroc": float(roc_auc_score(labels, scores)), "image_f1_max": f1_max(labels, scores)}
+    if masks is not None and pixel_maps is not None:
+        m = np.asarray(masks).reshape(len(labels), *np.asarray(masks).shape[-2:]).astype(bool)
+        s = np.asarray(pixel_maps, dtype=np.float32).reshape(m.shape)
+        out["pixel_auroc"] = float(roc_auc_score(m.ravel(), s.ravel()))
+        out["aupro"] = aupro(m, s)
+    return out
+
+
+def evaluate_maps(patch_maps: torch.Tensor, test: ImageSet, grid: PatchGrid,
+                  reduces: Iterable[str] = ("mean", "max")) -> dict:
+    """All metrics of one method from its patch maps; the first of `reduces` is the headline.
+
+    Returns {"metrics": {image_auroc, image_f1_max, pixel_auroc, aupro, image_auroc_<reduce>...},
+             "scores": {reduce: (N,)}, "pixel_maps": (N, 1, H, W)}.
+    """
+    reduces = list(reduces)
+    pixel_maps = patches_to_pixels(patch_maps, grid)
+    scores = {r: image_scores(patch_maps, r) for r in reduces}
+    metrics = compute_metrics(test.labels, scores[reduces[0]], test.masks, pixel_maps)
+    for r in reduces:
+        m = compute_metrics(test.labels, scores[r])
+        metrics[f"image_auroc_{r}"], metrics[f"image_f1_max_{r}"] = m["image_auroc"], m["image_f1_max"]
+    return {"metrics": metrics, "scores": scores, "pixel_maps": pixel_maps}
+
+
+def per_defect_auroc(labels_defects: Sequence[str], scores: torch.Tensor) -> dict[str, float]:
+    """Image AUROC of each defect type against the good test images."""
+    from sklearn.metrics import roc_auc_score
+    defects = np.asarray(labels_defects)
+    s = np.asarray(scores)
+    good = defects == "good"
+    return {d: float(roc_auc_score(np.r_[np.zeros(good.sum()), np.ones((defects == d).sum())],
+                                   np.r_[s[good], s[defects == d]]))
+            for d in sorted(set(defects) - {"good"})}
+
+
+# ---- plots ---------------------------------------------------------------------------
+# Each returns a matplotlib Figure, so notebooks show it and scripts save it.
+
+def _figure(*args, **kw):
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kw)
+
+
+def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.figure.Figure":
+    """Train and validation loss per epoch (and CPC's per-step accuracy when recorded)."""
+    has_acc = "acc_per_step" in history[0]
+    fig, axes = _figure(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.5), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    ax = axes[0, 0]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    if "val_loss" in history[0]:
+        ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    ax.set(xlabel="epoch", ylabel="InfoNCE loss", title=title or "training")
+    ax.legend()
+    if has_acc:
+        acc = np.array([h["acc_per_step"] for h in history])
+        for k in range(acc.shape[1]):
+            axes[0, 1].plot(epochs, acc[:, k], "o-", label=f"k = {k + 1}")
+        axes[0, 1].set(xlabel="epoch", ylabel="accuracy (positive ranked first)", ylim=(0, 1))
+        axes[0, 1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(curves: dict[str, tuple], title: str = "ROC") -> "matplotlib.figure.Figure":
+    """ROC curves: {name: (labels, scores)} on one axis, AUROC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    fig, ax = _figure(figsize=(4.5, 4.5))
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(np.asarray(y).ravel(), np.asarray(s).ravel())
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(np.asarray(y).ravel(), np.asarray(s).ravel()):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_histogram(labels, scores, title: str = "image scores") -> "matplotlib.figure.Figure":
+    """Histograms of the image scores of normal and anomalous test images."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    fig, ax = _figure(figsize=(5, 3.5))
+    bins = np.histogram_bin_edges(scores, 20)
+    ax.hist(scores[labels == 0], bins, alpha=0.6, label="normal")
+    ax.hist(scores[labels == 1], bins, alpha=0.6, label="anomalous")
+    ax.set(xlabel="anomaly score", ylabel="images", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(test: ImageSet, pixel_maps: torch.Tensor, index: Sequence[int],
+                  titles: Sequence[str] | None = None) -> "matplotlib.figure.Figure":
+    """One row per image: the image, its ground truth, and the heatmap over the image."""
+    vmin, vmax = float(pixel_maps.min()), float(pixel_maps.max())  # one scale for every row
+    fig, axes = _figure(len(index), 3, figsize=(9, 3 * len(index)), squeeze=False)
+    for row, i in enumerate(index):
+        img = test.images[i].permute(1, 2, 0).numpy()
+        axes[row, 0].imshow(img)
+        axes[row, 0].set_title(titles[row] if titles else f"{test.defect_types[i]} #{i}", fontsize=9)
+        axes[row, 1].imshow(test.masks[i, 0].numpy(), cmap="gray")
+        axes[row, 1].set_title("ground truth", fontsize=9)
+        axes[row, 2].imshow(img)
+        axes[row, 2].imshow(pixel_maps[i, 0].numpy(), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        axes[row, 2].set_title("anomaly map", fontsize=9)
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(rows: list[dict], metric: str = "image_auroc") -> "matplotlib.figure.Figure":
+    """`metric` against epochs per encoder, one panel per category (rows from `load_results`)."""
+    categories = sorted({r["category"] for r in rows})
+    fig, axes = _figure(1, len(categories), figsize=(4 * len(categories), 3.5), squeeze=False, sharey=True)
+    for ax, cat in zip(axes[0], categories):
+        for enc in sorted({r["encoder"] for r in rows if r["category"] == cat}):
+            pts = sorted((r["epochs_trained"], r[metric]) for r in rows
+                         if r["category"] == cat and r["encoder"] == enc and r.get(metric) is not None)
+            ax.plot(*zip(*pts), "o-", label=enc)
+        ax.set(title=cat, xlabel="epochs trained", ylabel=metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---- results -------------------------------------------------------------------------
+# One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
+# results tree into the comparison table.
+
+SUMMARY_COLUMNS = ("category", "encoder", "epochs_trained", "image_auroc", "image_auroc_max",
+                   "pixel_auroc", "aupro", "image_f1_max", "baseline_image_auroc",
+                   "baseline_pixel_auroc", "train_seconds")
+
+
+def load_results(root: str | os.PathLike) -> list[dict]:
+    """Every metrics.json under `root`, flattened to one dict per run."""
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return rows
+
+
+def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
+    """A markdown table of `rows`, one line per run, plus a mean row per encoder."""
+    def fmt(v):
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in sorted(rows, key=lambda r: (r["category"], r["encoder"], r.get("epochs_trained", 0))):
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    for enc in sorted({r["encoder"] for r in rows}):
+        sel = [r for r in rows if r["encoder"] == enc]
+        mean = {c: float(np.mean([r[c] for r in sel])) for c in columns[3:]
+                if all(isinstance(r.get(c), (int, float)) for r in sel)}
+        lines.append("| " + " | ".join(["**mean**", enc, ""] + [fmt(mean.get(c)) for c in columns[3:]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: str | os.PathLike) -> list[dict]:
+    """Write summary.md, summary.csv and comparison.png for a results tree; return its rows."""
+    import csv
+    import io
+    run_dir = Path(run_dir)
+    rows = load_results(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"no metrics.json under {run_dir}")
+    save_atomic(summary_table(rows).encode(), run_dir / "summary.md", lambda o, f: f.write(o))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
+    fig = plot_comparison(rows)
+    fig.savefig(run_dir / "comparison.png", dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return rows
+
+
+# ---- command line --------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cpc_utils", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo-data", help="write the embedded demo dataset in the MVTec AD layout")
+    demo.add_argument("out", help="output folder, e.g. data/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--categories", nargs="*", default=None, choices=list(DEMO_SOURCES))
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    root = make_demo_dataset(args.out, args.categories, seed=args.seed)
+    print(f"demo dataset written to {root} ({', '.join(list_categories(root))}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
