@@ -569,7 +569,7 @@ ENCODERS: dict[str, Callable[..., PatchEncoder]] = {
     # name: builder(norm, width, in_channels)          D     params (width 64, LayerNorm)
     "resnet18v2": lambda **kw: resnet_v2(PreActBasicBlock, (2, 2, 2), **kw),   # 256    2.78 M
     "resnet50v2": lambda **kw: resnet_v2(PreActBottleneck, (3, 4, 6), **kw),   # 1024   8.54 M
-    "densenet": lambda **kw: densenet((6, 12, 24), **kw),                      # 1024   6.96 M
+    "densenet": lambda **kw: densenet((6, 12, 24), **kw),                      # 1024   4.27 M
 }
 
 
