@@ -1,0 +1,314 @@
+"""Data section: finding the MVTec AD root, loading a category, errors that name the file
+at fault, the train/validation split, and the embedded demo dataset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cpc_utils as cu
+from conftest import FAKE_DEFECTS, FAKE_SIZE, FAKE_TEST_GOOD, FAKE_TRAIN, fake_defect_box, make_fake_mvtec
+
+
+# ---- finding the root ----------------------------------------------------------------
+
+@pytest.fixture
+def no_env(monkeypatch, tmp_path):
+    """No $MVTEC_ROOT and an empty working directory, so ./data/mvtec_ad is absent."""
+    monkeypatch.delenv("MVTEC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_find_root_explicit_argument(fake_mvtec, no_env):
+    assert cu.find_mvtec_root(fake_mvtec) == fake_mvtec
+    assert cu.find_mvtec_root(str(fake_mvtec)) == fake_mvtec
+
+
+def test_find_root_explicit_argument_nested_level(tmp_path, no_env):
+    root = make_fake_mvtec(tmp_path / "download" / cu.NESTED_DIR, {"widget": "RGB"})
+    assert cu.find_mvtec_root(tmp_path / "download") == root
+
+
+def test_find_root_explicit_argument_never_falls_back(fake_mvtec, tmp_path, monkeypatch):
+    """A typo in data_root must fail even when $MVTEC_ROOT points at valid data."""
+    monkeypatch.setenv("MVTEC_ROOT", str(fake_mvtec))
+    typo = tmp_path / "mvtec_typo"
+    with pytest.raises(FileNotFoundError) as e:
+        cu.find_mvtec_root(typo)
+    assert str(typo) in str(e.value) and str(fake_mvtec) not in str(e.value)
+
+
+def test_find_root_env_then_local(tmp_path, monkeypatch, no_env):
+    local = make_fake_mvtec(no_env / cu.LOCAL_ROOT, {"local_cat": "RGB"})
+    assert cu.find_mvtec_root(None).resolve() == local.resolve()  # no env: ./data/mvtec_ad
+    env = make_fake_mvtec(tmp_path / "env_root", {"env_cat": "RGB"})
+    monkeypatch.setenv("MVTEC_ROOT", str(env))
+    assert cu.find_mvtec_root(None) == env                        # env beats ./data
+
+
+def test_find_root_env_nested_level(tmp_path, monkeypatch, no_env):
+    nested = make_fake_mvtec(tmp_path / "env_root" / cu.NESTED_DIR, {"widget": "RGB"})
+    monkeypatch.setenv("MVTEC_ROOT", str(tmp_path / "env_root"))
+    assert cu.find_mvtec_root(None) == nested
+
+
+def test_candidate_roots_order(monkeypatch):
+    monkeypatch.setenv("MVTEC_ROOT", "/some/env")
+    roots = cu.candidate_roots(None)
+    assert roots[:2] == [Path("/some/env"), Path("/some/env") / cu.NESTED_DIR]
+    assert roots[-2:] == [Path(cu.LOCAL_ROOT), Path(cu.LOCAL_ROOT) / cu.NESTED_DIR]
+    assert cu.candidate_roots("/explicit") == [Path("/explicit")]
+
+
+def test_missing_root_names_every_path_and_the_layout(no_env):
+    with pytest.raises(FileNotFoundError) as e:
+        cu.find_mvtec_root(None)
+    msg = str(e.value)
+    for path in cu.candidate_roots(None):
+        assert str(path) in msg
+    assert "does not exist" in msg
+    assert "train/good" in msg and "ground_truth/<defect>" in msg
+
+
+def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env):
+    before = {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")}
+    assert cu.resolve_data_root(None, demo_dir=demo_root) == demo_root
+    assert {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")} == before  # not rewritten
+
+
+def test_list_categories(fake_mvtec, tmp_path):
+    assert cu.list_categories(fake_mvtec) == ["gadget", "widget"]
+    assert cu.list_categories(tmp_path / "nowhere") == []
+
+
+# ---- loading -------------------------------------------------------------------------
+
+def test_load_category_shapes_dtypes_labels(fake_widget):
+    train, test = fake_widget["train"], fake_widget["test"]
+    n_defect = sum(FAKE_DEFECTS.values())
+    assert len(train) == FAKE_TRAIN and len(test) == FAKE_TEST_GOOD + n_defect
+    assert train.images.shape == (FAKE_TRAIN, 3, FAKE_SIZE, FAKE_SIZE) and train.images.dtype == torch.uint8
+    assert test.masks.shape == (len(test), 1, FAKE_SIZE, FAKE_SIZE) and test.masks.dtype == torch.bool
+    assert test.labels.dtype == torch.long
+    assert train.labels.tolist() == [0] * FAKE_TRAIN and not train.masks.any()
+    # test folders in sorted order: crack, dent, good
+    assert test.defect_types == ["crack"] * 2 + ["dent"] + ["good"] * 2
+    assert test.labels.tolist() == [1, 1, 1, 0, 0]
+    assert [Path(p).parent.name for p in test.paths] == test.defect_types
+    assert not test.masks[test.labels == 0].any()
+
+
+def test_load_category_masks_and_pixels_match_files(fake_widget, fake_mvtec):
+    test = fake_widget["test"]
+    for k in range(3):  # crack 0, crack 1, dent 0
+        i = int(Path(test.paths[k]).stem)
+        expected = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
+        expected[fake_defect_box(i)] = True
+        assert torch.equal(test.masks[k, 0], expected)
+    on_disk = np.array(Image.open(test.paths[0]))              # (H, W, 3)
+    assert torch.equal(test.images[0], torch.from_numpy(on_disk).permute(2, 0, 1))
+
+
+def test_load_category_resizes(fake_mvtec):
+    data = cu.load_category(fake_mvtec, "widget", image_size=16, num_threads=1)
+    assert data["train"].images.shape[-2:] == (16, 16)
+    assert data["test"].masks.shape[-2:] == (16, 16)
+    # a 6x6 square at rows 4..9, cols 8..13 of 32 px -> nearest at 16 px keeps rows 2..4, cols 4..6
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[2:5, 4:7] = True
+    assert torch.equal(data["test"].masks[0, 0], expected)
+
+
+def test_masks_resized_with_nearest(tmp_path):
+    """Upsampling by 2 with nearest neighbour repeats every mask pixel as a 2x2 block, and
+    downsampling a mask of isolated pixels keeps them binary (bilinear would blur them away)."""
+    rng = np.random.default_rng(0)
+    bits = rng.random((16, 16)) < 0.5
+    Image.fromarray((bits * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    up = cu.read_mask(tmp_path / "m.png", 32)
+    assert up.shape == (1, 32, 32) and up.dtype == torch.bool
+    assert np.array_equal(up[0].numpy(), np.kron(bits, np.ones((2, 2), bool)))
+
+    grid = np.zeros((32, 32), bool)
+    grid[1::2, 1::2] = True  # a quarter of the pixels, never two side by side
+    Image.fromarray((grid * 255).astype(np.uint8)).save(tmp_path / "g.png")
+    down = cu.read_mask(tmp_path / "g.png", 16)
+    assert down.all()  # nearest samples the odd pixels; a 25 % bilinear average would be False
+
+
+def test_grayscale_becomes_three_equal_channels(fake_mvtec):
+    data = cu.load_category(fake_mvtec, "gadget", image_size=FAKE_SIZE, num_threads=1)
+    imgs = data["train"].images
+    assert imgs.shape[1] == 3
+    assert torch.equal(imgs[:, 0], imgs[:, 1]) and torch.equal(imgs[:, 1], imgs[:, 2])
+    gray = np.array(Image.open(data["train"].paths[0]))
+    assert torch.equal(imgs[0, 0], torch.from_numpy(gray))
+
+
+def test_rgb_channels_differ(fake_widget):
+    imgs = fake_widget["train"].images
+    assert not torch.equal(imgs[:, 0], imgs[:, 1])
+
+
+def test_rgba_image_drops_alpha(tmp_path):
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    x = cu.read_image(tmp_path / "a.png", 8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    assert torch.equal(x, torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))
+
+
+def test_rgba_image_in_a_category(fresh_mvtec):
+    path = fresh_mvtec / "widget" / "train" / "good" / "000.png"
+    rgba = np.dstack([np.asarray(Image.open(path)), np.full((FAKE_SIZE, FAKE_SIZE), 7, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(path)
+    data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert data["train"].images.shape == (FAKE_TRAIN, 3, FAKE_SIZE, FAKE_SIZE)
+    assert torch.equal(data["train"].images[0], torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))
+
+
+# ---- errors that name what is wrong --------------------------------------------------
+
+def test_unknown_category_lists_available(fake_mvtec):
+    with pytest.raises(FileNotFoundError) as e:
+        cu.load_category(fake_mvtec, "bottle", image_size=FAKE_SIZE)
+    msg = str(e.value)
+    assert "'bottle'" in msg and str(fake_mvtec) in msg and "gadget, widget" in msg
+
+
+@pytest.mark.parametrize("where", ["train/good/003.png", "test/dent/000.png"])
+def test_corrupt_image_names_the_file(fresh_mvtec, where):
+    bad = fresh_mvtec / "widget" / where
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert str(bad) in str(e.value)
+
+
+def test_corrupt_mask_names_the_file(fresh_mvtec):
+    bad = fresh_mvtec / "widget" / "ground_truth" / "crack" / "001_mask.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert str(bad) in str(e.value)
+
+
+def test_defect_image_without_mask_names_the_image(fresh_mvtec):
+    (fresh_mvtec / "widget" / "ground_truth" / "dent" / "000_mask.png").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    msg = str(e.value)
+    assert str(fresh_mvtec / "widget" / "test" / "dent" / "000.png") in msg
+    assert "000_mask.png" in msg
+
+
+def test_empty_train_good_names_the_folder(fresh_mvtec):
+    folder = fresh_mvtec / "widget" / "train" / "good"
+    for f in folder.iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert str(folder) in str(e.value)
+
+
+def test_missing_test_folder_names_it(fresh_mvtec):
+    import shutil
+    shutil.rmtree(fresh_mvtec / "widget" / "test")
+    with pytest.raises(FileNotFoundError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert str(fresh_mvtec / "widget" / "test") in str(e.value)
+
+
+def test_non_image_files_are_ignored(fresh_mvtec):
+    (fresh_mvtec / "widget" / "train" / "good" / "notes.txt").write_text("not an image")
+    (fresh_mvtec / "widget" / "train" / "good" / ".DS_Store").write_bytes(b"\0")
+    data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert len(data["train"]) == FAKE_TRAIN
+
+
+# ---- train / validation split --------------------------------------------------------
+
+def test_split_train_val_seeded_disjoint_complete(fake_widget):
+    train = fake_widget["train"]
+    tr, va = cu.split_train_val(train, val_fraction=0.34, seed=3)
+    assert len(va) == 2 and len(tr) == FAKE_TRAIN - 2
+    assert set(tr.paths).isdisjoint(va.paths) and set(tr.paths) | set(va.paths) == set(train.paths)
+    tr2, va2 = cu.split_train_val(train, val_fraction=0.34, seed=3)
+    assert va2.paths == va.paths and torch.equal(va2.images, va.images)
+    others = {tuple(cu.split_train_val(train, 0.34, seed=s)[1].paths) for s in range(6)}
+    assert len(others) > 1  # the seed matters
+    for p, img in zip(va.paths, va.images):  # images travel with their paths
+        assert torch.equal(img, train.images[train.paths.index(p)])
+
+
+def test_split_train_val_never_touches_test(fake_widget):
+    test = fake_widget["test"]
+    before = test.images.clone()
+    tr, va = cu.split_train_val(fake_widget["train"], 0.5, seed=0)
+    assert all("/train/good/" in p.replace(os.sep, "/") for p in tr.paths + va.paths)
+    assert not set(va.paths) & set(test.paths)
+    assert torch.equal(test.images, before)
+
+
+def test_split_train_val_edge_cases(fake_widget):
+    train = fake_widget["train"]
+    tr, va = cu.split_train_val(train, 0.0)
+    assert va is None and tr is train
+    with pytest.raises(ValueError, match="leaves no training images"):
+        cu.split_train_val(train, 1.0)
+
+
+def test_image_set_subset(fake_widget):
+    test = fake_widget["test"]
+    sub = test.subset([4, 0])
+    assert sub.paths == [test.paths[4], test.paths[0]]
+    assert sub.defect_types == ["good", "crack"] and sub.labels.tolist() == [0, 1]
+    assert torch.equal(sub.masks[1], test.masks[0])
+
+
+# ---- demo data -----------------------------------------------------------------------
+
+def test_demo_data_loads(demo_root):
+    assert cu.list_categories(demo_root) == sorted(cu.DEMO_SOURCES)
+    for cat in cu.DEMO_SOURCES:
+        data = cu.load_category(demo_root, cat, image_size=64, num_threads=2)
+        train, test = data["train"], data["test"]
+        assert train.images.shape == (4, 3, 64, 64) and train.images.dtype == torch.uint8
+        assert len(test) == 2 + len(cu.DEMO_DEFECTS)
+        assert sorted(set(test.defect_types)) == sorted(set(cu.DEMO_DEFECTS) | {"good"})
+        assert test.labels.sum() == len(cu.DEMO_DEFECTS)
+        defect = test.labels == 1
+        assert all(m.any() for m in test.masks[defect]) and not test.masks[~defect].any()
+        assert test.masks.float().mean() < 0.2  # defects are small
+        gray = torch.equal(train.images[:, 0], train.images[:, 1]) and torch.equal(train.images[:, 1], train.images[:, 2])
+        assert gray == (cat != "tissue")  # brick and gravel are grayscale photographs
+
+
+def test_demo_data_defects_match_masks(demo_root):
+    """Pixels outside the mask of a defect image are plain crops, so the mask marks the change."""
+    for kind in cu.DEMO_DEFECTS:
+        img = np.asarray(Image.open(demo_root / "brick" / "test" / kind / "000.png"))
+        mask = np.asarray(Image.open(demo_root / "brick" / "ground_truth" / kind / "000_mask.png"))
+        assert img.shape == mask.shape == (cu.DEMO_IMAGE_SIZE, cu.DEMO_IMAGE_SIZE)
+        assert set(np.unique(mask)) == {0, 255}
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_data_deterministic(tmp_path):
+    kw = dict(categories=["tissue"], n_train=2, n_test_good=1, n_per_defect=1, image_size=64)
+    a = _tree_bytes(cu.make_demo_dataset(tmp_path / "a", seed=5, **kw))
+    b = _tree_bytes(cu.make_demo_dataset(tmp_path / "b", seed=5, **kw))
+    c = _tree_bytes(cu.make_demo_dataset(tmp_path / "c", seed=6, **kw))
+    assert len(a) == 2 + 1 + 2 * len(cu.DEMO_DEFECTS)
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+    assert all(a[k] != c[k] for k in a if "/train/" in f"/{k}")
