@@ -1,0 +1,389 @@
+"""CPC and CPC-AD section: the InfoNCE loss against a plain loop, causality of the PixelCNN
+context, which rows CPC predicts, CPC-AD's directions, per-patch losses, bank and scoring."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpc_utils as cu
+from conftest import random_images
+
+STEP = {"top_down": (1, 0), "bottom_up": (-1, 0), "left_right": (0, 1), "right_left": (0, -1)}
+
+
+# ---- InfoNCE -------------------------------------------------------------------------
+
+def loop_info_nce(pred, positive, candidates, negatives, similarity="dot", temperature=1.0):
+    """InfoNCE one row at a time in float64: negatives[n] lists the candidate rows of row n."""
+    def score(a, b):
+        a, b = a.double(), b.double()
+        if similarity == "cosine":
+            a, b = a / a.norm(), b / b.norm()
+        return float(a @ b) / temperature
+
+    losses, correct = [], []
+    for n in range(len(pred)):
+        s_pos = score(pred[n], positive[n])
+        s_neg = [score(pred[n], candidates[j]) for j in negatives[n]]
+        top = max([s_pos] + s_neg)
+        losses.append(top + math.log(sum(math.exp(s - top) for s in [s_pos] + s_neg)) - s_pos)
+        correct.append(s_pos >= max(s_neg))
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(correct)
+
+
+@pytest.mark.parametrize("similarity, temperature", [("dot", 1.0), ("dot", 0.5), ("cosine", 0.1)])
+def test_info_nce_all_candidates_matches_loop(similarity, temperature):
+    pred, positive, candidates = torch.randn(7, 5), torch.randn(7, 5), torch.randn(11, 5)
+    loss, correct = cu.info_nce(pred, positive, candidates, None, similarity=similarity, temperature=temperature)
+    ref, ref_correct = loop_info_nce(pred, positive, candidates, [range(11)] * 7, similarity, temperature)
+    assert loss.shape == (7,) and correct.dtype == torch.bool
+    assert torch.allclose(loss.double(), ref, atol=1e-5)
+    assert torch.equal(correct, ref_correct)
+
+
+def test_info_nce_all_candidates_excludes_the_positive():
+    pred, candidates = torch.randn(6, 4), torch.randn(9, 4)
+    pos_index = torch.tensor([0, 3, 8, 3, 5, 1])
+    loss, _ = cu.info_nce(pred, candidates[pos_index], candidates, None, pos_index)
+    negatives = [[j for j in range(9) if j != p] for p in pos_index.tolist()]
+    ref, _ = loop_info_nce(pred, candidates[pos_index], candidates, negatives)
+    assert torch.allclose(loss.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_pos_index", [False, True])
+def test_info_nce_sampled_negatives_match_loop(with_pos_index):
+    """Reproduce the sampling with the same generator seed, then compute the loss by hand."""
+    N, M, K = 8, 10, 6
+    pred, candidates = torch.randn(N, 3), torch.randn(M, 3)
+    pos_index = torch.randint(0, M, (N,)) if with_pos_index else None
+    positive = candidates[pos_index] if with_pos_index else torch.randn(N, 3)
+    loss, correct = cu.info_nce(pred, positive, candidates, K, pos_index, torch.Generator().manual_seed(42))
+
+    draws = torch.randint(0, M - with_pos_index, (N, K), generator=torch.Generator().manual_seed(42))
+    negatives = []
+    for n in range(N):
+        row = [r + (with_pos_index and r >= pos_index[n]) for r in draws[n].tolist()]
+        if with_pos_index:
+            assert pos_index[n].item() not in row and max(row) < M
+        negatives.append(row)
+    ref, ref_correct = loop_info_nce(pred, positive, candidates, negatives)
+    assert torch.allclose(loss.double(), ref, atol=1e-5)
+    assert torch.equal(correct, ref_correct)
+
+
+def test_info_nce_never_samples_the_positive_as_a_negative():
+    """With 3 candidates and 50 draws per row, a row would meet its own positive for sure;
+    a sampled copy of the positive would cost at least log 2."""
+    candidates = torch.eye(3) * 10
+    loss, correct = cu.info_nce(candidates, candidates, candidates, 50, torch.arange(3),
+                                torch.Generator().manual_seed(0), "cosine", 0.01)
+    assert loss.max() < 1e-6 and correct.all()
+
+
+def test_info_nce_draws_every_other_candidate():
+    """Negatives are uniform over the candidates other than the positive (every one is hit)."""
+    M = 5
+    pos_index = torch.full((1,), 2)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, M - 1, (1, 400), generator=g)
+    hit = set((draws + (draws >= pos_index[:, None]).long()).flatten().tolist())
+    assert hit == {0, 1, 3, 4}
+
+
+def test_info_nce_perfect_predictions_give_zero_loss():
+    z = torch.randn(16, 256)
+    loss, correct = cu.info_nce(z, z, z, 15, torch.arange(16), torch.Generator().manual_seed(0), "cosine", 0.01)
+    assert loss.max() < 1e-3 and correct.all()
+    q = torch.linalg.qr(torch.randn(32, 32))[0]          # orthonormal rows: dot scores 50 vs 0
+    loss, correct = cu.info_nce(50 * q, q, q, None, torch.arange(32))
+    assert loss.max() < 32 * math.exp(-50) + 1e-6 and correct.all()
+
+
+@pytest.mark.parametrize("num_negatives", [15, None])
+def test_info_nce_random_predictions_give_log_n_plus_one(num_negatives):
+    N, M, D = 3000, 15 if num_negatives is None else 400, 256
+    pred, positive, candidates = torch.randn(N, D), torch.randn(N, D), torch.randn(M, D)
+    loss, correct = cu.info_nce(pred, positive, candidates, num_negatives, None,
+                                torch.Generator().manual_seed(0), "cosine", 1.0)
+    assert loss.mean().item() == pytest.approx(math.log(16), abs=0.02)
+    assert correct.float().mean().item() == pytest.approx(1 / 16, abs=0.02)
+
+
+def test_info_nce_positive_in_column_zero_gives_cross_entropy():
+    """The MoCo form: cross-entropy of [positive, negatives] logits with target 0."""
+    pred, positive, candidates = torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 3)
+    loss, _ = cu.info_nce(pred, positive, candidates, None)
+    logits = torch.cat([(pred * positive).sum(1, keepdim=True), pred @ candidates.T], 1)
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long), reduction="none"))
+
+
+def test_unknown_similarity_raises():
+    with pytest.raises(ValueError, match="cosine"):
+        cu.info_nce(torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 3), None, similarity="l2")
+
+
+# ---- PixelCNN context ----------------------------------------------------------------
+
+def test_causal_conv_keeps_shape():
+    conv = cu.CausalConv2d(3, 5, (2, 3))
+    assert conv(torch.randn(2, 3, 6, 6)).shape == (2, 5, 6, 6)
+
+
+def test_pixelcnn_context_is_causal():
+    """Changing a patch in row i changes the context of row i and leaves rows above it alone."""
+    G = 6
+    ctx = cu.PixelCNNContext(dim=4, hidden=8, layers=3).eval()
+    z = torch.randn(2, 4, G, G)
+    with torch.no_grad():
+        c = ctx(z)
+        assert c.shape == (2, 8, G, G)
+        for i in range(G):
+            for j in range(G):
+                z2 = z.clone()
+                z2[:, :, i, j] = torch.randn(2, 4)
+                diff = (ctx(z2) - c).abs().amax(dim=(0, 1))                 # (G, G)
+                assert diff[:i].sum() <= 1e-6, f"patch ({i}, {j}) leaked into rows above it"
+                assert diff[i, j] > 1e-3                                    # its own row sees it
+                if i + 1 < G:
+                    assert diff[i + 1].max() > 1e-3                         # and so do rows below
+
+
+# ---- CPC -----------------------------------------------------------------------------
+
+def tiny_cpc(grid: cu.PatchGrid, pred_steps: int = 2, **kw) -> cu.CPC:
+    cfg = cu.CPCConfig(width=8, pred_steps=pred_steps, num_negatives=8, context_dim=16, context_layers=2, **kw)
+    return cu.CPC(cfg, grid)
+
+
+def test_cpc_loss_outputs():
+    model = tiny_cpc(cu.PatchGrid(64, 16, 8), pred_steps=3)
+    x = torch.randn(2, 3, 64, 64)
+    out = model.loss(x, torch.Generator().manual_seed(0))
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert out["loss_per_step"].shape == (3,) and out["acc_per_step"].shape == (3,)
+    assert ((0 <= out["acc_per_step"]) & (out["acc_per_step"] <= 1)).all()
+    assert torch.allclose(out["loss"], out["loss_per_step"].mean())
+    again = model.loss(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out["loss"], again["loss"])  # all randomness comes from the generator
+    out["loss"].backward()
+    for p in (model.encoder.stem[0].weight, model.context.inp.weight, model.W[2].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grid", [cu.PatchGrid(64, 16, 8), cu.PatchGrid(64, 16, 16), cu.PatchGrid(64, 24, 8)],
+                         ids=["overlap1", "overlap0", "overlap2"])
+def test_cpc_targets_skip_overlapping_rows(grid, monkeypatch):
+    """Context row i predicts row i + overlap_steps + k with W_k, and the candidates are the batch."""
+    calls, info_nce = [], cu.info_nce
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(info_nce).bind(*args, **kwargs).arguments)
+        return info_nce(*args, **kwargs)
+
+    monkeypatch.setattr(cu, "info_nce", spy)
+    model = tiny_cpc(grid, pred_steps=2)
+    x = torch.randn(2, 3, 64, 64)
+    model.loss(x, torch.Generator().manual_seed(0))
+    B, G, off = 2, grid.grid, grid.overlap_steps
+    with torch.no_grad():
+        z = cu.encode_grid(model.encoder, x, grid)                        # (B, D, G, G)
+        c = model.context(z)
+    D = z.shape[1]
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+    assert len(calls) == 2
+    for k, call in enumerate(calls, start=1):
+        rows = G - off - k
+        b, i, j = torch.meshgrid(torch.arange(B), torch.arange(rows), torch.arange(G), indexing="ij")
+        assert torch.equal(call["pos_index"], (b * G * G + (i + off + k) * G + j).reshape(-1))
+        assert torch.allclose(call["candidates"], flat, atol=1e-5)
+        assert torch.allclose(call["positive"], flat[call["pos_index"]], atol=1e-5)
+        expected_pred = model.W[k - 1](c[:, :, :rows].permute(0, 2, 3, 1)).reshape(-1, D)
+        assert torch.allclose(call["pred"], expected_pred, atol=1e-5)
+        assert call["num_negatives"] == 8
+
+
+def test_cpc_without_context_raises():
+    with pytest.raises(ValueError, match="no context"):
+        tiny_cpc(cu.PatchGrid(32, 16, 8), pred_steps=2)   # 3 rows - 1 overlap - 2 steps = 0
+    tiny_cpc(cu.PatchGrid(32, 16, 8), pred_steps=1)
+    with pytest.raises(ValueError):
+        tiny_cpc(cu.PatchGrid(64, 16, 8), pred_steps=6)
+
+
+def test_cpc_embed():
+    model = tiny_cpc(cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)).eval()
+    x = torch.randn(2, 3, 96, 96)
+    e = model.embed(x)
+    assert e.shape == (2, model.encoder.out_dim)
+    with torch.no_grad():
+        z = cu.encode_grid(model.encoder, x, model.grid)                  # (2 * 4, D, 7, 7)
+    assert torch.allclose(e, z.view(2, 4, -1, 7, 7).mean(dim=(1, 3, 4)), atol=1e-5)
+
+
+# ---- CPC-AD: directions --------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", cu.DIRECTIONS)
+def test_orient_unorient_are_inverses(direction):
+    t = torch.randn(2, 3, 5, 5)
+    assert torch.equal(cu.unorient(cu.orient(t, direction), direction), t)
+    assert torch.equal(cu.orient(cu.unorient(t, direction), direction), t)
+
+
+@pytest.mark.parametrize("direction", cu.DIRECTIONS)
+def test_orient_turns_direction_into_row_i_to_row_i_plus_k(direction):
+    G = 5
+    pos = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij"))  # (2, G, G): (row, col)
+    o = cu.orient(pos, direction)
+    step = torch.tensor(STEP[direction])
+    for k in range(1, G):
+        assert (o[:, k:] - o[:, :-k] == k * step[:, None, None]).all()   # k rows down = k steps along direction
+    side = (o[:, :, 1:] - o[:, :, :-1]).abs().sum(0)
+    assert (side == 1).all() and (o[:, :, 1:] - o[:, :, :-1])[:, 0, 0] @ step == 0  # columns: a perpendicular step
+
+
+def test_unknown_direction_raises():
+    with pytest.raises(ValueError, match="top_down"):
+        cu.orient(torch.zeros(3, 3), "diagonal")
+
+
+# ---- CPC-AD: model -------------------------------------------------------------------
+
+def tiny_cpcad(grid: cu.PatchGrid, **kw) -> cu.CPCAD:
+    kw = {"width": 8, "pred_steps": 2, "target_offset": 0, "num_negatives": 8, "test_negatives": 64,
+          "similarity": "cosine", "temperature": 0.1, "norm": "layer", **kw}
+    return cu.CPCAD(cu.CPCADConfig(**kw), grid)
+
+
+@pytest.mark.parametrize("shared, n_enc", [(True, 1), (False, 4)])
+def test_shared_encoder(shared, n_enc):
+    model = tiny_cpcad(cu.PatchGrid(32, 16, 8), shared_encoder=shared)
+    assert len(model.encoders) == n_enc
+    assert model.W.shape == (4, 2, 32, 32)
+    zs = model.encode(torch.randn(2, 3, 32, 32))
+    assert len(zs) == n_enc and all(z.shape == (2, 32, 3, 3) for z in zs)
+    if not shared:
+        assert not torch.equal(model.encoders[0].stem[0].weight, model.encoders[1].stem[0].weight)
+
+
+@pytest.mark.parametrize("directions", [("top_down",), ("left_right",), ("top_down", "left_right"),
+                                        ("bottom_up", "right_left")])
+def test_directions_that_leave_patches_unpredicted_raise(directions):
+    with pytest.raises(ValueError, match="never predicted"):
+        tiny_cpcad(cu.PatchGrid(32, 16, 8), directions=directions)
+
+
+@pytest.mark.parametrize("directions", [("top_down", "bottom_up"), ("left_right", "right_left"), cu.DIRECTIONS])
+def test_opposite_directions_cover_every_patch(directions):
+    model = tiny_cpcad(cu.PatchGrid(32, 16, 8), directions=directions)
+    out = model.patch_losses(model.encode(torch.randn(2, 3, 32, 32)), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 3) and torch.isfinite(out).all() and (out > 0).all()
+
+
+def test_cpcad_without_context_raises():
+    with pytest.raises(ValueError, match="no context"):
+        tiny_cpcad(cu.PatchGrid(32, 16, 8), pred_steps=3)
+    with pytest.raises(ValueError, match="no context"):
+        tiny_cpcad(cu.PatchGrid(32, 16, 8), pred_steps=2, target_offset=1)
+
+
+@pytest.mark.parametrize("target_offset", [0, 1])
+@pytest.mark.parametrize("shared", [True, False])
+def test_patch_losses_match_loop(target_offset, shared):
+    """Against a bank: each prediction z_t W_k scored against its target z_{t+offset+k}
+    along the direction, loss assigned to the target, averaged over every prediction of it."""
+    grid = cu.PatchGrid(64, 16, 16)  # 4x4 patches
+    model = tiny_cpcad(grid, target_offset=target_offset, shared_encoder=shared).eval()
+    with torch.no_grad():
+        zs = model.encode(torch.randn(2, 3, 64, 64))
+        bank = torch.randn(len(zs), 20, zs[0].shape[1])
+        out = model.patch_losses(zs, bank)
+    B, G, T = 2, 4, 0.1
+    total, count = torch.zeros(B, G, G, dtype=torch.float64), torch.zeros(G, G, dtype=torch.float64)
+    for d, direction in enumerate(model.cfg.directions):
+        z, negatives = zs[d % len(zs)].double(), F.normalize(bank[d % len(zs)].double(), dim=-1)
+        dy, dx = STEP[direction]
+        for k in (1, 2):
+            s = target_offset + k
+            for i in range(G):
+                for j in range(G):
+                    ti, tj = i + s * dy, j + s * dx
+                    if not (0 <= ti < G and 0 <= tj < G):
+                        continue
+                    pred = F.normalize(z[:, :, i, j] @ model.W[d, k - 1].detach().double(), dim=-1)  # (B, D)
+                    pos = (pred * F.normalize(z[:, :, ti, tj], dim=-1)).sum(-1, keepdim=True) / T
+                    logits = torch.cat([pos, pred @ negatives.T / T], 1)
+                    total[:, ti, tj] += torch.logsumexp(logits, 1) - logits[:, 0]
+                    count[ti, tj] += 1
+    assert out.shape == (B, G, G)
+    assert torch.allclose(out.double(), total / count, atol=1e-4)
+
+
+def test_cpcad_loss_trains_every_part():
+    model = tiny_cpcad(cu.PatchGrid(32, 16, 8))
+    out = model.loss(torch.randn(3, 3, 32, 32), torch.Generator().manual_seed(0))
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.W.grad.abs().sum() > 0 and model.encoders[0].stem[0].weight.grad.abs().sum() > 0
+
+
+# ---- CPC-AD: bank and scoring --------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_build_bank_picks_encoded_patches(shared):
+    grid = cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)  # 4 sub-images x 7x7
+    model = tiny_cpcad(grid, shared_encoder=shared).eval()
+    images = random_images(2, 96)
+    bank = model.build_bank(images, size=50, seed=3, batch_size=16)
+    n_enc = 1 if shared else 4
+    assert bank.shape == (n_enc, 50, model.encoders[0].out_dim)
+    assert torch.equal(bank, model.build_bank(images, size=50, seed=3, batch_size=16))
+    assert torch.allclose(bank, model.build_bank(images, size=50, seed=3, batch_size=7), atol=1e-5)
+    assert not torch.allclose(bank, model.build_bank(images, size=50, seed=4))
+    pick = torch.randperm(2 * 4 * 49, generator=torch.Generator().manual_seed(3))[:50].sort().values
+    with torch.no_grad():
+        for e, enc in enumerate(model.encoders):
+            z = cu.encode_grid(enc, cu.to_float(images), grid)              # (2 * 4, D, 7, 7)
+            every = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])          # index (b, sub, i, j)
+            assert torch.allclose(bank[e], every[pick], atol=1e-5)
+
+
+def test_build_bank_default_size():
+    model = tiny_cpcad(cu.PatchGrid(32, 16, 8), test_negatives=20)
+    assert model.build_bank(random_images(4, 32)).shape == (1, 20, 32)
+
+
+def test_score_images_deterministic_and_batch_independent():
+    grid = cu.PatchGrid(64, 16, 8)
+    model = tiny_cpcad(grid)
+    images = random_images(4, 64)
+    bank = model.build_bank(images, size=64)
+    maps = cu.score_images(model, images, bank, batch_size=4, device="cpu")
+    assert maps.shape == (4, 1, 7, 7) and torch.isfinite(maps).all() and (maps > 0).all()
+    assert torch.equal(maps, cu.score_images(model, images, bank, batch_size=4, device="cpu"))
+    alone = cu.score_images(model, images[2:3], bank, batch_size=1, device="cpu")
+    assert torch.allclose(alone, maps[2:3], rtol=1e-5, atol=1e-5)
+    uneven = cu.score_images(model, images, bank, batch_size=3, device="cpu")
+    assert torch.allclose(uneven, maps, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(maps[0], maps[1])  # different images get different maps
+
+
+def test_subimage_layout_end_to_end(demo_root):
+    """Train one epoch at 96 px with 2x2 sub-images of 64 px, score, and compute every metric."""
+    grid = cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)
+    data = cu.load_category(demo_root, "brick", image_size=96, num_threads=2)
+    model = tiny_cpcad(grid, pred_steps=3)
+    history = cu.train_model(model, data["train"], None, cu.TrainConfig(epochs=1, batch_size=4, device="cpu"),
+                             progress=False)
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
+    bank = model.build_bank(data["train"].images, size=128)
+    maps = cu.score_images(model, data["test"].images, bank, device="cpu")
+    assert maps.shape == (len(data["test"]), 4, 7, 7) and torch.isfinite(maps).all()
+    result = cu.evaluate_maps(maps, data["test"], grid)
+    assert result["pixel_maps"].shape == (len(data["test"]), 1, 96, 96)
+    assert set(result["scores"]) == {"mean", "max"}
+    for key in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro", "image_auroc_max"):
+        assert 0.0 <= result["metrics"][key] <= 1.0
