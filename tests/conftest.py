@@ -20,6 +20,10 @@ from PIL import Image
 
 import cpc_utils as cu
 
+# Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the
+# threads' spin-waiting makes each training step several times slower.
+torch.set_num_threads(1)
+
 FAKE_SIZE = 32            # px of every image in the fake tree
 FAKE_TRAIN = 6            # train/good images per category
 FAKE_TEST_GOOD = 2
