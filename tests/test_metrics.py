@@ -1,0 +1,194 @@
+"""Scoring and metrics section: image scores, AUROC / F1-max against sklearn and brute force,
+AUPRO on cases whose curve is known by hand, per-defect AUROC and the pixel baseline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import cpc_utils as cu
+from conftest import random_images
+
+
+# ---- image scores --------------------------------------------------------------------
+
+def test_image_scores():
+    maps = torch.arange(2 * 4 * 3 * 3, dtype=torch.float32).view(2, 4, 3, 3)
+    assert cu.image_scores(maps, "mean").tolist() == [17.5, 53.5]
+    assert cu.image_scores(maps, "max").tolist() == [35.0, 71.0]
+    with pytest.raises(ValueError, match="mean or max"):
+        cu.image_scores(maps, "median")
+
+
+# ---- image metrics -------------------------------------------------------------------
+
+def brute_force_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    best = 0.0
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp, fp, fn = np.sum(pred & (labels == 1)), np.sum(pred & (labels == 0)), np.sum(~pred & (labels == 1))
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_auroc_and_f1_max(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40) + 0.3 * labels, 1)  # rounded: ties included
+    m = cu.compute_metrics(torch.from_numpy(labels), torch.from_numpy(scores))
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert m["image_f1_max"] == pytest.approx(brute_force_f1_max(labels, scores), abs=1e-9)
+    assert cu.f1_max(labels, scores) == m["image_f1_max"]
+
+
+def test_f1_max_by_hand():
+    # thresholds 0.9: P=1, R=1/3 -> 0.5; 0.7: P=1, R=2/3 -> 0.8; 0.5: P=2/3, R=2/3; 0.3: P=3/4, R=1 -> 6/7
+    labels, scores = np.array([1, 1, 0, 1, 0]), np.array([0.9, 0.7, 0.5, 0.3, 0.1])
+    assert cu.f1_max(labels, scores) == pytest.approx(6 / 7)
+
+
+def test_compute_metrics_with_pixels():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1])
+    masks = np.zeros((4, 1, 16, 16), bool)
+    masks[2, 0, 2:6, 2:6] = True
+    masks[3, 0, 8:14, 9:12] = True
+    maps = rng.random((4, 1, 16, 16)) + masks
+    m = cu.compute_metrics(labels, np.array([0.1, 0.2, 0.3, 0.4]), torch.from_numpy(masks), torch.from_numpy(maps))
+    assert m["image_auroc"] == 1.0 and m["image_f1_max"] == 1.0
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+    assert m["aupro"] == pytest.approx(cu.aupro(masks[:, 0], maps[:, 0].astype(np.float32)), abs=1e-9)
+    assert set(m) == {"image_auroc", "image_f1_max", "pixel_auroc", "aupro"}
+
+
+def test_compute_metrics_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        cu.compute_metrics([0, 1], [0.5, float("nan")])
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        cu.compute_metrics([0, 0], [0.1, 0.2])
+
+
+def test_per_defect_auroc_by_hand():
+    defects = ["good", "a", "good", "b", "a", "good", "b"]
+    scores = torch.tensor([0.1, 0.8, 0.4, 0.2, 0.9, 0.35, 0.3])
+    # a beats every good image; b beats good 0.1 twice out of 3 x 2 pairs
+    assert cu.per_defect_auroc(defects, scores) == {"a": 1.0, "b": pytest.approx(2 / 6)}
+
+
+# ---- AUPRO ---------------------------------------------------------------------------
+
+def two_region_image(size: int = 120):
+    """One image with a 3x3 region A and a 20x20 region B, and distinct normal scores in [0, 1)."""
+    mask = np.zeros((1, size, size), bool)
+    mask[0, 10:13, 10:13] = True      # A: 9 px
+    mask[0, 50:70, 50:70] = True      # B: 400 px
+    n = (~mask).sum()
+    maps = np.zeros(mask.shape)
+    maps[~mask] = np.random.default_rng(0).permutation(n) / n
+    return mask, maps, np.sort(maps[~mask])
+
+
+def test_aupro_step_curve_by_hand():
+    """A is found at every threshold, B only once the FPR reaches f0 = 0.1. The mean over the
+    two regions (not over pixels) gives PRO 0.5 up to f0, then 1, so
+    AUPRO = (0.5 * f0 + 1 * (0.3 - f0)) / 0.3 = 5/6."""
+    mask, maps, normal = two_region_image()
+    f0_count = int(0.1 * len(normal))
+    v_b = (normal[-f0_count - 1] + normal[-f0_count]) / 2  # exactly f0_count normal pixels above it
+    maps[0, 10:13, 10:13] = 2.0
+    maps[0, 50:70, 50:70] = v_b
+    f0 = f0_count / len(normal)
+    expected = (0.5 * f0 + (0.3 - f0)) / 0.3
+    assert expected == pytest.approx(5 / 6, abs=1e-3)
+    assert cu.aupro(mask, maps) == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("max_fpr", [0.3, 1.0])
+def test_aupro_linear_curve_by_hand(max_fpr):
+    """B's scores follow the normal scores, so its overlap at FPR f is f; with A found always,
+    PRO(f) = (1 + f) / 2 and AUPRO = (max_fpr + max_fpr ** 2 / 2) / 2 / max_fpr."""
+    mask, maps, normal = two_region_image()
+    maps[0, 10:13, 10:13] = 2.0
+    maps[0, 50:70, 50:70] = np.quantile(normal, (np.arange(400) + 0.5) / 400).reshape(20, 20)
+    expected = (1 + max_fpr / 2) / 2
+    assert cu.aupro(mask, maps, max_fpr=max_fpr) == pytest.approx(expected, abs=2e-3)
+
+
+def test_aupro_regions_across_images():
+    """Region 1 (image 0) always found, region 2 (image 1) never: PRO = 0.5 everywhere."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((2, 20, 20), bool)
+    masks[0, 3:6, 3:6] = True
+    masks[1, 10:18, 10:18] = True
+    maps = rng.random((2, 20, 20))
+    maps[0][masks[0]] = 5.0
+    maps[1][masks[1]] = -5.0
+    assert cu.aupro(masks, maps) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_aupro_regions_are_eight_connected():
+    """Two squares touching at a corner are one region: 4 of its 13 pixels found -> 4/13."""
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 2:4, 2:4] = True          # 4 px, found
+    mask[0, 4:7, 4:7] = True          # 9 px, touches the first diagonally, never found
+    maps = np.random.default_rng(0).random((1, 20, 20))
+    maps[0, 2:4, 2:4] = 5.0
+    maps[0, 4:7, 4:7] = -5.0
+    assert cu.aupro(mask, maps) == pytest.approx(4 / 13, abs=1e-9)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["continuous", "binary"])
+def test_aupro_perfect_and_inverted_maps(binary):
+    mask, maps, _ = two_region_image(40)
+    if binary:
+        perfect, inverted = mask.astype(float), (~mask).astype(float)
+    else:
+        perfect, inverted = maps + 2 * mask, maps - 2 * mask
+    assert cu.aupro(mask, perfect) == pytest.approx(1.0, abs=1e-9)
+    assert cu.aupro(mask, inverted) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_aupro_needs_regions():
+    with pytest.raises(ValueError, match="defect region"):
+        cu.aupro(np.zeros((1, 8, 8), bool), np.random.rand(1, 8, 8))
+
+
+# ---- evaluation of maps --------------------------------------------------------------
+
+def test_evaluate_maps(fake_widget):
+    test = fake_widget["test"]
+    grid = cu.PatchGrid(32, 16, 8)
+    torch.manual_seed(0)
+    patch_maps = torch.rand(len(test), 1, 3, 3) + 2 * test.labels.view(-1, 1, 1, 1)  # anomalous images score higher
+    result = cu.evaluate_maps(patch_maps, test, grid)
+    assert result["pixel_maps"].shape == (len(test), 1, 32, 32)
+    assert torch.allclose(result["scores"]["mean"], patch_maps.flatten(1).mean(1))
+    metrics = result["metrics"]
+    assert metrics["image_auroc"] == metrics["image_auroc_mean"] == 1.0
+    assert metrics["image_auroc_max"] == 1.0
+    assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1
+    max_first = cu.evaluate_maps(patch_maps, test, grid, reduces=("max", "mean"))
+    assert torch.equal(max_first["scores"]["max"], patch_maps.flatten(1).max(1).values)
+
+
+# ---- pixel baseline ------------------------------------------------------------------
+
+def test_pixel_baseline_finds_the_changed_patch():
+    grid = cu.PatchGrid(32, 16, 8)
+    train = random_images(3, 32)
+    test = train[:2].clone()
+    test[1, :, 0:8, 0:8] = 255 - test[1, :, 0:8, 0:8]   # only patch (0, 0) covers these pixels
+    dist = cu.pixel_baseline(train, test, grid, resolution=4, device="cpu")
+    assert dist.shape == (2, 1, 3, 3)
+    assert dist[0].abs().max() < 1e-2                  # a train image is its own nearest neighbour
+    assert dist[1, 0, 0, 0] > 0.5
+    others = dist[1, 0].flatten()[1:]
+    assert others.abs().max() < 1e-2
+
+
+def test_pixel_baseline_with_subimages():
+    grid = cu.PatchGrid(48, 16, 8, subimage_size=32, subimage_stride=16)
+    dist = cu.pixel_baseline(random_images(2, 48), random_images(3, 48, seed=1), grid, device="cpu")
+    assert dist.shape == (3, 4, 3, 3) and (dist > 0).all()
