@@ -215,6 +215,14 @@ def split_train_val(train: ImageSet, val_fraction: float = 0.1, seed: int = 0) -
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
+def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
+    """One ImageSet from several, in order (e.g. the train splits of all categories, pooled)."""
+    sets = list(sets)
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
+                    torch.cat([s.labels for s in sets]), [d for s in sets for d in s.defect_types],
+                    [p for s in sets for p in s.paths])
+
+
 # ---- demo data -----------------------------------------------------------------------
 # A small dataset in exactly the MVTec AD layout, cut from real photographs that ship
 # inside scikit-image, with synthetic defects whose masks are exact by construction.
@@ -906,6 +914,12 @@ class TrainConfig:
     device: str = "auto"
 
 
+def make_config(cls: type, **overrides):
+    """Config dataclass `cls` with `overrides`, where None keeps the default: how a notebook's
+    parameters (None = "the module's default") reach CPCConfig, CPCADConfig and TrainConfig."""
+    return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" -> cuda, then mps, then cpu; anything else is passed to torch.device."""
     if str(device) != "auto":
@@ -1338,6 +1352,31 @@ def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) ->
         mean = {c: float(np.mean([r[c] for r in sel])) for c in columns[3:]
                 if all(isinstance(r.get(c), (int, float)) for r in sel)}
         lines.append("| " + " | ".join(["**mean**", enc, ""] + [fmt(mean.get(c)) for c in columns[3:]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+ENCODER_LABELS = {"resnet18v2": "ResNet18", "resnet50v2": "ResNet50", "densenet": "DenseNet"}
+
+
+def comparison_table(rows: list[dict], metric: str = "image_auroc") -> str:
+    """Markdown table of `metric` laid out as Class | Epochs | ResNet18 | ResNet50 | DenseNet.
+
+    One line per (category, epochs asked for: `epochs`, else `epochs_trained`), one column
+    per encoder (registry order first), then a mean line per epochs; missing runs show "-".
+    """
+    encoders = [e for e in ENCODERS if any(r["encoder"] == e for r in rows)]
+    encoders += sorted({r["encoder"] for r in rows} - set(encoders))
+    cell = {(r["category"], r.get("epochs", r.get("epochs_trained")), r["encoder"]): r.get(metric) for r in rows}
+    keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0], k[1] or 0))
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+    lines = ["| Class | Epochs | " + " | ".join(ENCODER_LABELS.get(e, e) for e in encoders) + " |",
+             "|---|---|" + "---|" * len(encoders)]
+    lines += [f"| {c} | {n} | " + " | ".join(fmt(cell.get((c, n, e))) for e in encoders) + " |" for c, n in keys]
+    for n in sorted({k[1] for k in keys}, key=lambda n: n or 0):
+        means = [[cell[k] for k in cell if k[1] == n and k[2] == e and cell[k] is not None] for e in encoders]
+        lines.append(f"| **mean** | {n} | " + " | ".join(fmt(float(np.mean(m)) if m else None) for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 
