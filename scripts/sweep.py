@@ -1,0 +1,161 @@
+"""Run notebook 02 (CPC-AD) through papermill for every category x encoder.
+
+    python scripts/sweep.py --data-root data/demo --run demo
+    python scripts/sweep.py --data-root /data/mvtec --categories bottle cable --encoders resnet18v2 \
+        --epochs 50 --run mvtec --param image_size=256 patch_size=64 stride=32 width=64
+
+Each pair writes results/<run>/<category>/<encoder>/: the executed notebook, metrics.json and
+the figures. A pair whose metrics.json exists is skipped, so an interrupted sweep resumes
+(an unfinished pair continues from its last checkpoint, resume=True). A failing pair is
+recorded in results/<run>/failures.json and the sweep goes on; at the end cu.write_summary
+writes summary.md, summary.csv and comparison.png. Exits 1 if any pair failed.
+
+Defaults are the notebook's own parameters (its `parameters` cell): `make demo` runs all demo
+categories x all encoders with them.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
+
+import cpc_utils as cu  # noqa: E402
+
+NOTEBOOK = ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb"
+
+
+def notebook_parameters(notebook: Path) -> dict:
+    """The notebook's parameters and their defaults, read from its `parameters` cell."""
+    import papermill
+    return {name: ast.literal_eval(p["default"]) for name, p in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def parse_params(pairs: list[str], defaults: dict) -> dict:
+    """`key=value` strings -> {key: value}. A value is a Python literal (3, 0.1, None, True) unless
+    the notebook's default is a string, in which case it stays the raw text."""
+    params = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param takes key=value, got {pair!r}")
+        if key not in defaults:
+            raise SystemExit(f"unknown notebook parameter {key!r}; known: {', '.join(defaults)}")
+        if isinstance(defaults[key], str):
+            params[key] = text
+        else:
+            try:
+                params[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                params[key] = text
+    return params
+
+
+def run_pair(notebook: Path, out: Path, parameters: dict) -> None:
+    """Execute the notebook into `out`, via a temporary name renamed when it finished."""
+    import papermill
+    out.mkdir(parents=True, exist_ok=True)
+    final, tmp = out / notebook.name, out / f".{notebook.stem}.running.ipynb"
+    try:
+        papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(ROOT),
+                                   progress_bar=False, kernel_name="python3")
+    except BaseException:
+        if tmp.exists():  # keep the partly executed notebook, with its traceback, for reading
+            tmp.replace(out / f"{notebook.stem}.failed.ipynb")
+        raise
+    tmp.replace(final)
+    (out / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
+
+
+def error_message(e: BaseException) -> str:
+    """The notebook's own exception (papermill wraps it), else the exception itself."""
+    if type(e).__name__ == "PapermillExecutionError":
+        return f"{e.ename}: {e.evalue}"
+    return f"{type(e).__name__}: {e}"
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data-root", default="", help="MVTec AD root (default: found as cpc_utils does, else the demo data)")
+    parser.add_argument("--categories", nargs="+", help="default: every category under the data root")
+    parser.add_argument("--encoders", nargs="+", default=list(cu.ENCODERS), help="default: %(default)s")
+    parser.add_argument("--epochs", type=int, help="default: the notebook's")
+    parser.add_argument("--run", default="sweep", help="results go to <results>/<run>/ (default: %(default)s)")
+    parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
+    parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="any other notebook parameter, e.g. width=32 lr=1e-3")
+    parser.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    notebook = Path(args.notebook)
+    defaults = notebook_parameters(notebook)
+    params = parse_params(args.param, defaults)
+    for key in ("category", "encoder", "output_dir", "data_root"):
+        if key in params:
+            raise SystemExit(f"--param {key}=... is set by the sweep itself; use its own option")
+    if args.epochs is not None:
+        params["epochs"] = args.epochs
+    params.setdefault("resume", True)  # an interrupted pair continues from its last checkpoint
+    root = cu.resolve_data_root(args.data_root, ROOT / "data" / "demo").resolve()
+    categories = args.categories or cu.list_categories(root)
+    run_dir = Path(args.results).resolve() / args.run
+    pairs = [(c, e) for c in categories for e in args.encoders]
+    shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root")}
+    print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
+          f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
+
+    t_start, failures, done, skipped = time.perf_counter(), {}, 0, 0
+    for n, (category, encoder) in enumerate(pairs, 1):
+        out = run_dir / category / encoder
+        tag = f"[{n}/{len(pairs)}] {category}/{encoder}"
+        if (out / "metrics.json").exists():
+            skipped += 1
+            print(f"{tag}: finished before, skipped", flush=True)
+            continue
+        print(f"{tag}: running ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            run_pair(notebook, out, {**params, "data_root": str(root), "category": category,
+                                     "encoder": encoder, "output_dir": str(out)})
+        except Exception as e:  # one bad pair must not stop the sweep: record it and go on
+            failures[f"{category}/{encoder}"] = {"category": category, "encoder": encoder,
+                                                 "error": error_message(e), "output_dir": str(out),
+                                                 "notebook": str(out / f"{notebook.stem}.failed.ipynb")}
+            print(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {error_message(e)}", flush=True)
+            continue
+        done += 1
+        m = json.loads((out / "metrics.json").read_text())
+        print(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
+              f"image AUROC {m['image_auroc']:.3f} (baseline {m['baseline_image_auroc']:.3f}), "
+              f"pixel AUROC {m['pixel_auroc']:.3f}, {m['epochs_trained']} epochs", flush=True)
+
+    failures_file = run_dir / "failures.json"
+    if failures:
+        cu.save_json(failures, failures_file)
+    else:
+        failures_file.unlink(missing_ok=True)
+    print(f"\n{done} run, {skipped} skipped, {len(failures)} failed in {fmt_time(time.perf_counter() - t_start)}")
+    if any(run_dir.rglob("metrics.json")):
+        cu.write_summary(run_dir)
+        print((run_dir / "summary.md").read_text())
+        print(f"results in {run_dir} (summary.md, summary.csv, comparison.png, <category>/<encoder>/)")
+    if failures:
+        print(f"failures recorded in {failures_file}:")
+        for pair, f in failures.items():
+            print(f"  {pair}: {f['error'].splitlines()[0] if f['error'] else ''}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
