@@ -1,0 +1,192 @@
+"""The notebooks, executed end to end on a tiny demo tree.
+
+Each notebook runs through papermill with small parameters (64 px images, 16 px patches at
+stride 8, width 8, one epoch) and must write its files; each runs again under nbval (lax) on a
+copy with the same parameters injected; a wrong category must stop notebook 02 with
+cpc_utils's own error. Static checks keep the committed notebooks clean: no outputs, one
+`parameters` cell of flat literals, no def/class.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+import cpc_utils as cu
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
+TINY = dict(image_size=64, patch_size=16, stride=8, width=8, epochs=1, seed=0, device="cpu")
+NB02_REQUIRED = ("data_root", "category", "encoder", "epochs", "image_size", "patch_size", "stride", "batch_size",
+                 "lr", "num_negatives", "pred_steps", "seed", "device", "output_dir")
+NB02_METRICS = ("category", "encoder", "epochs_trained", "image_auroc", "image_auroc_max", "image_f1_max",
+                "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc", "baseline_aupro",
+                "per_defect_auroc", "train_seconds", "final_train_loss", "final_val_loss", "chance_loss",
+                "device", "config")
+UNIT_METRICS = ("image_auroc", "image_auroc_max", "image_f1_max", "pixel_auroc", "aupro", "baseline_image_auroc",
+                "baseline_pixel_auroc", "baseline_aupro")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_kernels():
+    """Kernels inherit the environment: one thread each, as tiny tensors gain nothing from more."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MPLBACKEND", "Agg")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """The demo data in miniature: 3 categories x (6 train, 2 good + 4 defect test images)."""
+    return cu.make_demo_dataset(tmp_path_factory.mktemp("tiny"), n_train=6, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+
+
+@pytest.fixture(scope="module")
+def fake_results(tmp_path_factory) -> Path:
+    """A results tree as sweeps of notebook 02 write it, for notebook 03 to read."""
+    root = tmp_path_factory.mktemp("results")
+    for i, enc in enumerate(cu.ENCODERS):
+        for epochs in (1, 2):
+            cu.save_json({"category": "brick", "encoder": enc, "epochs": epochs, "epochs_trained": epochs,
+                          "image_auroc": 0.5 + 0.1 * i, "pixel_auroc": 0.6, "aupro": 0.3},
+                         root / f"e{epochs}" / "brick" / enc / "metrics.json")
+    return root
+
+
+def small_parameters(key: str, tiny_root: Path, out: Path, fake_results: Path) -> dict:
+    """The tiny parameters of notebook `key` ("01", "02", "03"), writing into `out`."""
+    if key == "01":
+        return {**TINY, "data_root": str(tiny_root), "context_dim": 32, "output_dir": str(out)}
+    if key == "02":
+        return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128,
+                "output_dir": str(out)}
+    return {**{k: v for k, v in TINY.items() if k != "epochs"}, "results_dir": str(fake_results),
+            "run_comparison": True, "data_root": str(tiny_root), "category": "gravel", "epochs": 1,
+            "batch_size": 2, "throughput_steps": 1, "output_dir": str(out)}
+
+
+def code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+# ---- the committed notebooks ----------------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(NOTEBOOKS))
+def test_notebook_is_committed_clean(key):
+    nb = nbformat.read(NOTEBOOKS[key], as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4 and nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in code_cells(nb):
+        assert cell.outputs == [] and cell.execution_count is None, f"{NOTEBOOKS[key].name} has outputs"
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and params[0].cell_type == "code"
+    for stmt in ast.parse(params[0].source).body:  # flat literals only: name = constant
+        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name), ast.unparse(stmt)
+        ast.literal_eval(stmt.value)
+    for cell in code_cells(nb):
+        source = "\n".join(line for line in cell.source.splitlines() if not line.startswith("%"))
+        defs = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        assert not defs, f"{NOTEBOOKS[key].name}: define functions in cpc_utils.py, not in the notebook"
+
+
+def test_notebooks_present():
+    assert set(NOTEBOOKS) == {"01", "02", "03"}
+
+
+def test_notebook02_has_the_documented_parameters():
+    params = pm.inspect_notebook(str(NOTEBOOKS["02"]))
+    missing = set(NB02_REQUIRED) - set(params)
+    assert not missing, f"notebook 02 lacks parameters {missing}"
+
+
+# ---- executed with papermill ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def executed(tiny_root, fake_results, tmp_path_factory) -> dict[str, Path]:
+    """Run every notebook once through papermill; returns key -> its output_dir."""
+    outs = {}
+    for key, path in NOTEBOOKS.items():
+        out = tmp_path_factory.mktemp(f"nb{key}")
+        pm.execute_notebook(str(path), str(out / path.name), parameters=small_parameters(key, tiny_root, out / "out",
+                                                                                         fake_results),
+                            cwd=str(out), progress_bar=False, kernel_name="python3")
+        outs[key] = out / "out"
+    return outs
+
+
+def test_notebook01_trains_cpc_and_probes(executed):
+    out = executed["01"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"training_curves.png", "patch_grid.png"} <= {p.name for p in out.glob("*.png")}
+    assert m["epochs_trained"] == 1 and m["category"] == "all" and len(m["trained_on"]) == 3
+    for key in ("probe_accuracy", "probe_accuracy_random"):
+        assert 0 <= m[key] <= 1
+    assert len(m["acc_per_step"]) == m["config"]["model"]["pred_steps"]
+    assert all(0 <= a <= 1 for a in m["acc_per_step"])
+
+
+def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
+    out = executed["02"]
+    m = json.loads((out / "metrics.json").read_text())
+    missing = set(NB02_METRICS) - set(m)
+    assert not missing, f"metrics.json lacks {missing}"
+    for key in UNIT_METRICS:
+        assert 0 <= m[key] <= 1, key
+    assert set(m["per_defect_auroc"]) == set(cu.DEMO_DEFECTS)
+    assert all(0 <= v <= 1 for v in m["per_defect_auroc"].values())
+    assert m["category"] == "brick" and m["encoder"] == "resnet18v2" and m["epochs_trained"] == 1
+    assert m["device"] == "cpu" and m["chance_loss"] > 0 and m["final_train_loss"] > 0
+    # the whole configuration: every notebook parameter, and the dataclasses in force
+    assert set(m["config"]["parameters"]) == set(pm.inspect_notebook(str(NOTEBOOKS["02"])))
+    assert m["config"]["model"]["width"] == 8 and m["config"]["model"]["test_negatives"] == 128
+    assert m["config"]["grid"]["image_size"] == 64 and m["config"]["train"]["epochs"] == 1
+    assert {"training_curves.png", "roc.png", "score_histogram.png", "heatmaps.png"} <= {p.name for p in out.glob("*.png")}
+    assert (out / "checkpoints" / "last.pt").exists()
+
+
+def test_notebook03_compares_encoders(executed):
+    out = executed["03"]
+    c = json.loads((out / "comparison.json").read_text())
+    assert set(c["cost"]) == set(cu.ENCODERS)
+    assert all(v["train_images_per_second"] > 0 and v["D"] > 0 for v in c["cost"].values())
+    # 6 rows read from the results tree + 3 trained here
+    assert len(c["rows"]) == 9 and sum(r.get("source") == "notebook03" for r in c["rows"]) == 3
+    table = (out / "table_image_auroc.md").read_text()
+    assert table.startswith("| Class | Epochs | ResNet18 | ResNet50 | DenseNet |")
+    assert "| brick | 2 | 0.500 | 0.600 | 0.700 |" in table and "| gravel | 1 |" in table
+    assert {"image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
+    for enc in cu.ENCODERS:
+        assert (out / "runs" / "gravel" / enc / "metrics.json").exists()
+
+
+def test_notebook02_wrong_category_stops_with_cpc_utils_error(tiny_root, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="unknown category 'no_such_category'"):
+        pm.execute_notebook(str(NOTEBOOKS["02"]), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                            parameters={**TINY, "data_root": str(tiny_root), "category": "no_such_category",
+                                        "output_dir": str(tmp_path / "out")},
+                            progress_bar=False, kernel_name="python3")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ---- executed with nbval --------------------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(NOTEBOOKS))
+def test_notebook_passes_nbval_lax(key, tiny_root, fake_results, tmp_path):
+    """nbval runs every cell of a copy with the tiny parameters injected (lax: outputs not compared)."""
+    copy = tmp_path / NOTEBOOKS[key].name
+    pm.execute_notebook(str(NOTEBOOKS[key]), str(copy), prepare_only=True,
+                        parameters=small_parameters(key, tiny_root, tmp_path / "out", fake_results))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "--nbval-current-env", str(copy)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert "passed" in proc.stdout and "failed" not in proc.stdout
+    assert (tmp_path / "out" / ("comparison.json" if key == "03" else "metrics.json")).exists()
