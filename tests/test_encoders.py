@@ -22,10 +22,12 @@ def test_registry_names():
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_parameter_count_and_dim_at_width_64(name):
-    enc = cu.build_encoder(name)  # no forward pass: building and counting is cheap
+    enc = cu.build_encoder(name)  # building and counting is cheap; one small forward checks D
     dim, params, _ = EXPECTED[name]
     assert enc.out_dim == dim
     assert cu.count_parameters(enc) == params
+    with torch.no_grad():
+        assert enc(torch.randn(2, 3, 32, 32)).shape == (2, dim)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
