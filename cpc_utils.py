@@ -370,6 +370,9 @@ class PatchGrid:
 
     def __post_init__(self):
         sub = self.subimage_size or self.image_size
+        if not (0 < self.stride <= self.patch_size and 0 < (self.subimage_stride or sub) <= sub <= self.image_size):
+            raise ValueError(f"{self}: need 0 < stride <= patch_size and 0 < subimage_stride <= subimage_size "
+                             "<= image_size (a larger stride leaves pixels that no patch covers)")
         if (sub - self.patch_size) % self.stride or self.patch_size > sub:
             raise ValueError(f"patch_size {self.patch_size} at stride {self.stride} does not tile {sub} px")
         if self.subimage_size and (self.image_size - self.subimage_size) % (self.subimage_stride or self.subimage_size):
@@ -454,6 +457,26 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # Patch encoders (N, C, P, P) -> (N, D) by mean pooling: pre-activation ResNet v2 (He et al.
 # 2016, arXiv:1603.05027) and DenseNet (Huang et al. 2017, arXiv:1608.06993), cut after stage 3.
 
+class LayerNorm2d(nn.GroupNorm):
+    """LayerNorm over (C, H, W) of each sample with a per-channel affine: GroupNorm(1, C).
+
+    On CUDA the same function runs as F.layer_norm over the trailing (H, W, C) of the
+    channels_last view: CUDA's group_norm copies channels_last inputs to NCHW and back,
+    which cost more than the convolutions. On CPU GroupNorm's own kernel is the faster.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().forward(x)
+        C, H, W = x.shape[1:]
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (H, W, C), self.weight.expand(H, W, C),
+                         self.bias.expand(H, W, C), self.eps)               # (N, H, W, C)
+        return y.permute(0, 3, 1, 2)                                          # (N, C, H, W), channels_last
+
+
 def norm_layer(norm: str, channels: int) -> nn.Module:
     """Normalisation for the encoders.
 
@@ -465,7 +488,7 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
     "batch" and "none" are there to study that choice.
     """
     if norm == "layer":
-        return nn.GroupNorm(1, channels)
+        return LayerNorm2d(channels)
     if norm == "group":
         return nn.GroupNorm(math.gcd(32, channels), channels)
     if norm == "batch":
@@ -514,7 +537,12 @@ class PreActBottleneck(nn.Module):
 
 
 class PatchEncoder(nn.Module):
-    """Stem (conv7x7/2 + maxpool/2) -> stages -> final norm-ReLU -> mean pool. `out_dim` = D."""
+    """Stem (conv7x7/2 + maxpool/2) -> stages -> final norm -> mean pool. `out_dim` = D.
+
+    No ReLU before the pool: it would confine every z to the positive orthant, where cosine
+    similarities crowd together; without it the CPC-AD loss fell about twice as fast (see the
+    study in CPCADConfig).
+    """
 
     def __init__(self, stem_channels: int, stages: nn.Sequential, out_dim: int, norm: str, in_channels: int = 3):
         super().__init__()
@@ -525,7 +553,7 @@ class PatchEncoder(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.final_norm(self.stages(self.stem(x))))  # (N, D, P/16, P/16)
+        h = self.final_norm(self.stages(self.stem(x)))          # (N, D, P/16, P/16)
         return h.mean(dim=(2, 3))                                 # (N, D)
 
 
@@ -606,6 +634,19 @@ def similarity_logits(pred: torch.Tensor, targets: torch.Tensor, similarity: str
     return pred @ targets.T / temperature
 
 
+def _randint(high: int, size: tuple[int, ...], generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+    """Uniform integers in [0, high) on `device`, reproducible from the host `generator`.
+
+    On CUDA they are drawn there by a generator seeded from `generator`: drawing about a
+    million per step on the host and copying them over starved the GPU.
+    """
+    if device.type != "cuda":
+        return torch.randint(0, high, size, generator=generator).to(device)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return torch.randint(0, high, size, device=device, generator=torch.Generator(device).manual_seed(seed))
+
+
 def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor,
              num_negatives: int | None = None, pos_index: torch.Tensor | None = None,
              generator: torch.Generator | None = None, similarity: str = "dot",
@@ -632,7 +673,7 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
         neg = scores
     else:
         n_pool = M - (pos_index is not None)
-        idx = torch.randint(0, n_pool, (N, num_negatives), generator=generator).to(pred.device)
+        idx = _randint(n_pool, (N, num_negatives), generator, pred.device)
         if pos_index is not None:
             idx = idx + (idx >= pos_index[:, None]).long()  # skip over the positive
         neg = scores.gather(1, idx)                                                     # (N, num_negatives)
@@ -884,15 +925,14 @@ class CPCAD(nn.Module):
         pick = torch.randperm(n_total, generator=g)[:size].sort().values
         img, rest = pick // (n_sub * G * G), pick % (n_sub * G * G)
         sub, i, j = rest // (G * G), (rest % (G * G)) // G, rest % G
+        S, sub_st = self.grid.num_subimages, self.grid.subimage_stride or self.grid.subimage_size or 0
+        top, left = (sub // S) * sub_st + i * st, (sub % S) * sub_st + j * st  # patch corners in the image
+        windows = images.unfold(2, P, 1).unfold(3, P, 1)         # (N, C, H-P+1, W-P+1, P, P), a view
         out = [[] for _ in self.encoders]
         for lo in range(0, len(pick), batch_size):
             sl = slice(lo, lo + batch_size)
-            x = to_float(images[img[sl]].to(device))
-            s = to_subimages(x, self.grid) if n_sub > 1 else x    # (B*n_sub, C, s, s)
-            s = s.view(len(x), n_sub, *s.shape[1:])[torch.arange(len(x)), sub[sl]] if n_sub > 1 else s
-            patches = torch.stack([s[b, :, ii * st:ii * st + P, jj * st:jj * st + P]
-                                   for b, (ii, jj) in enumerate(zip(i[sl].tolist(), j[sl].tolist()))])
-            patches = patches.contiguous(memory_format=torch.channels_last)
+            # gather only the picked uint8 patches (no float copy of whole images, no Python loop)
+            patches = to_float(windows[img[sl], :, top[sl], left[sl]].to(device))  # (b, C, P, P)
             with autocast(device):
                 for e, enc in enumerate(self.encoders):
                     out[e].append(enc(patches).float())
@@ -964,7 +1004,7 @@ def save_json(obj, path: str | os.PathLike) -> None:
 
 
 def _json_default(o):
-    if isinstance(o, (np.generic, torch.Tensor)):
+    if isinstance(o, (np.generic, np.ndarray, torch.Tensor)):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
@@ -1038,6 +1078,9 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
             for key, v in out.items():
                 if key != "loss":
                     extras.setdefault(key, []).append(v.detach().float().cpu())
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
+            where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
+            raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{where}")
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)),
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
         if val_images is not None:
@@ -1095,13 +1138,14 @@ def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_s
     device = resolve_device(device)
     model.eval().to(device)
     bank = bank.to(device)
+    images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
     maps = []
     for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
         with autocast(device):
-            loss = model.patch_losses(model.encode(to_float(images[idx].to(device, non_blocking=True))), bank)
-        maps.append(loss.float().cpu())
+            loss = model.patch_losses(model.encode(to_float(images[idx.to(device)])), bank)
+        maps.append(loss.float())  # stays on the device: no sync per batch
     G = model.grid.grid
-    return torch.cat(maps).view(len(images), -1, G, G)
+    return torch.cat(maps).cpu().view(len(images), -1, G, G)
 
 
 def image_scores(patch_maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -1167,7 +1211,10 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresho
     if not regions or not len(normal):
         raise ValueError("AUPRO needs at least one defect region and one normal pixel")
     thresholds = np.quantile(normal, 1 - np.linspace(0, max_fpr, num_thresholds))
-    thresholds = np.concatenate([[np.inf], thresholds])
+    # one more just below the next normal score down, so the curve always reaches past
+    # max_fpr to interpolate to (with tied scores, e.g. a binary map, the FPR jumps over it)
+    below = normal[np.searchsorted(normal, thresholds[-1], side="right") - 1]
+    thresholds = np.concatenate([[np.inf], thresholds, [np.nextafter(below, -np.inf)]])
     fpr = 1 - np.searchsorted(normal, thresholds, side="right") / len(normal)
     pro = np.mean([1 - np.searchsorted(r, thresholds, side="right") / len(r) for r in regions], axis=0)
     keep = fpr <= max_fpr
