@@ -45,7 +45,7 @@ def test_output_shape_and_gradient_reaches_stem(name):
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-@pytest.mark.parametrize("norm, layer_type", [("layer", nn.GroupNorm), ("group", nn.GroupNorm),
+@pytest.mark.parametrize("norm, layer_type", [("layer", cu.LayerNorm2d), ("group", nn.GroupNorm),
                                                ("batch", nn.BatchNorm2d), ("none", None)])
 def test_every_norm_builds(name, norm, layer_type):
     enc = cu.build_encoder(name, norm=norm, width=8)
