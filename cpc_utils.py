@@ -485,7 +485,10 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
     the contrastive task can exploit to find its positive, and it makes a patch's embedding
     (hence its anomaly score) depend on what else is in the batch. LayerNorm keeps every
     patch independent, so training and scoring see the same function. "group" (32 groups),
-    "batch" and "none" are there to study that choice.
+    "batch" and "none" are there to study that choice. Measured on demo gravel (CPC-AD,
+    width 16, 12 epochs): with "batch" the training loss fell to 2.30 while the validation
+    loss (eval mode, running statistics) stayed at 3.48, near chance 4.16, and image AUROC
+    was 0.45; with "layer", 1.86 / 1.93 and 0.75.
     """
     if norm == "layer":
         return LayerNorm2d(channels)
