@@ -23,8 +23,8 @@ import argparse
 import ctypes
 import dataclasses
 import gc
-import json
 import math
+import os
 import platform
 import subprocess
 import threading
@@ -474,8 +474,10 @@ def markdown(res: dict) -> str:
     lines = [f"# Benchmark on {m['device_name']} ({m['device']})", "",
              f"torch {m['torch']}, {m['threads']} threads, commit {m['commit']}, {m['date']}, "
              f"{m['seconds']:.0f} s in all" + (" (**--quick: tiny settings, numbers mean nothing**)" if m["quick"] else "")
-             + ". Timings are medians of the timed repetitions after warm-up; numbers from a busy "
-             "machine are low: re-run `make bench` on a quiet one.", "", "## Targets", ""]
+             + f". Load average (1 min) {_g(m['load_start'], '{:.1f}')} at the start, {_g(m['load_end'], '{:.1f}')} "
+             "at the end: other work on the machine slows every number here, so compare it with the thread "
+             "count and re-run `make bench` on a quiet machine. Timings are medians of the timed repetitions "
+             "after warm-up.", "", "## Targets", ""]
     lines += _table(["target", "threshold", "measured", "pass"],
                     [[t["name"], t["target"], t["measured_text"],
                       "n/a" if t["passed"] is None else ("pass" if t["passed"] else "**FAIL**")] for t in res["targets"]])
@@ -542,7 +544,8 @@ def markdown(res: dict) -> str:
                           f"{r['epoch_s_extrapolated']:.1f}"] for r in pr])
     elif m["device"] != "cuda":
         lines += ["", "Paper-resolution epoch: measured on a GPU only."]
-    lines += ["", "## How memory is measured", "", MEMORY_METHOD.get(m["device"], "not measured on this device") + "."]
+    lines += ["", "## How memory is measured", "",
+              "Peak memory: " + MEMORY_METHOD.get(m["device"], "not measured on this device") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -563,6 +566,14 @@ def _meta(cfg: BenchConfig, device: torch.device) -> dict:
             "malloc_trim": _malloc_trim() if device.type == "cpu" else None}
 
 
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -575,7 +586,7 @@ def _cpu_name() -> str:
 
 def run(cfg: BenchConfig) -> dict:
     """Measure every section in `cfg.sections`, write <out_dir>/<device>.json and .md, return the results."""
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), _load()
     device = cu.resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as cu.train_model sets it
@@ -609,7 +620,8 @@ def run(cfg: BenchConfig) -> dict:
         print("==> paper resolution")
         res["paper_resolution"] = bench_paper_resolution(cfg, device, res["ceiling"])
     res["targets"] = targets(res, device)
-    res = {"meta": {**_meta(cfg, device), "seconds": time.perf_counter() - t_start}, **res}
+    res = {"meta": {**_meta(cfg, device), "seconds": time.perf_counter() - t_start, "load_start": load_start,
+                    "load_end": _load()}, **res}
     out = Path(cfg.out_dir)
     cu.save_json(res, out / f"{device.type}.json")
     (out / f"{device.type}.md").write_text(markdown(res))
