@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import cpc_utils as cu
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # cpc_utils.py without pip install -e
+import cpc_utils as cu  # noqa: E402
 
 PAPER_GRID = cu.PatchGrid(256, 64, 32)              # CPC v2 / CPC-AD: 64 px patches, 7x7
 DEMO_GRID = cu.PatchGrid(128, 32, 16)               # the demo notebooks: 32 px patches, 7x7
