@@ -1417,21 +1417,25 @@ def comparison_table(rows: list[dict], metric: str = "image_auroc") -> str:
     """Markdown table of `metric` laid out as Class | Epochs | ResNet18 | ResNet50 | DenseNet.
 
     One line per (category, epochs asked for: `epochs`, else `epochs_trained`), one column
-    per encoder (registry order first), then a mean line per epochs; missing runs show "-".
+    per encoder (registry order first), then a mean line per epochs; runs that share a cell
+    (repeated seeds, say) are averaged; missing runs show "-".
     """
     encoders = [e for e in ENCODERS if any(r["encoder"] == e for r in rows)]
     encoders += sorted({r["encoder"] for r in rows} - set(encoders))
-    cell = {(r["category"], r.get("epochs", r.get("epochs_trained")), r["encoder"]): r.get(metric) for r in rows}
+    cell: dict[tuple, list[float]] = {}
+    for r in rows:
+        values = cell.setdefault((r["category"], r.get("epochs", r.get("epochs_trained")), r["encoder"]), [])
+        values += [r[metric]] if r.get(metric) is not None else []
     keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0], k[1] or 0))
 
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}"
+    def fmt(values):
+        return f"{np.mean(values):.3f}" if values else "-"
     lines = ["| Class | Epochs | " + " | ".join(ENCODER_LABELS.get(e, e) for e in encoders) + " |",
              "|---|---|" + "---|" * len(encoders)]
     lines += [f"| {c} | {n} | " + " | ".join(fmt(cell.get((c, n, e))) for e in encoders) + " |" for c, n in keys]
-    for n in sorted({k[1] for k in keys}, key=lambda n: n or 0):
-        means = [[cell[k] for k in cell if k[1] == n and k[2] == e and cell[k] is not None] for e in encoders]
-        lines.append(f"| **mean** | {n} | " + " | ".join(fmt(float(np.mean(m)) if m else None) for m in means) + " |")
+    for n in sorted({k[1] for k in keys}, key=lambda n: n or 0):  # mean over categories of the per-cell means
+        means = [[float(np.mean(v)) for k, v in cell.items() if k[1] == n and k[2] == e and v] for e in encoders]
+        lines.append(f"| **mean** | {n} | " + " | ".join(fmt(m) for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 
