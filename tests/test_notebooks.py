@@ -190,3 +190,14 @@ def test_notebook_passes_nbval_lax(key, tiny_root, fake_results, tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert "passed" in proc.stdout and "failed" not in proc.stdout
     assert (tmp_path / "out" / ("comparison.json" if key == "03" else "metrics.json")).exists()
+
+
+def test_comparison_table_layout_and_averaging():
+    rows = [{"category": "brick", "encoder": "densenet", "epochs": 8, "image_auroc": 0.8},
+            {"category": "brick", "encoder": "resnet18v2", "epochs": 8, "image_auroc": 0.9},
+            {"category": "brick", "encoder": "resnet18v2", "epochs": 8, "image_auroc": 0.7},   # a second seed
+            {"category": "gravel", "encoder": "resnet18v2", "epochs_trained": 3, "image_auroc": 0.6}]
+    assert cu.comparison_table(rows).splitlines() == [
+        "| Class | Epochs | ResNet18 | DenseNet |", "|---|---|---|---|",
+        "| brick | 8 | 0.800 | 0.800 |", "| gravel | 3 | 0.600 | - |",
+        "| **mean** | 3 | 0.600 | - |", "| **mean** | 8 | 0.800 | 0.800 |"]
