@@ -1056,6 +1056,9 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
     history, best, bad_epochs, start = [], float("inf"), 0, 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt and not (resume and (ckpt / "last.pt").exists()):
+        for stale in ("last.pt", "best.pt"):  # a fresh run must not end on an older run's weights
+            (ckpt / stale).unlink(missing_ok=True)
     if resume and ckpt and (ckpt / "last.pt").exists():
         state = torch.load(ckpt / "last.pt", map_location=device, weights_only=False)
         _check_resumable(state, model, cfg, ckpt / "last.pt")
@@ -1366,9 +1369,12 @@ def plot_comparison(rows: list[dict], metric: str = "image_auroc") -> "matplotli
     fig, axes = _figure(1, len(categories), figsize=(4 * len(categories), 3.5), squeeze=False, sharey=True)
     for ax, cat in zip(axes[0], categories):
         for enc in sorted({r["encoder"] for r in rows if r["category"] == cat}):
-            pts = sorted((r["epochs_trained"], r[metric]) for r in rows
-                         if r["category"] == cat and r["encoder"] == enc and r.get(metric) is not None)
-            ax.plot(*zip(*pts), "o-", label=enc)
+            by_epochs: dict[int, list[float]] = {}  # runs that share a point are averaged
+            for r in rows:
+                if r["category"] == cat and r["encoder"] == enc and r.get(metric) is not None:
+                    by_epochs.setdefault(r["epochs_trained"], []).append(r[metric])
+            epochs = sorted(by_epochs)
+            ax.plot(epochs, [np.mean(by_epochs[e]) for e in epochs], "o-", label=enc)
         ax.set(title=cat, xlabel="epochs trained", ylabel=metric)
         ax.legend(fontsize=8)
     fig.tight_layout()

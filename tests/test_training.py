@@ -274,3 +274,18 @@ def test_save_json(tmp_path):
     with pytest.raises(TypeError, match="set"):
         cu.save_json({"x": {1, 2}}, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_fresh_run_ignores_stale_checkpoints(tmp_path):
+    """A run without resume must not load an older run's best.pt at the end."""
+    grid = cu.PatchGrid(32, 16, 8)
+    train = cu.ImageSet(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
+                        torch.zeros(4, 1, 32, 32, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
+                        ["good"] * 4, [f"{i}.png" for i in range(4)])
+    stale = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16), grid)
+    cu.save_atomic({"model": stale.state_dict(), "epoch": 1}, tmp_path / "best.pt")
+    torch.manual_seed(1)
+    model = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16), grid)
+    cu.train_model(model, train, None, cu.TrainConfig(epochs=1, batch_size=2), tmp_path, progress=False)
+    assert not (tmp_path / "best.pt").exists()
+    assert not torch.equal(model.W, stale.W)
