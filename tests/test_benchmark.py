@@ -56,7 +56,8 @@ def test_quick_run_writes_json_and_markdown(bench, tmp_path, one_thread):
         assert ROW_KEYS <= set(row)
         assert row["flops_per_patch"] > 0 and 0 < row["fraction_of_ceiling"]
     assert {r["grid"] for r in res["reference"]} == {"paper", "demo"}
-    assert set(res["cpcad"]["runs"]) == {"independent", "shared"}
+    assert set(res["cpcad"]["runs"]) == {"independent", "shared", "shared, same time"}
+    assert res["cpcad"]["runs"]["shared, same time"]["epochs"] == 4 * res["cpcad"]["runs"]["shared"]["epochs"]
     assert res["cpcad"]["runs"]["independent"]["encoders"] == 4
     assert res["cpcad"]["runs"]["shared"]["encoders"] == 1
     assert [r["train_images"] for r in res["scaling"]["rows"]] == [4, 8]
