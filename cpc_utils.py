@@ -627,14 +627,13 @@ def count_parameters(module: nn.Module) -> int:
 # InfoNCE the MoCo way (positive in column 0, per-row cross-entropy kept unreduced), the
 # PixelCNN context network of CPC, and the context-free directional predictors of CPC-AD.
 
-def similarity_logits(pred: torch.Tensor, targets: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
-    """Scores of every prediction against every target: (N, D) x (M, D) -> (N, M)."""
-    pred, targets = pred.float(), targets.float()
+def _for_similarity(x: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Embeddings as the score sees them: fp32, unit length for "cosine", as they are for "dot"."""
     if similarity == "cosine":
-        pred, targets = F.normalize(pred, dim=-1), F.normalize(targets, dim=-1)
-    elif similarity != "dot":
-        raise ValueError(f"unknown similarity {similarity!r}; choose dot or cosine")
-    return pred @ targets.T / temperature
+        return F.normalize(x.float(), dim=-1)
+    if similarity == "dot":
+        return x.float()
+    raise ValueError(f"unknown similarity {similarity!r}; choose dot or cosine")
 
 
 def _randint(high: int, size: tuple[int, ...], generator: torch.Generator | None,
@@ -668,8 +667,9 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
         loss (N,) and correct (N,) bool: the positive scored above every negative.
     """
     N, M = pred.shape[0], candidates.shape[0]
-    pos = _paired_logits(pred, positive, similarity, temperature)                       # (N, 1)
-    scores = similarity_logits(pred, candidates, similarity, temperature)               # (N, M)
+    pred, positive, candidates = (_for_similarity(t, similarity) for t in (pred, positive, candidates))
+    pos = (pred * positive).sum(-1, keepdim=True) / temperature                         # (N, 1)
+    scores = pred @ candidates.T / temperature                                          # (N, M)
     if num_negatives is None:
         if pos_index is not None:
             scores = scores.scatter(1, pos_index[:, None], float("-inf"))
@@ -683,14 +683,6 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
     logits = torch.cat([pos, neg], dim=1)                                               # positive in column 0
     loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
     return loss, logits.argmax(1) == 0
-
-
-def _paired_logits(pred: torch.Tensor, positive: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
-    """Row-wise score of each prediction with its own target: (N, D), (N, D) -> (N, 1)."""
-    pred, positive = pred.float(), positive.float()
-    if similarity == "cosine":
-        pred, positive = F.normalize(pred, dim=-1), F.normalize(positive, dim=-1)
-    return (pred * positive).sum(-1, keepdim=True) / temperature
 
 
 def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
