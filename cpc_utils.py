@@ -834,6 +834,28 @@ class CPCADConfig:
     temperature: float = 0.1
     shared_encoder: bool = True
     directions: tuple[str, ...] = DIRECTIONS
+    detector: str = "cpcad"       # how patch scores become the anomaly map: a key of DETECTORS
+    reduce: str = "mean"          # how the map becomes the image score: a name in REDUCES
+
+
+def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **overrides) -> CPCADConfig:
+    """CPCADConfig from a named preset, then `overrides` (None keeps the preset's value).
+
+    "fast": the dataclass defaults (what the study chose). "paper": de Haan & Loewe as
+    published: four independent encoder + W_k models, dot-product scores (temperature 1),
+    targets that share no pixels with the context patch (target_offset = the grid's overlap,
+    hence the `grid`), the mean patch loss as the image score, pure CPC-AD loss as the map.
+    """
+    if preset == "fast":
+        base = {}
+    elif preset == "paper":
+        if grid is None:
+            raise ValueError("the paper preset needs the grid: its targets skip the overlapping rows")
+        base = dict(shared_encoder=False, similarity="dot", temperature=1.0, target_offset=grid.overlap_steps,
+                    pred_steps=1, detector="cpcad", reduce="mean")
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose fast or paper")
+    return make_config(CPCADConfig, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 class CPCAD(nn.Module):
@@ -854,6 +876,9 @@ class CPCAD(nn.Module):
         if (cover == 0).any():
             raise ValueError(f"directions {cfg.directions} leave patches that are never predicted; "
                              "add the opposite direction")
+        if cfg.detector not in DETECTORS or cfg.reduce not in REDUCES:
+            raise ValueError(f"detector {cfg.detector!r} / reduce {cfg.reduce!r}: choose a detector from "
+                             f"{', '.join(DETECTORS)} and a reduce from {', '.join(REDUCES)}")
         n_enc = 1 if cfg.shared_encoder else len(cfg.directions)
         self.encoders = nn.ModuleList(build_encoder(cfg.encoder, cfg.norm, cfg.width) for _ in range(n_enc))
         D = self.encoders[0].out_dim
@@ -1032,13 +1057,15 @@ def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, dev
 
 def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
     """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
 
     Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
     at the end the best weights are loaded. `resume=True` continues from `last.pt`
     (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
-    last good checkpoint in place.
+    last good checkpoint in place. `on_epoch(model, epoch)`, if given, runs after each epoch's
+    validation and its dict is added to that epoch's record (e.g. detection on the synthetic
+    validation anomalies, to study how long to train).
     """
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -1095,6 +1122,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
             else:
                 bad_epochs += 1
         record["seconds"] = time.perf_counter() - t0
+        if on_epoch is not None:
+            record.update(on_epoch(model, epoch + 1))
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -1132,33 +1161,130 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
 # MVTec AD metrics; and the non-learned reference every report is compared against.
 
 @torch.no_grad()
+def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, knn_bank: torch.Tensor | None = None,
+                  batch_size: int = 16, device: str | torch.device = "auto",
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """Raw per-patch scores of uint8 images (N, C, H, W), deterministic, each (N, n_sub, G, G).
+
+    "loss": CPC-AD's InfoNCE loss against the fixed `bank` of train/good negatives (the paper's
+    score: how *unpredictable* a patch is from its neighbours). With `knn_bank` (n_enc, M, D)
+    also "knn": the cosine distance of each patch embedding to its nearest train/good patch
+    embedding, averaged over the encoders (how *unusual* the patch is). A flat fill or a smooth
+    blob is easy to predict from its neighbour, so its loss stays low; it is still far from
+    every normal patch, which "knn" sees. Both come from one encoding pass.
+    """
+    device = resolve_device(device)
+    model.eval().to(device)
+    bank = bank.to(device)
+    knn = [F.normalize(b.float(), dim=-1) for b in knn_bank.to(device)] if knn_bank is not None else None
+    images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
+    out: dict[str, list[torch.Tensor]] = {"loss": [], "knn": []} if knn else {"loss": []}
+    for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
+        with autocast(device):
+            zs = model.encode(to_float(images[idx.to(device)]))
+            out["loss"].append(model.patch_losses(zs, bank).float())  # stays on the device: no sync per batch
+        if knn:
+            dist = [1 - (F.normalize(z.float().permute(0, 2, 3, 1), dim=-1) @ b.T).max(-1).values  # (B', G, G)
+                    for z, b in zip(zs, knn)]
+            out["knn"].append(torch.stack(dist).mean(0))
+    G = model.grid.grid
+    return {k: torch.cat(v).cpu().view(len(images), -1, G, G) for k, v in out.items()}
+
+
+@torch.no_grad()
+def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images: torch.Tensor | None,
+                    knn_size: int = 4096, batch_size: int = 16, device: str | torch.device = "auto",
+                    seed: int = 0) -> dict:
+    """What scoring needs from normal data, computed once after training.
+
+    bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; knn_bank: up to
+    `knn_size` others, the references of the "knn" score; calibration: a ScoreCalibration
+    fitted on `calibration_images`, normal images held out of training (train images would
+    look too normal: the model has fitted them, and their own patches sit in the knn bank).
+    """
+    bank = model.build_bank(train_images, seed=seed)
+    knn_bank = model.build_bank(train_images, size=knn_size, seed=seed + 1)
+    calibration = None
+    if calibration_images is not None and len(calibration_images):
+        raw = score_patches(model, calibration_images, bank, knn_bank, batch_size, device)
+        calibration = ScoreCalibration.fit(raw)
+    return {"bank": bank, "knn_bank": knn_bank, "calibration": calibration}
+
+
 def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_size: int = 16,
                  device: str | torch.device = "auto", progress: bool = False) -> torch.Tensor:
     """CPC-AD patch loss maps of uint8 images (N, C, H, W) -> (N, n_sub, G, G), deterministic.
 
     Sub-images are scored one grid at a time, against the same bank of train/good negatives.
     """
-    device = resolve_device(device)
-    model.eval().to(device)
-    bank = bank.to(device)
-    images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
-    maps = []
-    for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
-        with autocast(device):
-            loss = model.patch_losses(model.encode(to_float(images[idx.to(device)])), bank)
-        maps.append(loss.float())  # stays on the device: no sync per batch
-    G = model.grid.grid
-    return torch.cat(maps).cpu().view(len(images), -1, G, G)
+    return score_patches(model, images, bank, None, batch_size, device, progress)["loss"]
+
+
+REDUCES = ("mean", "max", "top10")
 
 
 def image_scores(patch_maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-    """(N, n_sub, G, G) -> (N,): the mean patch loss (CPC-AD paper) or the max."""
+    """(N, n_sub, G, G) -> (N,): the mean patch score (CPC-AD paper), the max, or "top10", the
+    mean of the highest 10% of patches (at least one): a defect covers a few patches, which the
+    mean dilutes over the whole image and the max reads from one noisy patch."""
     flat = patch_maps.flatten(1)
     if reduce == "mean":
         return flat.mean(1)
     if reduce == "max":
         return flat.max(1).values
-    raise ValueError(f"unknown reduce {reduce!r}; choose mean or max")
+    if reduce == "top10":
+        return flat.topk(max(1, flat.shape[1] // 10), dim=1).values.mean(1)
+    raise ValueError(f"unknown reduce {reduce!r}; choose from {REDUCES}")
+
+
+@dataclass
+class ScoreCalibration:
+    """Per-position standardisation of raw patch scores, fitted on normal images only.
+
+    Border positions and naturally hard positions have higher losses on every image; taking
+    each grid position's mean out, and dividing by the spread of all positions together (a
+    per-position spread from a handful of images is too noisy), puts every position and every
+    score kind on one scale, so they can be compared and added. mean: {kind: (n_sub, G, G)};
+    std: {kind: float}.
+    """
+    mean: dict[str, torch.Tensor]
+    std: dict[str, float]
+
+    @classmethod
+    def fit(cls, raw: dict[str, torch.Tensor]) -> "ScoreCalibration":
+        """Fit on raw maps {kind: (N, n_sub, G, G)} of normal images (N >= 2)."""
+        mean, std = {}, {}
+        for kind, maps in raw.items():
+            if len(maps) < 2:
+                raise ValueError(f"calibration needs at least 2 normal images, got {len(maps)}")
+            mean[kind] = maps.float().mean(0)
+            std[kind] = max(float((maps.float() - mean[kind]).std()), 1e-6)
+        return cls(mean, std)
+
+    def __call__(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.float() - self.mean[k]) / self.std[k] for k, v in raw.items() if k in self.mean}
+
+
+DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
+    # name: (raw maps, calibrated maps) -> patch anomaly maps, (N, n_sub, G, G)
+    "cpcad": lambda raw, cal: raw["loss"],                         # pure CPC-AD: the paper's score
+    "cpcad_cal": lambda raw, cal: cal["loss"],                     # standardised per grid position
+    "cpcad_2sided": lambda raw, cal: cal["loss"].abs(),            # too predictable is unusual too
+    "knn": lambda raw, cal: cal["knn"],                            # typicality alone (not CPC-AD)
+    "cpcad_knn": lambda raw, cal: cal["loss"] + cal["knn"],        # unpredictable or untypical
+}
+
+
+def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | None,
+                  detector: str) -> torch.Tensor:
+    """Patch anomaly maps of one named detector from raw `score_patches` output."""
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
+    if detector != "cpcad" and calibration is None:
+        raise ValueError(f"detector {detector!r} needs a ScoreCalibration fitted on normal images")
+    if "knn" in detector and "knn" not in raw:
+        raise ValueError(f"detector {detector!r} needs knn scores: pass knn_bank to score_patches")
+    return DETECTORS[detector](raw, calibration(raw) if calibration is not None else {})
 
 
 @torch.no_grad()

@@ -387,3 +387,25 @@ def test_subimage_layout_end_to_end(demo_root):
     assert set(result["scores"]) == {"mean", "max"}
     for key in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro", "image_auroc_max"):
         assert 0.0 <= result["metrics"][key] <= 1.0
+
+
+def test_cpcad_config_presets():
+    grid = cu.PatchGrid(128, 32, 16)
+    assert cu.cpcad_config() == cu.CPCADConfig()
+    assert cu.cpcad_config("fast", width=8, norm=None) == cu.CPCADConfig(width=8)  # None keeps the preset's value
+    paper = cu.cpcad_config("paper", grid, width=8)
+    assert (paper.shared_encoder, paper.similarity, paper.temperature, paper.detector, paper.reduce) == \
+        (False, "dot", 1.0, "cpcad", "mean")
+    assert paper.target_offset == grid.overlap_steps == 1 and paper.width == 8
+    model = cu.CPCAD(paper, grid)
+    assert len(model.encoders) == 4
+    with pytest.raises(ValueError, match="needs the grid"):
+        cu.cpcad_config("paper")
+    with pytest.raises(ValueError, match="unknown preset"):
+        cu.cpcad_config("fastest")
+
+
+@pytest.mark.parametrize("field, value", [("detector", "magic"), ("reduce", "median")])
+def test_cpcad_rejects_unknown_detector_or_reduce(field, value):
+    with pytest.raises(ValueError, match=value):
+        cu.CPCAD(cu.CPCADConfig(width=8, **{field: value}), cu.PatchGrid(32, 16, 8))

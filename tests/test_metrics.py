@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import cpc_utils as cu
@@ -17,8 +18,81 @@ def test_image_scores():
     maps = torch.arange(2 * 4 * 3 * 3, dtype=torch.float32).view(2, 4, 3, 3)
     assert cu.image_scores(maps, "mean").tolist() == [17.5, 53.5]
     assert cu.image_scores(maps, "max").tolist() == [35.0, 71.0]
-    with pytest.raises(ValueError, match="mean or max"):
+    assert cu.image_scores(maps, "top10").tolist() == [34.0, 70.0]  # top 3 of 36 patches: 35, 34, 33
+    one = torch.tensor([[[[0.0, 1.0], [2.0, 9.0]]]])                    # 4 patches: top10 is the max
+    assert cu.image_scores(one, "top10").tolist() == [9.0]
+    with pytest.raises(ValueError, match="top10"):
         cu.image_scores(maps, "median")
+
+
+# ---- calibration and detectors -------------------------------------------------------
+
+def test_score_calibration_standardises_per_position():
+    g = torch.Generator().manual_seed(0)
+    offset = torch.arange(9.0).view(1, 1, 3, 3)                     # a fixed per-position bias
+    normals = offset + 0.5 * torch.randn(50, 1, 3, 3, generator=g)
+    cal = cu.ScoreCalibration.fit({"loss": normals})
+    assert torch.allclose(cal.mean["loss"], offset[0], atol=0.25)
+    assert abs(cal.std["loss"] - 0.5) < 0.1
+    z = cal({"loss": offset.expand(2, 1, 3, 3) + torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)})["loss"]
+    assert z[0].abs().max() < 0.5 and (z[1] - 2).abs().max() < 0.6  # the bias is gone, 1.0 is 2 std
+    with pytest.raises(ValueError, match="at least 2"):
+        cu.ScoreCalibration.fit({"loss": normals[:1]})
+
+
+def test_detector_maps():
+    raw = {"loss": torch.full((2, 1, 3, 3), 2.0), "knn": torch.full((2, 1, 3, 3), 0.5)}
+    raw["loss"][1, 0, 1, 1], raw["knn"][0, 0, 0, 0] = 0.0, 1.5     # too predictable; untypical
+    cal = cu.ScoreCalibration({"loss": torch.full((1, 3, 3), 2.0), "knn": torch.full((1, 3, 3), 0.5)},
+                              {"loss": 1.0, "knn": 0.5})
+    assert torch.equal(cu.detector_maps(raw, None, "cpcad"), raw["loss"])
+    assert cu.detector_maps(raw, cal, "cpcad_cal")[1, 0, 1, 1] == -2.0
+    assert cu.detector_maps(raw, cal, "cpcad_2sided")[1, 0, 1, 1] == 2.0  # low loss counts as anomalous
+    assert cu.detector_maps(raw, cal, "knn")[0, 0, 0, 0] == 2.0
+    both = cu.detector_maps(raw, cal, "cpcad_knn")
+    assert both[0, 0, 0, 0] == 2.0 and both[1, 0, 1, 1] == -2.0 and both[0, 0, 2, 2] == 0.0
+    with pytest.raises(ValueError, match="needs a ScoreCalibration"):
+        cu.detector_maps(raw, None, "cpcad_knn")
+    with pytest.raises(ValueError, match="pass knn_bank"):
+        cu.detector_maps({"loss": raw["loss"]}, cal, "knn")
+    with pytest.raises(ValueError, match="unknown detector"):
+        cu.detector_maps(raw, cal, "magic")
+
+
+def tiny_model(grid: cu.PatchGrid, **kw) -> cu.CPCAD:
+    return cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=8, test_negatives=32, **kw), grid).eval()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_score_patches_knn_is_the_nearest_bank_distance(shared):
+    grid = cu.PatchGrid(32, 16, 8)
+    model = tiny_model(grid, shared_encoder=shared)
+    train, test = random_images(3, 32, seed=1), random_images(2, 32, seed=2)
+    scoring = cu.prepare_scoring(model, train, None, knn_size=10_000, device="cpu")
+    assert scoring["calibration"] is None and scoring["knn_bank"].shape[1] == 3 * 9  # every train patch
+    raw = cu.score_patches(model, test, scoring["bank"], scoring["knn_bank"], batch_size=1, device="cpu")
+    assert set(raw) == {"loss", "knn"} and raw["knn"].shape == raw["loss"].shape == (2, 1, 3, 3)
+    assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu"))
+    with torch.no_grad():  # brute force: 1 - the best cosine similarity, averaged over the encoders
+        dists = []
+        for e, enc in enumerate(model.encoders):
+            z = F.normalize(cu.encode_grid(enc, cu.to_float(test), grid).permute(0, 2, 3, 1), dim=-1)
+            bank = F.normalize(scoring["knn_bank"][e], dim=-1)
+            dists.append(1 - torch.einsum("bijd,md->bijm", z, bank).max(-1).values)
+    assert torch.allclose(raw["knn"][:, 0], torch.stack(dists).mean(0), atol=1e-5)
+    train_raw = cu.score_patches(model, train, scoring["bank"], scoring["knn_bank"], device="cpu")
+    assert train_raw["knn"].abs().max() < 1e-5  # a train patch is its own nearest neighbour
+
+
+def test_prepare_scoring_fits_calibration_on_held_out_normals():
+    grid = cu.PatchGrid(32, 16, 8)
+    model = tiny_model(grid)
+    train, calib = random_images(3, 32, seed=1), random_images(4, 32, seed=3)
+    scoring = cu.prepare_scoring(model, train, calib, device="cpu")
+    raw = cu.score_patches(model, calib, scoring["bank"], scoring["knn_bank"], device="cpu")
+    cal = scoring["calibration"](raw)
+    for kind in ("loss", "knn"):  # on its own images the calibration gives zero mean per position
+        assert cal[kind].mean(0).abs().max() < 1e-4
 
 
 # ---- image metrics -------------------------------------------------------------------

@@ -289,3 +289,15 @@ def test_fresh_run_ignores_stale_checkpoints(tmp_path):
     cu.train_model(model, train, None, cu.TrainConfig(epochs=1, batch_size=2), tmp_path, progress=False)
     assert not (tmp_path / "best.pt").exists()
     assert not torch.equal(model.W, stale.W)
+
+
+def test_on_epoch_adds_to_each_record(sets):
+    train, val = sets
+    seen = []
+
+    def on_epoch(model, epoch):
+        seen.append((epoch, model.training))
+        return {"probe": epoch * 10} if epoch == 2 else {}
+    history = cu.train_model(tiny_cpcad(), train, val, config(3), progress=False, on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert [h.get("probe") for h in history] == [None, 20, None]
