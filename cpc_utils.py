@@ -1195,6 +1195,12 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
 
 
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoidal integral: np.trapezoid from NumPy 2, np.trapz before it (numpy>=1.24 is allowed)."""
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(y, x))
+
+
 def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresholds: int = 1000) -> float:
     """Area under the per-region-overlap curve up to `max_fpr`, divided by `max_fpr` (MVTec AD).
 
@@ -1226,7 +1232,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresho
         nxt = np.argmax(fpr > max_fpr)
         f = np.append(f, max_fpr)
         p = np.append(p, np.interp(max_fpr, [fpr[nxt - 1], fpr[nxt]], [pro[nxt - 1], pro[nxt]]))
-    return float(np.trapezoid(p, f) / max_fpr)
+    return _trapezoid(p, f) / max_fpr
 
 
 def compute_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,
