@@ -1036,7 +1036,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
 
     Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
-    at the end the best weights are loaded. `resume=True` continues from `last.pt`
+    at the end the best weights are loaded (without `checkpoint_dir`, from a CPU copy kept
+    in memory). `resume=True` continues from `last.pt`
     (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
     last good checkpoint in place.
     """
@@ -1047,6 +1048,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
     history, best, bad_epochs, start = [], float("inf"), 0, 0
+    best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt and not (resume and (ckpt / "last.pt").exists()):
         for stale in ("last.pt", "best.pt"):  # a fresh run must not end on an older run's weights
@@ -1092,6 +1094,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 best, bad_epochs = record["val_loss"], 0
                 if ckpt:
                     save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, ckpt / "best.pt")
+                else:
+                    best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
         record["seconds"] = time.perf_counter() - t0
@@ -1106,6 +1110,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                         ckpt / "last.pt")
     if ckpt and (ckpt / "best.pt").exists():
         model.load_state_dict(torch.load(ckpt / "best.pt", map_location=device, weights_only=False)["model"])
+    elif best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return history
 

@@ -209,6 +209,24 @@ def test_early_stopping(patience, sets, tmp_path):
     assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 1
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_best_weights_without_checkpoint_dir(name, sets, monkeypatch):
+    """Without checkpoint_dir the run still ends on the best validation epoch's weights (kept in
+    memory): validation losses scripted to be best at epoch 2 of 4, compared with a 2-epoch run."""
+    train, val = sets
+    scripted = iter([3.0, 1.0, 2.0, 2.5])
+    monkeypatch.setattr(cu, "validation_loss", lambda *args, **kwargs: next(scripted))
+    model = build(name, 0)
+    history = cu.train_model(model, train, val, config(4), progress=False)
+    assert [h["val_loss"] for h in history] == [3.0, 1.0, 2.0, 2.5]
+    at_best, at_last = build(name, 0), build(name, 0)  # validation draws nothing from the run's generator
+    cu.train_model(at_best, train, None, config(2), progress=False)
+    cu.train_model(at_last, train, None, config(4), progress=False)
+    assert_same_weights(model.state_dict(), at_best.state_dict())
+    assert any(not torch.equal(v, at_last.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not model.training
+
+
 def test_validation_loss_is_repeatable(sets):
     _, val = sets
     model = build("cpcad", 0)
