@@ -407,6 +407,23 @@ def to_subimages(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     return u.permute(0, 2, 3, 1, 4, 5).reshape(B * S * S, C, s, s)
 
 
+def patch_positions(num_images: int, grid: PatchGrid, device: torch.device | str | None = None) -> torch.Tensor:
+    """Where each grid patch sits in its image, as one integer key: (num_images * n_sub * G * G,) long.
+
+    Ordered like `encode_grid`'s patches, b' * G * G + i * G + j with b' = (b, sub-image row,
+    sub-image column) row-major; key = b * H * W + top * W + left of the patch's top-left pixel.
+    Overlapping sub-images cut the same window up to four times (768 px, 256 px sub-images at
+    stride 128): equal keys mark those bit-identical copies, which must not serve as negatives.
+    """
+    S, G, H = grid.num_subimages, grid.grid, grid.image_size
+    sub_st = grid.subimage_stride or grid.subimage_size or 0
+    sub, step = torch.arange(S, device=device), torch.arange(G, device=device)
+    corner = (sub * sub_st)[:, None] + step * grid.stride                # (S, G): pixel of sub-image row, grid row
+    image = torch.arange(num_images, device=device) * H * H
+    key = image.view(-1, 1, 1, 1, 1) + corner.view(1, S, 1, G, 1) * H + corner.view(1, 1, S, 1, G)  # (B, S, S, G, G)
+    return key.reshape(-1)
+
+
 def extract_patches(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     """(B, C, H, W) images -> (B * n_sub, G, G, C, P, P) patches (unfold, no copies in loops)."""
     x = to_subimages(x, grid)
@@ -652,7 +669,8 @@ def _randint(high: int, size: tuple[int, ...], generator: torch.Generator | None
 def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor,
              num_negatives: int | None = None, pos_index: torch.Tensor | None = None,
              generator: torch.Generator | None = None, similarity: str = "dot",
-             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, pos_key: torch.Tensor | None = None,
+             cand_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row InfoNCE loss: -log softmax of the positive among itself and its negatives.
 
     Args:
@@ -663,6 +681,10 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
             every candidate (deterministic: how CPC-AD scores against its bank).
         pos_index: (N,) index of each row's positive inside `candidates`, excluded from its
             negatives; None when the candidates cannot contain it (a bank of train patches).
+        pos_key: (N,) and cand_key: (M,) integer keys (`patch_positions`): a negative with its
+            row's key is a copy of the positive (overlapping sub-images) and scores -inf, so it
+            neither wins nor adds to the softmax. pos_index still keeps the positive itself out
+            of the draw, so without copies every row has num_negatives real negatives.
     Returns:
         loss (N,) and correct (N,) bool: the positive scored above every negative.
     """
@@ -673,6 +695,8 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
     if num_negatives is None:
         if pos_index is not None:
             scores = scores.scatter(1, pos_index[:, None], float("-inf"))
+        if pos_key is not None:
+            scores = scores.masked_fill(cand_key[None, :] == pos_key[:, None], float("-inf"))
         neg = scores
     else:
         n_pool = M - (pos_index is not None)
@@ -680,7 +704,9 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
         if pos_index is not None:
             idx = idx + (idx >= pos_index[:, None]).long()  # skip over the positive
         neg = scores.gather(1, idx)                                                     # (N, num_negatives)
-    logits = torch.cat([pos, neg], dim=1)                                               # positive in column 0
+        if pos_key is not None:
+            neg = neg.masked_fill(cand_key[idx] == pos_key[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)      # positive in column 0; finite, so -inf columns give no NaN
     loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
     return loss, logits.argmax(1) == 0
 
@@ -765,13 +791,15 @@ class CPC(nn.Module):
         B, D, G, _ = z.shape
         candidates = z.permute(0, 2, 3, 1).reshape(B * G * G, D)  # (B*G*G, D), index b*G*G + i*G + j
         ids = torch.arange(B * G * G, device=z.device).view(B, G, G)
+        keys = patch_positions(len(x), self.grid, z.device)      # (B*G*G,): copies of a patch share a key
         losses, accs = [], []
         for k, W_k in enumerate(self.W, start=1):
             rows = G - self.offset - k
             pred = W_k(c[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, c.shape[1]))   # (B*rows*G, D)
             pos_index = ids[:, self.offset + k:].reshape(-1)
             loss, correct = info_nce(pred, candidates[pos_index], candidates, self.cfg.num_negatives,
-                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature)
+                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature,
+                                     pos_key=keys[pos_index], cand_key=keys)
             losses.append(loss.mean())
             accs.append(correct.float().mean())
         per_step = torch.stack(losses)
@@ -878,9 +906,13 @@ class CPCAD(nn.Module):
         """Per-patch InfoNCE loss, averaged over steps k and directions: (B', G, G).
 
         Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it,
-        `num_negatives` patches of the same batch (training, all normal images).
+        `num_negatives` patches of the same batch (training, all normal images), never a copy
+        of the target cut from another sub-image (same image, same position).
         """
         G, off = self.grid.grid, self.cfg.target_offset
+        if bank is None:
+            n_images = len(zs[0]) // self.grid.num_subimages ** 2
+            keys = patch_positions(n_images, self.grid, zs[0].device)          # (B*G*G,), index b*G*G + i*G + j
         total = 0.0
         count = 0.0
         for d, direction in enumerate(self.cfg.directions):
@@ -897,7 +929,8 @@ class CPCAD(nn.Module):
                 pos_index = ids[:, off + k:].reshape(-1)
                 if bank is None:
                     loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
-                                       generator, self.cfg.similarity, self.cfg.temperature)
+                                       generator, self.cfg.similarity, self.cfg.temperature,
+                                       pos_key=keys[pos_index], cand_key=keys)
                 else:
                     loss, _ = info_nce(pred, flat[pos_index], bank[d % len(zs)], None, None,
                                        None, self.cfg.similarity, self.cfg.temperature)
