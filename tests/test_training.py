@@ -146,6 +146,21 @@ def test_resume_with_another_train_config_raises(change, field, sets, tmp_path):
     assert field in str(e.value) and str(tmp_path / "last.pt") in str(e.value)
 
 
+def test_resume_from_a_checkpoint_older_than_an_option(sets, tmp_path):
+    """A last.pt written before the model config had `stem` resumes when the stem is the default."""
+    train, val = sets
+    cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    del state["config"]["model"]["stem"]
+    torch.save(state, tmp_path / "last.pt")
+    history = cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2]
+    small = cu.CPCAD(cu.CPCADConfig(width=8, pred_steps=2, num_negatives=4, similarity="cosine", temperature=0.1,
+                                    stem="small"), GRID)
+    with pytest.raises(ValueError, match="stem"):
+        cu.train_model(small, train, val, config(3), tmp_path, resume=True, progress=False)
+
+
 def test_resume_with_another_model_raises(sets, tmp_path):
     train, val = sets
     cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
