@@ -984,13 +984,10 @@ class CPCAD(nn.Module):
         size = size or self.cfg.test_negatives
         device = self.W.device
         g = torch.Generator().manual_seed(seed)
-        n_sub, G, P, st = self.grid.num_subimages ** 2, self.grid.grid, self.grid.patch_size, self.grid.stride
-        n_total = len(images) * n_sub * G * G
-        pick = torch.randperm(n_total, generator=g)[:size].sort().values
-        img, rest = pick // (n_sub * G * G), pick % (n_sub * G * G)
-        sub, i, j = rest // (G * G), (rest % (G * G)) // G, rest % G
-        S, sub_st = self.grid.num_subimages, self.grid.subimage_stride or self.grid.subimage_size or 0
-        top, left = (sub // S) * sub_st + i * st, (sub % S) * sub_st + j * st  # patch corners in the image
+        P, H = self.grid.patch_size, self.grid.image_size
+        keys = patch_positions(len(images), self.grid)           # (N * n_sub * G * G,), encode_grid's order
+        pick = torch.randperm(len(keys), generator=g)[:size].sort().values
+        img, top, left = keys[pick] // (H * H), keys[pick] % (H * H) // H, keys[pick] % H  # patch corners
         windows = images.unfold(2, P, 1).unfold(3, P, 1)         # (N, C, H-P+1, W-P+1, P, P), a view
         out = [[] for _ in self.encoders]
         for lo in range(0, len(pick), batch_size):
