@@ -407,6 +407,23 @@ def to_subimages(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     return u.permute(0, 2, 3, 1, 4, 5).reshape(B * S * S, C, s, s)
 
 
+def patch_positions(num_images: int, grid: PatchGrid, device: torch.device | str | None = None) -> torch.Tensor:
+    """Where each grid patch sits in its image, as one integer key: (num_images * n_sub * G * G,) long.
+
+    Ordered like `encode_grid`'s patches, b' * G * G + i * G + j with b' = (b, sub-image row,
+    sub-image column) row-major; key = b * H * W + top * W + left of the patch's top-left pixel.
+    Overlapping sub-images cut the same window up to four times (768 px, 256 px sub-images at
+    stride 128): equal keys mark those bit-identical copies, which must not serve as negatives.
+    """
+    S, G, H = grid.num_subimages, grid.grid, grid.image_size
+    sub_st = grid.subimage_stride or grid.subimage_size or 0
+    sub, step = torch.arange(S, device=device), torch.arange(G, device=device)
+    corner = (sub * sub_st)[:, None] + step * grid.stride                # (S, G): pixel of sub-image row, grid row
+    image = torch.arange(num_images, device=device) * H * H
+    key = image.view(-1, 1, 1, 1, 1) + corner.view(1, S, 1, G, 1) * H + corner.view(1, 1, S, 1, G)  # (B, S, S, G, G)
+    return key.reshape(-1)
+
+
 def extract_patches(x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     """(B, C, H, W) images -> (B * n_sub, G, G, C, P, P) patches (unfold, no copies in loops)."""
     x = to_subimages(x, grid)
@@ -539,29 +556,54 @@ class PreActBottleneck(nn.Module):
         return skip + self.conv3(F.relu(self.norm3(h)))
 
 
+STEMS = ("imagenet", "imagenet_norm", "small")
+
+
+def make_stem(stem: str, in_channels: int, channels: int, norm: str) -> nn.Sequential:
+    """The layers before the first stage, which set the size of the stage maps.
+
+    "imagenet" (the default, as trained so far): conv7x7/2 -> maxpool3/2, no norm or ReLU
+    between them; a 32 px patch gives 8x8 -> 4x4 -> 2x2 stage maps, where most 3x3 kernels
+    see padding. "imagenet_norm": conv7x7/2 -> norm -> ReLU -> maxpool3/2, as in the published
+    pre-activation ResNet and DenseNet-121. "small": conv3x3/1 -> norm -> ReLU -> maxpool2/2,
+    a quarter of the downsampling: 16x16 -> 8x8 -> 4x4 stage maps on 32 px patches, at about
+    4x the FLOPs of "imagenet" (the stages run on 4x the area; measured 3.7x to 3.9x for the
+    three encoders at width 64) rather than the 16x of no downsampling at all.
+    """
+    if stem == "imagenet":  # layer indices stay stem.0 / stem.1: old checkpoints load
+        return nn.Sequential(nn.Conv2d(in_channels, channels, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1))
+    if stem == "imagenet_norm":
+        return nn.Sequential(nn.Conv2d(in_channels, channels, 7, 2, 3, bias=False), norm_layer(norm, channels),
+                             nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    if stem == "small":
+        return nn.Sequential(nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False), norm_layer(norm, channels),
+                             nn.ReLU(), nn.MaxPool2d(2))
+    raise ValueError(f"unknown stem {stem!r}; choose {', '.join(STEMS)}")
+
+
 class PatchEncoder(nn.Module):
-    """Stem (conv7x7/2 + maxpool/2) -> stages -> final norm -> mean pool. `out_dim` = D.
+    """Stem (`make_stem`) -> stages -> final norm -> mean pool. `out_dim` = D.
 
     No ReLU before the pool: it would confine every z to the positive orthant, where cosine
     similarities crowd together; without it the CPC-AD loss fell about twice as fast (see the
     study in CPCADConfig).
     """
 
-    def __init__(self, stem_channels: int, stages: nn.Sequential, out_dim: int, norm: str, in_channels: int = 3):
+    def __init__(self, stem_channels: int, stages: nn.Sequential, out_dim: int, norm: str, in_channels: int = 3,
+                 stem: str = "imagenet"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 7, 2, 3, bias=False),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = make_stem(stem, in_channels, stem_channels, norm)
         self.stages = stages
         self.final_norm = norm_layer(norm, out_dim)
         self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.final_norm(self.stages(self.stem(x)))          # (N, D, P/16, P/16)
+        h = self.final_norm(self.stages(self.stem(x)))          # (N, D, P/16, P/16); P/8 with the "small" stem
         return h.mean(dim=(2, 3))                                 # (N, D)
 
 
 def resnet_v2(block: type, layers: Sequence[int], norm: str = "layer", width: int = 64,
-              in_channels: int = 3) -> PatchEncoder:
+              in_channels: int = 3, stem: str = "imagenet") -> PatchEncoder:
     """Pre-activation ResNet with three stages (widths w, 2w, 4w; strides 1, 2, 2)."""
     stages, c = [], width
     for i, n in enumerate(layers):
@@ -571,7 +613,7 @@ def resnet_v2(block: type, layers: Sequence[int], norm: str = "layer", width: in
             blocks.append(block(c, w, 2 if (i > 0 and j == 0) else 1, norm))
             c = w * block.expansion
         stages.append(nn.Sequential(*blocks))
-    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels)
+    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels, stem)
 
 
 class DenseLayer(nn.Module):
@@ -588,7 +630,7 @@ class DenseLayer(nn.Module):
 
 
 def densenet(layers: Sequence[int] = (6, 12, 24), norm: str = "layer", width: int = 64,
-             in_channels: int = 3) -> PatchEncoder:
+             in_channels: int = 3, stem: str = "imagenet") -> PatchEncoder:
     """DenseNet-121 cut after its third dense block (growth rate width/2; transitions halve
     channels and size)."""
     stages, c, growth = [], width, width // 2
@@ -601,22 +643,25 @@ def densenet(layers: Sequence[int] = (6, 12, 24), norm: str = "layer", width: in
             mods.append(DenseLayer(c, growth, norm))
             c += growth
         stages.append(nn.Sequential(*mods))
-    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels)
+    return PatchEncoder(width, nn.Sequential(*stages), c, norm, in_channels, stem)
 
 
 ENCODERS: dict[str, Callable[..., PatchEncoder]] = {
-    # name: builder(norm, width, in_channels)          D     params (width 64, LayerNorm)
+    # name: builder(norm, width, in_channels, stem)    D     params (width 64, LayerNorm, "imagenet" stem)
     "resnet18v2": lambda **kw: resnet_v2(PreActBasicBlock, (2, 2, 2), **kw),   # 256    2.78 M
     "resnet50v2": lambda **kw: resnet_v2(PreActBottleneck, (3, 4, 6), **kw),   # 1024   8.54 M
     "densenet": lambda **kw: densenet((6, 12, 24), **kw),                      # 1024   4.27 M
 }
 
 
-def build_encoder(name: str, norm: str = "layer", width: int = 64, in_channels: int = 3) -> PatchEncoder:
-    """Build a patch encoder from the `ENCODERS` registry; `width` scales every channel count."""
+def build_encoder(name: str, norm: str = "layer", width: int = 64, in_channels: int = 3,
+                  stem: str = "imagenet") -> PatchEncoder:
+    """Build a patch encoder from the `ENCODERS` registry; `width` scales every channel count,
+    `stem` is one of `STEMS` (see `make_stem`)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODERS)}")
-    return ENCODERS[name](norm=norm, width=width, in_channels=in_channels).to(memory_format=torch.channels_last)
+    enc = ENCODERS[name](norm=norm, width=width, in_channels=in_channels, stem=stem)
+    return enc.to(memory_format=torch.channels_last)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -652,7 +697,8 @@ def _randint(high: int, size: tuple[int, ...], generator: torch.Generator | None
 def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tensor,
              num_negatives: int | None = None, pos_index: torch.Tensor | None = None,
              generator: torch.Generator | None = None, similarity: str = "dot",
-             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, pos_key: torch.Tensor | None = None,
+             cand_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row InfoNCE loss: -log softmax of the positive among itself and its negatives.
 
     Args:
@@ -663,6 +709,10 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
             every candidate (deterministic: how CPC-AD scores against its bank).
         pos_index: (N,) index of each row's positive inside `candidates`, excluded from its
             negatives; None when the candidates cannot contain it (a bank of train patches).
+        pos_key: (N,) and cand_key: (M,) integer keys (`patch_positions`): a negative with its
+            row's key is a copy of the positive (overlapping sub-images) and scores -inf, so it
+            neither wins nor adds to the softmax. pos_index still keeps the positive itself out
+            of the draw, so without copies every row has num_negatives real negatives.
     Returns:
         loss (N,) and correct (N,) bool: the positive scored above every negative.
     """
@@ -673,6 +723,8 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
     if num_negatives is None:
         if pos_index is not None:
             scores = scores.scatter(1, pos_index[:, None], float("-inf"))
+        if pos_key is not None:
+            scores = scores.masked_fill(cand_key[None, :] == pos_key[:, None], float("-inf"))
         neg = scores
     else:
         n_pool = M - (pos_index is not None)
@@ -680,7 +732,9 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
         if pos_index is not None:
             idx = idx + (idx >= pos_index[:, None]).long()  # skip over the positive
         neg = scores.gather(1, idx)                                                     # (N, num_negatives)
-    logits = torch.cat([pos, neg], dim=1)                                               # positive in column 0
+        if pos_key is not None:
+            neg = neg.masked_fill(cand_key[idx] == pos_key[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)      # positive in column 0; finite, so -inf columns give no NaN
     loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
     return loss, logits.argmax(1) == 0
 
@@ -732,6 +786,7 @@ class CPCConfig:
     encoder: str = "resnet18v2"
     norm: str = "layer"
     width: int = 64
+    stem: str = "imagenet"        # see make_stem: "small" keeps larger stage maps on small patches
     pred_steps: int = 3
     num_negatives: int = 16
     context_dim: int = 256
@@ -750,7 +805,7 @@ class CPC(nn.Module):
         if grid.grid - self.offset - cfg.pred_steps < 1:
             raise ValueError(f"a {grid.grid}x{grid.grid} grid with {self.offset} overlapping rows "
                              f"leaves no context for pred_steps={cfg.pred_steps}")
-        self.encoder = build_encoder(cfg.encoder, cfg.norm, cfg.width)
+        self.encoder = build_encoder(cfg.encoder, cfg.norm, cfg.width, stem=cfg.stem)
         D = self.encoder.out_dim
         self.context = PixelCNNContext(D, cfg.context_dim, cfg.context_layers)
         self.W = nn.ModuleList(nn.Linear(cfg.context_dim, D, bias=False) for _ in range(cfg.pred_steps))
@@ -765,13 +820,15 @@ class CPC(nn.Module):
         B, D, G, _ = z.shape
         candidates = z.permute(0, 2, 3, 1).reshape(B * G * G, D)  # (B*G*G, D), index b*G*G + i*G + j
         ids = torch.arange(B * G * G, device=z.device).view(B, G, G)
+        keys = patch_positions(len(x), self.grid, z.device)      # (B*G*G,): copies of a patch share a key
         losses, accs = [], []
         for k, W_k in enumerate(self.W, start=1):
             rows = G - self.offset - k
             pred = W_k(c[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, c.shape[1]))   # (B*rows*G, D)
             pos_index = ids[:, self.offset + k:].reshape(-1)
             loss, correct = info_nce(pred, candidates[pos_index], candidates, self.cfg.num_negatives,
-                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature)
+                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature,
+                                     pos_key=keys[pos_index], cand_key=keys)
             losses.append(loss.mean())
             accs.append(correct.float().mean())
         per_step = torch.stack(losses)
@@ -826,6 +883,7 @@ class CPCADConfig:
     encoder: str = "resnet18v2"
     norm: str = "layer"
     width: int = 64
+    stem: str = "imagenet"        # see make_stem: "small" keeps larger stage maps on small patches
     pred_steps: int = 1
     target_offset: int = 0
     num_negatives: int | None = 63
@@ -880,7 +938,8 @@ class CPCAD(nn.Module):
             raise ValueError(f"detector {cfg.detector!r} / reduce {cfg.reduce!r}: choose a detector from "
                              f"{', '.join(DETECTORS)} and a reduce from {', '.join(REDUCES)}")
         n_enc = 1 if cfg.shared_encoder else len(cfg.directions)
-        self.encoders = nn.ModuleList(build_encoder(cfg.encoder, cfg.norm, cfg.width) for _ in range(n_enc))
+        self.encoders = nn.ModuleList(build_encoder(cfg.encoder, cfg.norm, cfg.width, stem=cfg.stem)
+                                      for _ in range(n_enc))
         D = self.encoders[0].out_dim
         W = torch.empty(len(cfg.directions), K, D, D)
         for w in W.view(-1, D, D):
@@ -903,9 +962,13 @@ class CPCAD(nn.Module):
         """Per-patch InfoNCE loss, averaged over steps k and directions: (B', G, G).
 
         Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it,
-        `num_negatives` patches of the same batch (training, all normal images).
+        `num_negatives` patches of the same batch (training, all normal images), never a copy
+        of the target cut from another sub-image (same image, same position).
         """
         G, off = self.grid.grid, self.cfg.target_offset
+        if bank is None:
+            n_images = len(zs[0]) // self.grid.num_subimages ** 2
+            keys = patch_positions(n_images, self.grid, zs[0].device)          # (B*G*G,), index b*G*G + i*G + j
         total = 0.0
         count = 0.0
         for d, direction in enumerate(self.cfg.directions):
@@ -922,7 +985,8 @@ class CPCAD(nn.Module):
                 pos_index = ids[:, off + k:].reshape(-1)
                 if bank is None:
                     loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
-                                       generator, self.cfg.similarity, self.cfg.temperature)
+                                       generator, self.cfg.similarity, self.cfg.temperature,
+                                       pos_key=keys[pos_index], cand_key=keys)
                 else:
                     loss, _ = info_nce(pred, flat[pos_index], bank[d % len(zs)], None, None,
                                        None, self.cfg.similarity, self.cfg.temperature)
@@ -945,13 +1009,10 @@ class CPCAD(nn.Module):
         size = size or self.cfg.test_negatives
         device = self.W.device
         g = torch.Generator().manual_seed(seed)
-        n_sub, G, P, st = self.grid.num_subimages ** 2, self.grid.grid, self.grid.patch_size, self.grid.stride
-        n_total = len(images) * n_sub * G * G
-        pick = torch.randperm(n_total, generator=g)[:size].sort().values
-        img, rest = pick // (n_sub * G * G), pick % (n_sub * G * G)
-        sub, i, j = rest // (G * G), (rest % (G * G)) // G, rest % G
-        S, sub_st = self.grid.num_subimages, self.grid.subimage_stride or self.grid.subimage_size or 0
-        top, left = (sub // S) * sub_st + i * st, (sub % S) * sub_st + j * st  # patch corners in the image
+        P, H = self.grid.patch_size, self.grid.image_size
+        keys = patch_positions(len(images), self.grid)           # (N * n_sub * G * G,), encode_grid's order
+        pick = torch.randperm(len(keys), generator=g)[:size].sort().values
+        img, top, left = keys[pick] // (H * H), keys[pick] % (H * H) // H, keys[pick] % H  # patch corners
         windows = images.unfold(2, P, 1).unfold(3, P, 1)         # (N, C, H-P+1, W-P+1, P, P), a view
         out = [[] for _ in self.encoders]
         for lo in range(0, len(pick), batch_size):
@@ -1061,7 +1122,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
 
     Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
-    at the end the best weights are loaded. `resume=True` continues from `last.pt`
+    at the end the best weights are loaded (without `checkpoint_dir`, from a CPU copy kept
+    in memory). `resume=True` continues from `last.pt`
     (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
     last good checkpoint in place. `on_epoch(model, epoch)`, if given, runs after each epoch's
     validation and its dict is added to that epoch's record (e.g. detection on the synthetic
@@ -1074,6 +1136,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
     history, best, bad_epochs, start = [], float("inf"), 0, 0
+    best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt and not (resume and (ckpt / "last.pt").exists()):
         for stale in ("last.pt", "best.pt"):  # a fresh run must not end on an older run's weights
@@ -1119,6 +1182,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 best, bad_epochs = record["val_loss"], 0
                 if ckpt:
                     save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, ckpt / "best.pt")
+                else:
+                    best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
         record["seconds"] = time.perf_counter() - t0
@@ -1135,6 +1200,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                         ckpt / "last.pt")
     if ckpt and (ckpt / "best.pt").exists():
         model.load_state_dict(torch.load(ckpt / "best.pt", map_location=device, weights_only=False)["model"])
+    elif best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return history
 
@@ -1147,7 +1214,11 @@ def _model_config(model: nn.Module) -> dict:
 def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path) -> None:
     saved = state.get("config", {})
     now = {"train": dataclasses.asdict(cfg), "model": _model_config(model)}
-    saved_model = json.loads(json.dumps(saved.get("model"), default=list))
+    # a model option missing from the saved config is newer than the checkpoint, which was
+    # trained with that option's default (e.g. `stem`)
+    fields = dataclasses.fields(model.cfg) if hasattr(model, "cfg") else ()
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    saved_model = json.loads(json.dumps({**defaults, **(saved.get("model") or {})}, default=list))
     now_model = json.loads(json.dumps(now["model"], default=list))
     diff = [k for k in now_model if saved_model.get(k) != now_model[k]]
     diff += [f"train.{k}" for k in now["train"] if k != "epochs" and saved.get("train", {}).get(k) != now["train"][k]]
@@ -1321,6 +1392,12 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
 
 
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    """Trapezoidal integral: np.trapezoid from NumPy 2, np.trapz before it (numpy>=1.24 is allowed)."""
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(y, x))
+
+
 def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresholds: int = 1000) -> float:
     """Area under the per-region-overlap curve up to `max_fpr`, divided by `max_fpr` (MVTec AD).
 
@@ -1352,7 +1429,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresho
         nxt = np.argmax(fpr > max_fpr)
         f = np.append(f, max_fpr)
         p = np.append(p, np.interp(max_fpr, [fpr[nxt - 1], fpr[nxt]], [pro[nxt - 1], pro[nxt]]))
-    return float(np.trapezoid(p, f) / max_fpr)
+    return _trapezoid(p, f) / max_fpr
 
 
 def compute_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,

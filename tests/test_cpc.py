@@ -121,6 +121,39 @@ def test_info_nce_positive_in_column_zero_gives_cross_entropy():
     assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long), reduction="none"))
 
 
+@pytest.mark.parametrize("num_negatives", [None, 6])
+def test_info_nce_keys_exclude_copies_of_the_positive(num_negatives):
+    """A negative with the row's key scores -inf: the loss is the loop's over the other negatives."""
+    N, M = 8, 10
+    pred, candidates = torch.randn(N, 3), torch.randn(M, 3)
+    cand_key = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0, 5])      # copies: 0 x3, 1 x2, 2 x2
+    pos_index = torch.randint(0, M, (N,))
+    loss, correct = cu.info_nce(pred, candidates[pos_index], candidates, num_negatives, pos_index,
+                                torch.Generator().manual_seed(42), pos_key=cand_key[pos_index], cand_key=cand_key)
+    if num_negatives is None:
+        draws = [range(M)] * N
+    else:
+        r = torch.randint(0, M - 1, (N, num_negatives), generator=torch.Generator().manual_seed(42))
+        draws = (r + (r >= pos_index[:, None]).long()).tolist()
+    negatives = [[j for j in row if cand_key[j] != cand_key[p]] for row, p in zip(draws, pos_index.tolist())]
+    assert any(len(n) < len(d) - (num_negatives is None) for n, d in zip(negatives, draws))  # copies were drawn
+    ref, ref_correct = loop_info_nce(pred, candidates[pos_index], candidates, negatives)
+    assert torch.isfinite(loss).all() and torch.allclose(loss.double(), ref, atol=1e-5)
+    assert torch.equal(correct, ref_correct)
+
+
+def test_info_nce_row_with_only_copies_as_negatives():
+    """Every negative a copy: loss 0 and correct, no NaN in the loss or its gradient."""
+    pred = torch.randn(2, 4, requires_grad=True)
+    candidates = torch.randn(3, 4)
+    key = torch.zeros(3, dtype=torch.long)
+    loss, correct = cu.info_nce(pred, candidates[:2], candidates, 5, torch.arange(2), torch.Generator().manual_seed(0),
+                                pos_key=key[:2], cand_key=key)
+    assert torch.equal(loss, torch.zeros(2)) and correct.all()
+    loss.sum().backward()
+    assert torch.isfinite(pred.grad).all()
+
+
 def test_unknown_similarity_raises():
     with pytest.raises(ValueError, match="cosine"):
         cu.info_nce(torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 3), None, similarity="l2")
@@ -328,6 +361,116 @@ def test_cpcad_loss_trains_every_part():
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert model.W.grad.abs().sum() > 0 and model.encoders[0].stem[0].weight.grad.abs().sum() > 0
+
+
+# ---- CPC-AD: copies of a patch in overlapping sub-images ------------------------------
+
+SUBIMAGES_768 = cu.PatchGrid(768, 64, 32, subimage_size=256, subimage_stride=128)  # 5x5 sub-images x 7x7
+
+
+def without_keys(monkeypatch):
+    """The loss as it was before the keys: info_nce ignoring pos_key and cand_key."""
+    info_nce = cu.info_nce
+    monkeypatch.setattr(cu, "info_nce", lambda *a, pos_key=None, cand_key=None, **kw: info_nce(*a, **kw))
+
+
+@pytest.mark.parametrize("grid", [SUBIMAGES_768, cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32),
+                                  cu.PatchGrid(64, 16, 8)], ids=["768", "96", "no-subimages"])
+def test_patch_positions_are_the_patch_corners(grid):
+    """Keys against the top-left pixel that extract_patches cuts from an image of coordinates."""
+    B, H = 2, grid.image_size
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(H), indexing="ij")
+    coords = torch.stack([torch.full((B, H, H), 0) + torch.arange(B)[:, None, None],
+                          rows.expand(B, H, H), cols.expand(B, H, H)], 1)          # (B, 3, H, H): b, row, col
+    corner = cu.extract_patches(coords, grid)[..., 0, 0].reshape(-1, 3)           # (B'*G*G, 3)
+    keys = cu.patch_positions(B, grid)
+    assert keys.dtype == torch.long
+    assert torch.equal(keys, corner[:, 0] * H * H + corner[:, 1] * H + corner[:, 2])
+
+
+@pytest.mark.parametrize("num_negatives", [None, 63])
+def test_no_identical_windows_among_negatives_on_768_px(num_negatives):
+    """Random 768 px images cut into 5x5 overlapping sub-images: pixel vectors as embeddings and
+    perfect predictions at temperature 0.01, so each bit-identical window drawn as a negative
+    adds 1 to exp(loss) and everything else adds < e^-40. Before the keys: 1.84 copies per
+    positive among all candidates; with them: none."""
+    grid, B = SUBIMAGES_768, 2
+    x = cu.extract_patches(cu.to_float(random_images(B, 768)), grid)[..., ::8, ::8].flatten(3)  # (B', G, G, 192)
+    x = x.reshape(-1, x.shape[-1])
+    keys = cu.patch_positions(B, grid)
+    pos_index = torch.arange(len(x)).view(-1, 7, 7)[:, 1:].reshape(-1)              # top_down, k = 1
+    copies = {}
+    for keyed in (False, True):
+        kw = {"pos_key": keys[pos_index], "cand_key": keys} if keyed else {}
+        loss, correct = cu.info_nce(x[pos_index], x[pos_index], x, num_negatives, pos_index,
+                                    torch.Generator().manual_seed(0), "cosine", 0.01, **kw)
+        copies[keyed] = (loss.double().exp() - 1).mean().item()
+    if num_negatives is None:
+        assert copies[False] == pytest.approx(1.81, abs=0.01)
+    else:
+        assert copies[False] > 0.02                        # 63 draws of 2449 x ~1.8 copies: ~0.05
+    assert copies[True] < 1e-12
+
+
+def one_hot_positions(grid: cu.PatchGrid, num_images: int) -> tuple[torch.Tensor, int]:
+    """z = one-hot of the patch's absolute position: (B', D, G, G), D = num_images * n * n."""
+    n, G = (grid.image_size - grid.patch_size) // grid.stride + 1, grid.grid
+    keys = cu.patch_positions(num_images, grid)
+    H = grid.image_size
+    slot = keys // (H * H) * n * n + keys % (H * H) // H // grid.stride * n + keys % H // grid.stride
+    z = F.one_hot(slot, num_images * n * n).float()                                # (B'*G*G, D)
+    return z.view(-1, G, G, z.shape[1]).permute(0, 3, 1, 2), n
+
+
+@pytest.mark.parametrize("num_negatives", [None, 63])
+def test_cpcad_perfect_predictions_give_zero_loss_with_subimages(num_negatives, monkeypatch):
+    """Each W_k maps the one-hot of a position to the one-hot of its target, so every prediction
+    is exact: the training loss is ~0, and only the copies of the target cut from other
+    sub-images could raise it (as they did before the keys)."""
+    grid = SUBIMAGES_768
+    model = tiny_cpcad(grid, pred_steps=1, num_negatives=num_negatives, temperature=0.01)
+    z, n = one_hot_positions(grid, 1)
+    W = torch.zeros(4, 1, n * n, n * n)
+    for d, (dy, dx) in enumerate(STEP[direction] for direction in model.cfg.directions):
+        for r in range(n):
+            for c in range(n):
+                if 0 <= r + dy < n and 0 <= c + dx < n:
+                    W[d, 0, r * n + c, (r + dy) * n + c + dx] = 1.0
+    model.W = torch.nn.Parameter(W)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        assert model.patch_losses([z], generator=g).max() < 1e-6
+        without_keys(monkeypatch)
+        assert model.patch_losses([z], generator=torch.Generator().manual_seed(0)).mean() > 0.02
+
+
+@pytest.mark.parametrize("name", ["cpc", "cpcad"])
+def test_losses_without_subimages_are_unchanged(name, monkeypatch):
+    """Without sub-images every key is unique: the loss is bitwise the one before the keys."""
+    grid = cu.PatchGrid(64, 16, 8)
+    model = tiny_cpc(grid) if name == "cpc" else tiny_cpcad(grid)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        now = model.loss(x, torch.Generator().manual_seed(0))["loss"]
+        without_keys(monkeypatch)
+        before = model.loss(x, torch.Generator().manual_seed(0))["loss"]
+    assert torch.equal(now, before)
+
+
+def test_cpc_loss_passes_the_position_keys(monkeypatch):
+    grid = cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)
+    calls, info_nce = [], cu.info_nce
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(info_nce).bind(*args, **kwargs).arguments)
+        return info_nce(*args, **kwargs)
+
+    monkeypatch.setattr(cu, "info_nce", spy)
+    tiny_cpc(grid).loss(torch.randn(2, 3, 96, 96), torch.Generator().manual_seed(0))
+    keys = cu.patch_positions(2, grid)
+    assert len(calls) == 2
+    for call in calls:
+        assert torch.equal(call["cand_key"], keys) and torch.equal(call["pos_key"], keys[call["pos_index"]])
 
 
 # ---- CPC-AD: bank and scoring --------------------------------------------------------

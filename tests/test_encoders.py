@@ -102,3 +102,66 @@ def test_batch_norm_embedding_depends_on_the_batch():
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
         assert not torch.allclose(enc(x)[2:4], enc(x[2:4]), atol=1e-3)
+
+
+# ---- stems ---------------------------------------------------------------------------
+
+# stem: (stem output side, last stage map side) for a 32 px patch
+STEM_MAPS = {"imagenet": (8, 2), "imagenet_norm": (8, 2), "small": (16, 4)}
+
+
+def test_stem_choices():
+    assert set(cu.STEMS) == set(STEM_MAPS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("stem", list(STEM_MAPS))
+def test_stem_map_sizes_dim_and_gradient(name, stem):
+    enc = cu.build_encoder(name, width=8, stem=stem)
+    x = torch.randn(3, 3, 32, 32)
+    h = enc.stem(x)
+    assert h.shape == (3, 8, *(2 * [STEM_MAPS[stem][0]]))
+    assert enc.stages(h).shape == (3, enc.out_dim, *(2 * [STEM_MAPS[stem][1]]))
+    assert enc.out_dim == 8 * EXPECTED[name][2]
+    z = enc(x)
+    assert z.shape == (3, enc.out_dim) and torch.isfinite(z).all()
+    (z * torch.randn_like(z)).sum().backward()
+    assert isinstance(enc.stem[0], nn.Conv2d) and enc.stem[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in enc.parameters())
+
+
+@pytest.mark.parametrize("stem, layers", [
+    ("imagenet", [nn.Conv2d, nn.MaxPool2d]),
+    ("imagenet_norm", [nn.Conv2d, cu.LayerNorm2d, nn.ReLU, nn.MaxPool2d]),
+    ("small", [nn.Conv2d, cu.LayerNorm2d, nn.ReLU, nn.MaxPool2d])])
+def test_stem_layers(stem, layers):
+    s = cu.build_encoder("resnet18v2", width=8, stem=stem).stem
+    assert [type(m) for m in s] == layers
+    assert s[0].kernel_size == ((3, 3) if stem == "small" else (7, 7))
+    assert s[0].stride == ((1, 1) if stem == "small" else (2, 2))
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_imagenet_stem_keeps_the_state_dict_keys(name):
+    """The default stem is the old one, layer for layer: checkpoints trained before `stem` load."""
+    default, imagenet = cu.build_encoder(name, width=8), cu.build_encoder(name, width=8, stem="imagenet")
+    assert list(default.state_dict()) == list(imagenet.state_dict())
+    assert [k for k in default.state_dict() if k.startswith("stem.")] == ["stem.0.weight"]
+    imagenet.load_state_dict(default.state_dict())
+    with_norm = cu.build_encoder(name, width=8, stem="imagenet_norm").state_dict()
+    assert [k for k in with_norm if k.startswith("stem.")] == ["stem.0.weight", "stem.1.weight", "stem.1.bias"]
+
+
+def test_unknown_stem_names_the_options():
+    with pytest.raises(ValueError) as e:
+        cu.build_encoder("resnet18v2", width=8, stem="cifar")
+    assert "cifar" in str(e.value) and all(s in str(e.value) for s in cu.STEMS)
+
+
+def test_configs_pass_the_stem_to_the_encoders():
+    assert cu.CPCConfig().stem == cu.CPCADConfig().stem == "imagenet"
+    grid = cu.PatchGrid(64, 16, 8)
+    cpc = cu.CPC(cu.CPCConfig(width=8, stem="small", context_dim=16, context_layers=1, pred_steps=1), grid)
+    cpcad = cu.CPCAD(cu.CPCADConfig(width=8, stem="small", shared_encoder=False), grid)
+    for enc in [cpc.encoder, *cpcad.encoders]:
+        assert enc.stem[0].kernel_size == (3, 3)

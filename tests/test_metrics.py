@@ -224,6 +224,25 @@ def test_aupro_perfect_and_inverted_maps(binary):
     assert cu.aupro(mask, inverted) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_aupro_without_np_trapezoid(monkeypatch):
+    """NumPy < 2 has np.trapz and no np.trapezoid (requirements allow numpy>=1.24). Where this
+    NumPy has no np.trapz either (removed in 2.4), a stand-in for it checks the fallback is taken."""
+    mask, maps, normal = two_region_image()
+    maps[0, 50:70, 50:70] = np.quantile(normal, (np.arange(400) + 0.5) / 400).reshape(20, 20)  # PRO(f) = f / 2
+    expected = cu.aupro(mask, maps)
+    integrate = getattr(np, "trapezoid", None) or np.trapz
+    calls = []
+
+    def trapz(y, x):
+        calls.append(len(y))
+        return integrate(y, x)
+
+    monkeypatch.delattr(np, "trapezoid", raising=False)
+    monkeypatch.setattr(np, "trapz", trapz, raising=False)
+    assert cu.aupro(mask, maps) == expected
+    assert calls and 0 < expected < 1
+
+
 def test_aupro_needs_regions():
     with pytest.raises(ValueError, match="defect region"):
         cu.aupro(np.zeros((1, 8, 8), bool), np.random.rand(1, 8, 8))

@@ -146,6 +146,21 @@ def test_resume_with_another_train_config_raises(change, field, sets, tmp_path):
     assert field in str(e.value) and str(tmp_path / "last.pt") in str(e.value)
 
 
+def test_resume_from_a_checkpoint_older_than_an_option(sets, tmp_path):
+    """A last.pt written before the model config had `stem` resumes when the stem is the default."""
+    train, val = sets
+    cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    del state["config"]["model"]["stem"]
+    torch.save(state, tmp_path / "last.pt")
+    history = cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2]
+    small = cu.CPCAD(cu.CPCADConfig(width=8, pred_steps=2, num_negatives=4, similarity="cosine", temperature=0.1,
+                                    stem="small"), GRID)
+    with pytest.raises(ValueError, match="stem"):
+        cu.train_model(small, train, val, config(3), tmp_path, resume=True, progress=False)
+
+
 def test_resume_with_another_model_raises(sets, tmp_path):
     train, val = sets
     cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
@@ -207,6 +222,24 @@ def test_early_stopping(patience, sets, tmp_path):
     assert len(history) == patience + 1 < 10
     assert len({h["val_loss"] for h in history}) == 1
     assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_best_weights_without_checkpoint_dir(name, sets, monkeypatch):
+    """Without checkpoint_dir the run still ends on the best validation epoch's weights (kept in
+    memory): validation losses scripted to be best at epoch 2 of 4, compared with a 2-epoch run."""
+    train, val = sets
+    scripted = iter([3.0, 1.0, 2.0, 2.5])
+    monkeypatch.setattr(cu, "validation_loss", lambda *args, **kwargs: next(scripted))
+    model = build(name, 0)
+    history = cu.train_model(model, train, val, config(4), progress=False)
+    assert [h["val_loss"] for h in history] == [3.0, 1.0, 2.0, 2.5]
+    at_best, at_last = build(name, 0), build(name, 0)  # validation draws nothing from the run's generator
+    cu.train_model(at_best, train, None, config(2), progress=False)
+    cu.train_model(at_last, train, None, config(4), progress=False)
+    assert_same_weights(model.state_dict(), at_best.state_dict())
+    assert any(not torch.equal(v, at_last.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not model.training
 
 
 def test_validation_loss_is_repeatable(sets):
