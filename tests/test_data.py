@@ -272,6 +272,73 @@ def test_image_set_subset(fake_widget):
     assert torch.equal(sub.masks[1], test.masks[0])
 
 
+# ---- synthetic anomalies (the validation set) -----------------------------------------
+
+def _photo_images(n: int, size: int, grey: bool) -> torch.Tensor:
+    """(n, 3, size, size) uint8 crops of a real photograph (colour, or three equal channels)."""
+    import skimage.data
+    im = skimage.data.astronaut()[::2, ::2]                       # (256, 256, 3)
+    if grey:
+        im = np.repeat(im.mean(-1, keepdims=True).astype(np.uint8), 3, axis=2)
+    crops = [im[20 * i:20 * i + size, 30 * i:30 * i + size] for i in range(n)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_synthetic_anomalies_masks_are_the_changed_pixels(grey):
+    images = _photo_images(3, 64, grey)
+    syn = cu.synthetic_anomalies(images, seed=0)
+    K = len(cu.SYNTHETIC_KINDS)
+    assert syn.images.shape == (3 * K, 3, 64, 64) and syn.images.dtype == torch.uint8
+    assert syn.masks.shape == (3 * K, 1, 64, 64) and syn.masks.dtype == torch.bool
+    assert syn.labels.tolist() == [1] * (3 * K)
+    assert syn.defect_types == [k for k in cu.SYNTHETIC_KINDS for _ in range(3)]
+    assert syn.paths[:2] == [f"{cu.SYNTHETIC_KINDS[0]}/0", f"{cu.SYNTHETIC_KINDS[0]}/1"]
+    source = images.repeat(K, 1, 1, 1)                            # the clean image of every anomaly
+    changed = (syn.images != source).any(1, keepdim=True)
+    assert torch.equal(changed, syn.masks)                        # outside unchanged, inside changed
+    assert syn.masks.flatten(1).any(1).all()
+    assert syn.masks.float().mean() < 0.15                        # a region, not the image
+    same = torch.equal(syn.images[:, 0], syn.images[:, 1]) and torch.equal(syn.images[:, 1], syn.images[:, 2])
+    assert same == grey                                           # grayscale stays grayscale
+
+
+def test_synthetic_anomalies_deterministic_and_seeded():
+    images = _photo_images(2, 48, grey=False)
+    a = cu.synthetic_anomalies(images, seed=1)
+    b = cu.synthetic_anomalies(images, seed=1)
+    c = cu.synthetic_anomalies(images, seed=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.masks, c.masks)
+    # a subset of kinds draws the same anomalies as the full set: draws depend on (seed, kind, image)
+    one = cu.synthetic_anomalies(images, seed=1, kinds=["thin_line"])
+    k = cu.SYNTHETIC_KINDS.index("thin_line")
+    assert torch.equal(one.images, a.images[2 * k:2 * k + 2])
+
+
+def test_synthetic_anomalies_rejects_bad_input():
+    images = _photo_images(1, 32, grey=False)
+    with pytest.raises(ValueError, match="unknown synthetic anomaly kinds"):
+        cu.synthetic_anomalies(images, kinds=["scratch"])
+    with pytest.raises(ValueError, match="uint8"):
+        cu.synthetic_anomalies(images.float())
+    with pytest.raises(ValueError, match="changed no pixel"):
+        cu.synthetic_anomalies(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), kinds=["shifted_block"])
+
+
+def test_make_validation_set(fake_widget):
+    _, val = cu.split_train_val(fake_widget["train"], val_fraction=0.34, seed=0)
+    vs = cu.make_validation_set(val, seed=0, kinds=("flat_fill", "foreign_patch"))
+    n = len(val)
+    assert len(vs) == 3 * n and vs.labels.tolist() == [0] * n + [1] * 2 * n
+    assert vs.defect_types == ["good"] * n + ["flat_fill"] * n + ["foreign_patch"] * n
+    assert vs.paths[:n] == val.paths and vs.paths[n] == f"{val.paths[0]}#flat_fill"
+    assert not vs.masks[:n].any() and vs.masks[n:].flatten(1).any(1).all()
+    assert torch.equal(vs.images[:n], val.images)
+    with pytest.raises(ValueError, match="normal images only"):
+        cu.make_validation_set(fake_widget["test"])
+
+
 # ---- demo data -----------------------------------------------------------------------
 
 def test_demo_data_loads(demo_root):
