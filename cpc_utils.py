@@ -362,15 +362,21 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
              tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Call `draw()` (a float image) until, as uint8, it differs from `clean` (uint8 (H, W, C));
-    return (uint8 image, mask of exactly the changed pixels (H, W) bool). A draw that changes
-    nothing (a block shifted by one period of a texture, a flat fill of a flat region) is redrawn."""
+    """Call `draw()` (a float image) until, as uint8, it visibly differs from `clean` (uint8
+    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool).
+
+    A draw that changes (almost) nothing is redrawn: a block shifted by one period of a
+    texture, a flat fill of a flat region, a patch of noisy background pasted on background.
+    "Visibly": at least (H/64)^2 pixels changed, by 3 grey levels on average.
+    """
+    min_pixels = max(1, round((clean.shape[0] / 64) ** 2))
     for _ in range(tries):
         out = _to_uint8(draw())
-        mask = (out != clean).any(-1)
-        if mask.any():
+        diff = np.abs(out.astype(np.int16) - clean).max(-1)  # (H, W)
+        mask = diff > 0
+        if mask.sum() >= min_pixels and diff[mask].mean() >= 3:
             return out, mask
-    raise ValueError(f"{what}: {tries} random draws changed no pixel (is the image uniform?)")
+    raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
 
 
 def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS,

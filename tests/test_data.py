@@ -322,7 +322,7 @@ def test_synthetic_anomalies_rejects_bad_input():
         cu.synthetic_anomalies(images, kinds=["scratch"])
     with pytest.raises(ValueError, match="uint8"):
         cu.synthetic_anomalies(images.float())
-    with pytest.raises(ValueError, match="changed no pixel"):
+    with pytest.raises(ValueError, match="changed no pixel visibly"):
         cu.synthetic_anomalies(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), kinds=["shifted_block"])
 
 
