@@ -464,9 +464,10 @@ DEMO_CATEGORIES: dict[str, DemoCategory] = {
     "gravel": DemoCategory("texture", "gravel", False),               # stochastic, like carpet
     "grass": DemoCategory("texture", "grass", False),                 # oriented strokes, like wood
     "tissue": DemoCategory("texture", "immunohistochemistry", True),  # stained tissue, like leather
-    "bottle": DemoCategory("object", "retina", True, "bottle", ((0.30, 0.42, 0.20),), 0.10),
+    # objects: (photo whose detail shades the surface, colour, shape, tint(s), background)
+    "bottle": DemoCategory("object", "retina", True, "bottle", ((0.30, 0.42, 0.20),), 0.10),       # top view
     "capsule": DemoCategory("object", "chelsea", True, "capsule", ((0.78, 0.16, 0.12), (0.92, 0.88, 0.78)), 0.22),
-    "nut": DemoCategory("object", "moon", False, "nut", ((0.62, 0.62, 0.62),), 0.12),
+    "nut": DemoCategory("object", "moon", False, "nut", ((0.62, 0.62, 0.62),), 0.12),             # like metal_nut
     "screw": DemoCategory("object", "camera", False, "screw", ((0.55, 0.55, 0.55),), 0.82),
 }
 # Demo defect -> the edit that makes it (see `_edit`); objects can also lose a piece or grow one.
