@@ -223,23 +223,283 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
                     [p for s in sets for p in s.paths])
 
 
+# Synthetic anomalies: a validation set for model selection that never looks at test/.
+# Each kind edits one random region of a normal image; its mask is exactly the changed pixels.
+
+SYNTHETIC_KINDS = ("flat_fill", "smooth_blob", "thin_line", "shifted_block", "colour_shift", "foreign_patch")
+
+
+def _region(shape: tuple[int, int], rng: np.random.Generator, radius: tuple[float, float],
+            centre: tuple[float, float] | None = None) -> np.ndarray:
+    """A random ellipse or irregular polygon (bool (H, W)); radii in px of a 256 px image."""
+    from skimage.draw import ellipse, polygon
+    H, W = shape
+    s = H / 256
+    cy, cx = centre if centre is not None else rng.uniform(0.2, 0.8, 2) * (H, W)
+    mask = np.zeros(shape, bool)
+    if rng.random() < 0.5:
+        ry, rx = np.maximum(rng.uniform(*radius, 2) * s, 1.0)
+        rr, cc = ellipse(cy, cx, ry, rx, shape=shape, rotation=rng.uniform(0, np.pi))
+    else:
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
+        radii = np.maximum(rng.uniform(*radius) * rng.uniform(0.5, 1.0, 9) * s, 1.0)
+        rr, cc = polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def _polyline(shape: tuple[int, int], rng: np.random.Generator, width: float,
+              centre: tuple[float, float] | None = None) -> np.ndarray:
+    """A thin random polyline, `width` px wide (a crack or scratch), as bool (H, W)."""
+    H, W = shape
+    s = H / 256
+    y, x = np.mgrid[:H, :W].astype(np.float32)
+    pts = [np.array(centre if centre is not None else rng.uniform(0.2, 0.8, 2) * (H, W))]
+    angle = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(rng.integers(2, 5))):
+        angle += rng.uniform(-0.7, 0.7)
+        pts.append(pts[-1] + rng.uniform(12, 30) * s * np.array([np.sin(angle), np.cos(angle)]))
+    dist = np.full(shape, np.inf, np.float32)
+    for a, b in zip(pts[:-1], pts[1:]):  # distance of every pixel to the segment a-b
+        d = b - a
+        t = np.clip(((y - a[0]) * d[0] + (x - a[1]) * d[1]) / max(d @ d, 1e-6), 0, 1)
+        dist = np.minimum(dist, np.hypot(y - a[0] - t * d[0], x - a[1] - t * d[1]))
+    return dist <= max(width, 1.0) / 2
+
+
+def _bump(shape: tuple[int, int], rng: np.random.Generator, radius: tuple[float, float],
+          centre: tuple[float, float] | None = None) -> np.ndarray:
+    """A smooth bump (1 - r^2)^2 on a random ellipse, (H, W) float32 in [0, 1], exactly 0 outside:
+    a Gaussian-like profile with compact support, so the changed pixels form one solid blob."""
+    H, W = shape
+    s = H / 256
+    cy, cx = centre if centre is not None else rng.uniform(0.2, 0.8, 2) * (H, W)
+    ry, rx = np.maximum(rng.uniform(*radius, 2) * s, 1.5)
+    t = rng.uniform(0, np.pi)
+    y, x = np.mgrid[:H, :W].astype(np.float32)
+    y, x = y - cy, x - cx
+    r2 = ((np.cos(t) * y + np.sin(t) * x) / ry) ** 2 + ((-np.sin(t) * y + np.cos(t) * x) / rx) ** 2
+    return np.clip(1 - r2, 0, 1) ** 2
+
+
+def _grey(img: np.ndarray) -> bool:
+    """True if an (H, W, C) image has one channel or equal channels (a grayscale image)."""
+    return img.shape[2] == 1 or bool((img == img[..., :1]).all())
+
+
+def _colour_delta(img: np.ndarray, rng: np.random.Generator, size: float) -> np.ndarray:
+    """A random intensity (grayscale) or colour (RGB) shift of length `size`, shape (C,)."""
+    sign = rng.choice([-1.0, 1.0])
+    if _grey(img):
+        return np.full(img.shape[2], sign * size, np.float32)
+    direction = rng.standard_normal(3)
+    return (size * direction / np.linalg.norm(direction)).astype(np.float32)
+
+
+def _source_patch(img: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The content that lands in `region` when a same-sized box from elsewhere in `img`,
+    possibly flipped, is pasted over the region's bounding box, (H, W, C)."""
+    H, W = region.shape
+    ys, xs = np.nonzero(region)
+    y0, x0, h, w = ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    sy, sx = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+    box = img[sy:sy + h, sx:sx + w]
+    if rng.random() < 0.5:
+        box = box[::-1]
+    if rng.random() < 0.5:
+        box = box[:, ::-1]
+    out = img.copy()
+    out[y0:y0 + h, x0:x0 + w] = box
+    return out
+
+
+def _edit(kind: str, img: np.ndarray, rng: np.random.Generator, subtle: bool,
+          centre: tuple[float, float] | None = None, source: np.ndarray | None = None) -> np.ndarray:
+    """One synthetic defect of `kind` on img (H, W, C) float32 in [0, 1]; returns the edited copy.
+
+    Predictable kinds (flat_fill, smooth_blob, thin_line, shifted_block) are easy for a
+    predictor to continue from the context; unpredictable ones (colour_shift, foreign_patch)
+    are not. `subtle` draws a faint or small variant; `source` is the image a foreign patch
+    comes from (default: another place in `img` itself).
+    """
+    shape, out = img.shape[:2], img.copy()
+    s = shape[0] / 256
+    u = rng.uniform
+    if kind == "flat_fill":  # the region becomes (almost) the image's mean colour
+        region = _region(shape, rng, (6, 14) if subtle else (10, 22), centre)
+        a = u(0.5, 0.75) if subtle else 1.0
+        out[region] = (1 - a) * img[region] + a * img.reshape(-1, img.shape[2]).mean(0)
+    elif kind == "smooth_blob":  # a brighter or darker smooth blob
+        bump = _bump(shape, rng, (8, 16) if subtle else (12, 26), centre)
+        amp = u(0.08, 0.15) if subtle else u(0.25, 0.45)
+        out = img + rng.choice([-1.0, 1.0]) * amp * bump[..., None]
+    elif kind == "thin_line":  # a dark or bright crack, 1-3 px wide
+        line = _polyline(shape, rng, u(1, 3) * max(s, 0.5), centre)
+        a = u(0.3, 0.5) if subtle else u(0.8, 1.0)
+        out[line] = (1 - a) * img[line] + a * (0.05 if rng.random() < 0.5 else 0.95)
+    elif kind == "shifted_block":  # the region shows the image shifted by 8-24 px
+        region = _region(shape, rng, (6, 14) if subtle else (10, 22), centre)
+        step, angle = (u(8, 14) if subtle else u(14, 24)) * max(s, 0.5), rng.uniform(0, 2 * np.pi)
+        dy, dx = int(round(step * np.sin(angle))), int(round(step * np.cos(angle)))
+        out[region] = np.roll(img, (dy, dx), axis=(0, 1))[region]
+    elif kind == "colour_shift":  # a stain: intensity or colour offset of a blotchy region
+        region = _region(shape, rng, (6, 16) if subtle else (10, 24), centre)
+        out[region] = img[region] + _colour_delta(img, rng, u(0.05, 0.1) if subtle else u(0.15, 0.3))
+    elif kind == "foreign_patch":  # texture from elsewhere (or from another photograph)
+        region = _region(shape, rng, (6, 14) if subtle else (10, 22), centre)
+        src = _source_patch(img, region, rng) if source is None else source
+        a = u(0.4, 0.6) if subtle else u(0.9, 1.0)
+        out[region] = (1 - a) * img[region] + a * src[region]
+    else:
+        raise ValueError(f"unknown synthetic anomaly kind {kind!r}; known: {SYNTHETIC_KINDS}")
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    # float32 first: an unchanged pixel that went through float64 must round the same way
+    return (np.clip(np.asarray(img, np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
+             tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Call `draw()` (a float image) until, as uint8, it visibly differs from `clean` (uint8
+    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool).
+
+    A draw that changes (almost) nothing is redrawn: a block shifted by one period of a
+    texture, a flat fill of a flat region, a patch of noisy background pasted on background.
+    "Visibly": at least (H/64)^2 pixels changed, by 3 grey levels on average.
+    """
+    min_pixels = max(1, round((clean.shape[0] / 64) ** 2))
+    for _ in range(tries):
+        out = _to_uint8(draw())
+        diff = np.abs(out.astype(np.int16) - clean).max(-1)  # (H, W)
+        mask = diff > 0
+        if mask.sum() >= min_pixels and diff[mask].mean() >= 3:
+            return out, mask
+    raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
+
+
+def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS,
+                        paths: Sequence[str] | None = None) -> ImageSet:
+    """One synthetic anomaly of every kind on every image, with exact masks.
+
+    Model selection (hyperparameters, the best epoch, image aggregation, calibration) needs
+    anomalies, and test/ must stay unseen until the end; these are made from held-out normal
+    images instead. The kinds include *predictable* defects (flat_fill, smooth_blob,
+    thin_line, shifted_block), which the context predicts well: CPC-AD's loss measures
+    unpredictability, not unusualness, and a choice made on these shows where it fails.
+    About half of the draws are subtle (faint or small), half obvious.
+
+    Args:
+        images: (N, 3, H, W) uint8, e.g. `ImageSet.images` of the validation split; grayscale
+            images (three equal channels) stay grayscale.
+        seed: the draws for image i and kind k depend only on (seed, k, i).
+        kinds: names from SYNTHETIC_KINDS.
+        paths: names of the N source images; anomaly paths become f"{path}#{kind}"
+            (default f"{kind}/{i}").
+    Returns:
+        ImageSet of N * len(kinds) anomalies, kind by kind: labels 1, defect_types the kind,
+        masks (M, 1, H, W) exactly the changed pixels (never empty).
+    """
+    unknown = [k for k in kinds if k not in SYNTHETIC_KINDS]
+    if unknown:
+        raise ValueError(f"unknown synthetic anomaly kinds {unknown}; known: {SYNTHETIC_KINDS}")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if paths is not None and len(paths) != len(images):
+        raise ValueError(f"{len(paths)} paths for {len(images)} images")
+    clean = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    out, masks, names = [], [], []
+    for kind in kinds:
+        for i, x in enumerate(clean):
+            rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i])
+            img = x.astype(np.float32) / 255
+            y, m = _changed(lambda: _edit(kind, img, rng, subtle=rng.random() < 0.5), x, f"{kind} on image {i}")
+            out.append(y)
+            masks.append(m)
+            names.append(f"{paths[i]}#{kind}" if paths is not None else f"{kind}/{i}")
+    M = len(out)
+    return ImageSet(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(),  # (M, 3, H, W)
+                    torch.from_numpy(np.stack(masks))[:, None],                      # (M, 1, H, W)
+                    torch.ones(M, dtype=torch.long), [k for k in kinds for _ in clean], names)
+
+
+def make_validation_set(val: ImageSet, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS) -> ImageSet:
+    """The validation normals (label 0) followed by their synthetic anomalies (label 1).
+
+    This is the set on which the detector's choices are made and estimated without touching
+    test/: hyperparameters, the best epoch, image aggregation and the decision threshold.
+    Every anomaly's path is its source image's path plus "#<kind>".
+    """
+    if val.labels.any():
+        raise ValueError("make_validation_set expects normal images only (train/good), "
+                         f"got {int(val.labels.sum())} anomalous")
+    return concat_sets([val, synthetic_anomalies(val.images, seed, kinds, paths=val.paths)])
+
+
 # ---- demo data -----------------------------------------------------------------------
-# A small dataset in exactly the MVTec AD layout, cut from real photographs that ship
-# inside scikit-image, with synthetic defects whose masks are exact by construction.
+# A small dataset in exactly the MVTec AD layout, cut from or shaded with real photographs
+# that ship inside scikit-image, with synthetic defects whose masks are exact by construction.
 
-DEMO_SOURCES = {  # category -> scikit-image photograph
-    "brick": "brick",                 # 512x512 grayscale, periodic (like MVTec tile/grid)
-    "gravel": "gravel",               # 512x512 grayscale, stochastic (like carpet)
-    "tissue": "immunohistochemistry", # 512x512 colour stained tissue (like leather/wood)
+@dataclass(frozen=True)
+class DemoCategory:
+    """How one demo category is made.
+
+    kind: "texture" (random crops of `photo`, like MVTec carpet/tile) or "object" (one
+    procedural `shape` centred on a plain background with a little pose jitter, like MVTec
+    bottle/screw, its surface shaded with the fine detail of `photo`).
+    colour: written as RGB; otherwise grayscale. tint: the object's base colour(s) (RGB in
+    [0, 1]; a capsule has two halves), background: its background level.
+    """
+    kind: str
+    photo: str
+    colour: bool
+    shape: str = ""
+    tint: tuple[tuple[float, float, float], ...] = ()
+    background: float = 0.0
+
+
+DEMO_CATEGORIES: dict[str, DemoCategory] = {
+    "brick": DemoCategory("texture", "brick", False),                 # periodic, like MVTec tile/grid
+    "gravel": DemoCategory("texture", "gravel", False),               # stochastic, like carpet
+    "grass": DemoCategory("texture", "grass", False),                 # oriented strokes, like wood
+    "tissue": DemoCategory("texture", "immunohistochemistry", True),  # stained tissue, like leather
+    # objects: (photo whose detail shades the surface, colour, shape, tint(s), background)
+    "bottle": DemoCategory("object", "retina", True, "bottle", ((0.30, 0.42, 0.20),), 0.10),       # top view
+    "capsule": DemoCategory("object", "chelsea", True, "capsule", ((0.78, 0.16, 0.12), (0.92, 0.88, 0.78)), 0.22),
+    "nut": DemoCategory("object", "moon", False, "nut", ((0.62, 0.62, 0.62),), 0.12),             # like metal_nut
+    "screw": DemoCategory("object", "camera", False, "screw", ((0.55, 0.55, 0.55),), 0.82),
 }
-DEMO_DEFECTS = ("scratch", "stain", "hole", "foreign")
+# Demo defect -> the edit that makes it (see `_edit`); objects can also lose a piece or grow one.
+DEMO_KIND_DEFECTS = {
+    "texture": ("blob", "crack", "flat", "foreign", "shifted", "stain"),
+    "object": ("blob", "crack", "extra", "foreign", "missing", "stain"),
+}
+_DEMO_EDITS = {"blob": "smooth_blob", "crack": "thin_line", "flat": "flat_fill", "foreign": "foreign_patch",
+               "shifted": "shifted_block", "stain": "colour_shift"}
+# Two halves for studies: decisions are made on the tuning half's validation data only; the
+# confirmation half is evaluated once per decision and never used to choose.
+DEMO_TUNING = ("brick", "gravel", "bottle", "screw")
+DEMO_CONFIRMATION = ("tissue", "grass", "capsule", "nut")
 DEMO_IMAGE_SIZE = 256
+DEMO_FOREIGN_PHOTO = "coffee"  # the source of foreign material: a photograph of no category
 
 
-def _demo_photo(name: str) -> np.ndarray:
+def demo_defects(category: str) -> tuple[str, ...]:
+    """The defect types (test/<defect> folders) of a demo category."""
+    if category not in DEMO_CATEGORIES:
+        raise ValueError(f"unknown demo category {category!r}; known: {', '.join(DEMO_CATEGORIES)}")
+    return DEMO_KIND_DEFECTS[DEMO_CATEGORIES[category].kind]
+
+
+def _demo_photo(name: str, colour: bool) -> np.ndarray:
+    """A scikit-image photograph as (H, W, C) float32 in [0, 1], C = 3 if colour else 1."""
     import skimage.data
     im = getattr(skimage.data, name)().astype(np.float32) / 255.0
-    return im[..., None] if im.ndim == 2 else im[..., :3]  # (H, W, C) in [0, 1]
+    im = im[..., None] if im.ndim == 2 else im[..., :3]
+    if colour:
+        return np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im
+    return im.mean(-1, keepdims=True)
 
 
 def _random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -253,86 +513,176 @@ def _random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     return resize(patch, (size, size, photo.shape[2]), order=1, anti_aliasing=True).astype(np.float32)
 
 
-def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    from skimage.draw import disk, ellipse, polygon
-    mask = np.zeros((size, size), bool)
-    s = size / 256  # defect sizes are given for 256 px images
-    cy, cx = rng.uniform(0.2, 0.8, 2) * size
-    if kind == "scratch":  # a thin random polyline
-        pts = [np.array([cy, cx])]
-        angle = rng.uniform(0, 2 * np.pi)
-        for _ in range(int(rng.integers(2, 5))):
-            angle += rng.uniform(-0.6, 0.6)
-            pts.append(pts[-1] + rng.uniform(20, 40) * s * np.array([np.sin(angle), np.cos(angle)]))
-        radius = rng.uniform(1.5, 2.5) * s
-        for a, b in zip(pts[:-1], pts[1:]):
-            for t in np.linspace(0, 1, 60):
-                rr, cc = disk(tuple(a + t * (b - a)), radius, shape=mask.shape)
-                mask[rr, cc] = True
-    elif kind in ("stain", "foreign"):
-        rr, cc = ellipse(cy, cx, rng.uniform(10, 22) * s, rng.uniform(10, 22) * s, shape=mask.shape,
-                         rotation=rng.uniform(0, np.pi))
-        mask[rr, cc] = True
-    elif kind == "hole":  # an irregular polygon
-        angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
-        radii = rng.uniform(7, 16, 9) * s
-        rr, cc = polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=mask.shape)
-        mask[rr, cc] = True
+def _detail(photo: np.ndarray) -> np.ndarray:
+    """The fine detail of a photograph, (H, W) float32: high-pass luminance with unit std."""
+    from scipy.ndimage import gaussian_filter
+    g = photo.mean(-1)
+    d = g - gaussian_filter(g, 6)
+    return np.clip(d / (d.std() + 1e-6), -3, 3).astype(np.float32)
+
+
+def _sdf_hexagon(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Signed distance to a regular hexagon of inradius r (flat top and bottom)."""
+    kx, ky, kz = -0.866025404, 0.5, 0.577350269
+    u, v = np.abs(u), np.abs(v)
+    dot = np.minimum(kx * u + ky * v, 0)
+    u, v = u - 2 * dot * kx, v - 2 * dot * ky
+    u = u - np.clip(u, -kz * r, kz * r)
+    return np.hypot(u, v - r) * np.sign(v - r)
+
+
+def _object_layers(spec: DemoCategory, size: int, detail: np.ndarray, rng: np.random.Generator) -> dict:
+    """Render one object with pose jitter; returns its layers, all (H, W, C) or (H, W):
+
+    "object" (the object's surface everywhere), "background", "alpha" (coverage, soft at the
+    outline), "sdf" (signed distance to the outline in px, negative inside) and "image".
+    Shapes are drawn in a 256-unit frame centred on the object, so they scale with `size`.
+    """
+    from scipy.ndimage import map_coordinates
+    k = size / 256 * rng.uniform(0.96, 1.04)                    # px per unit
+    theta = np.deg2rad(rng.uniform(-4, 4))
+    cy, cx = size / 2 + rng.uniform(-6, 6, 2) * size / 256
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / k  # (H, W) object frame
+    v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / k
+    r = np.hypot(u, v)
+    tint = np.array(spec.tint[0], np.float32)
+    base = np.broadcast_to(tint, (size, size, 3)).copy()
+    if spec.shape == "nut":      # hexagonal nut with a bored hole and bevelled edges
+        sdf = np.maximum(_sdf_hexagon(u, v, 78), 34 - r)
+        shade = 0.55 + 0.45 * np.clip(-sdf / 14, 0, 1) + 0.12 * (u - v) / 110
+        shade *= 1 - 0.15 * np.exp(-((r - 52) / 5) ** 2)       # a turned groove
+    elif spec.shape == "bottle":  # a bottle seen from above: shoulder rings round a dark mouth
+        sdf = r - 100
+        shade = 0.55 + 0.3 * np.cos(2 * np.pi * r / 24) ** 2 + 0.4 * np.exp(-((r - 88) / 5) ** 2)
+        shade = np.where(r < 36, 0.25 + 0.5 * np.exp(-((r - 31) / 3) ** 2), shade)
+    elif spec.shape == "screw":   # head, threaded shank and a tapered tip
+        half = 14 * np.clip((100 - u) / 28, 0, 1)
+        shank = np.maximum(np.abs(v) - half, np.maximum(u - 100, -62 - u))
+        sdf = np.minimum(shank, np.hypot(u + 84, v) - 30)
+        across = np.clip(1 - (v / np.maximum(half, 1)) ** 2, 0, 1)
+        thread = 0.72 + 0.28 * np.sin(2 * np.pi * (u + 0.35 * v) / 8) ** 2
+        shade = np.where(u > -58, (0.55 + 0.45 * np.sqrt(across)) * thread,
+                         0.6 + 0.4 * np.clip(-(np.hypot(u + 84, v) - 30) / 10, 0, 1))
+        shade = np.where((np.abs(v) < 4) & (np.abs(u + 84) < 22), 0.3, shade)  # the slot
+    elif spec.shape == "capsule":  # two coloured halves, shaded as a cylinder
+        sdf = np.hypot(np.maximum(np.abs(u) - 72, 0), v) - 40
+        base[u > 0] = spec.tint[1]
+        shade = 0.6 + 0.4 * np.sqrt(np.clip(1 - (v / 40) ** 2, 0, 1)) - 0.25 * np.exp(-(u / 2) ** 2)
     else:
-        raise ValueError(f"unknown demo defect {kind!r}; known: {DEMO_DEFECTS}")
-    return mask
+        raise ValueError(f"unknown demo shape {spec.shape!r}")
+    H, W = detail.shape
+    oy, ox = rng.uniform(0.3, 0.7) * H, rng.uniform(0.3, 0.7) * W  # a new piece of surface each time
+    tex = map_coordinates(detail, [np.clip(oy + v * 0.8, 0, H - 1), np.clip(ox + u * 0.8, 0, W - 1)],
+                          order=1)                                # (H, W)
+    obj = base * (shade * (1 + 0.09 * tex))[..., None]
+    bg = spec.background * (1 - 0.1 * ((x - size / 2) ** 2 + (y - size / 2) ** 2) / size ** 2)
+    bg = np.broadcast_to(bg[..., None], (size, size, 3)).astype(np.float32)
+    noise = rng.normal(0, 0.008, (size, size, 1)).astype(np.float32)  # sensor noise, on both layers
+    sdf = sdf * k
+    alpha = np.clip(0.5 - sdf, 0, 1)[..., None]
+    obj, bg = obj + noise, bg + noise
+    if not spec.colour:
+        obj, bg = obj.mean(-1, keepdims=True), bg.mean(-1, keepdims=True)
+    return {"object": obj, "background": bg, "alpha": alpha, "sdf": sdf,
+            "image": np.clip(alpha * obj + (1 - alpha) * bg, 0, 1)}
 
 
-def _apply_defect(img: np.ndarray, kind: str, mask: np.ndarray, other: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
-    out = img.copy()
-    if kind == "scratch":  # dark or bright line
-        out[mask] = 0.05 if rng.random() < 0.5 else 0.95
-    elif kind == "stain":  # a tinted, darkened blob that keeps the texture underneath
-        tint = np.array([1.0, 0.55, 0.3])[: img.shape[2]] if img.shape[2] == 3 else np.array([0.5])
-        out[mask] = np.clip(img[mask] * tint * rng.uniform(0.6, 0.8) + 0.05, 0, 1)
-    elif kind == "hole":  # near-black with sensor noise
-        out[mask] = np.clip(0.06 + 0.03 * rng.standard_normal((mask.sum(), img.shape[2])), 0, 1)
-    elif kind == "foreign":  # texture from another photograph pasted in
-        src = other.mean(-1, keepdims=True) if img.shape[2] == 1 else np.broadcast_to(other, other.shape[:2] + (3,))
-        out[mask] = src[mask]
-    return out
+def _pick(where: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A random pixel (row, col) among the True ones of `where` (H, W)."""
+    ys, xs = np.nonzero(where)
+    i = rng.integers(len(ys))
+    return float(ys[i]), float(xs[i])
+
+
+def _demo_defect(defect: str, img: np.ndarray, layers: dict | None, foreign: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """One demo defect on img (H, W, C) float32; objects (`layers` given) are hit on the object,
+    lose a piece of it ("missing") or grow material outside the outline ("extra")."""
+    subtle = rng.random() < 0.5
+    if layers is None:
+        return _edit(_DEMO_EDITS[defect], img, rng, subtle, source=foreign if defect == "foreign" else None)
+    s = img.shape[0] / 256
+    sdf = layers["sdf"]
+    if defect == "missing":   # part of the object near its outline shows the background
+        region = _region(img.shape[:2], rng, (6, 12) if subtle else (12, 24), _pick((sdf < 0) & (sdf > -10 * s), rng))
+        return np.where(region[..., None], layers["background"], img)
+    if defect == "extra":     # object material outside the outline
+        region = _region(img.shape[:2], rng, (5, 10) if subtle else (10, 20), _pick((sdf > 2 * s) & (sdf < 8 * s), rng))
+        return np.where(region[..., None], np.clip(layers["object"], 0, 1), img)
+    centre = _pick(sdf < -6 * s, rng)
+    out = _edit(_DEMO_EDITS[defect], img, rng, subtle, centre, source=foreign if defect == "foreign" else None)
+    return out if defect == "blob" else np.where(layers["alpha"] > 0.99, out, img)  # edits stay on the object
+
+
+def _demo_sources(spec: DemoCategory) -> dict[str, np.ndarray | None]:
+    """What a category's images are made from: its photograph, the photograph's detail (objects)
+    and the photograph foreign material comes from, in the category's channels."""
+    photo = _demo_photo(spec.photo, spec.colour)
+    return {"photo": photo, "detail": _detail(photo) if spec.kind == "object" else None,
+            "foreign": _demo_photo(DEMO_FOREIGN_PHOTO, spec.colour)}
+
+
+def _demo_clean(spec: DemoCategory, size: int, sources: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+    """One normal image (H, W, C) float32, and the object's layers (None for a texture)."""
+    if spec.kind == "texture":
+        return _random_crop(sources["photo"], size, rng), None
+    layers = _object_layers(spec, size, sources["detail"], rng)
+    return layers["image"], layers
+
+
+def _demo_defect_image(spec: DemoCategory, defect: str, size: int, sources: dict,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A normal image and the same image with one defect: (clean, defective) uint8 (H, W, C)
+    and the mask of exactly the changed pixels, (H, W) bool, never empty."""
+    img, layers = _demo_clean(spec, size, sources, rng)
+    clean = _to_uint8(img)
+    foreign = _random_crop(sources["foreign"], size, rng)
+    bad, mask = _changed(lambda: _demo_defect(defect, img, layers, foreign, rng), clean, f"demo defect {defect}")
+    return clean, bad, mask
+
+
+def _write_demo_category(out: Path, category: str, n_train: int, n_test_good: int, n_per_defect: int,
+                         image_size: int, seed: int) -> None:
+    from PIL import Image
+    spec = DEMO_CATEGORIES[category]
+    rng = np.random.default_rng([seed, list(DEMO_CATEGORIES).index(category)])
+    sources = _demo_sources(spec)
+
+    def save(arr: np.ndarray, path: Path) -> None:  # arr: (H, W, C) uint8 or (H, W) uint8
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr if arr.ndim == 2 or arr.shape[2] == 3 else arr[..., 0]).save(path, compress_level=1)
+
+    d = out / category
+    for split, n in (("train", n_train), ("test", n_test_good)):
+        for i in range(n):
+            save(_to_uint8(_demo_clean(spec, image_size, sources, rng)[0]), d / split / "good" / f"{i:03d}.png")
+    for defect in demo_defects(category):
+        for i in range(n_per_defect):
+            _, bad, mask = _demo_defect_image(spec, defect, image_size, sources, rng)
+            save(bad, d / "test" / defect / f"{i:03d}.png")
+            save(mask.astype(np.uint8) * 255, d / "ground_truth" / defect / f"{i:03d}_mask.png")
 
 
 def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None = None,
-                      n_train: int = 80, n_test_good: int = 10, n_per_defect: int = 6,
-                      image_size: int = DEMO_IMAGE_SIZE, seed: int = 0) -> Path:
+                      n_train: int = 80, n_test_good: int = 20, n_per_defect: int = 6,
+                      image_size: int = DEMO_IMAGE_SIZE, seed: int = 0, num_threads: int = 2) -> Path:
     """Write the embedded demo dataset in the MVTec AD layout and return its root.
 
-    Each category is one real photograph from scikit-image; train/good and test/good are
-    random crops of it, and each test/<defect> image is a crop with one synthetic defect
-    ({DEMO_DEFECTS}) whose mask is exactly the changed pixels. Deterministic for `seed`.
+    Categories (DEMO_CATEGORIES) are textures, random crops of one real photograph each, and
+    aligned objects, one procedural shape per image shaded with a photograph's detail, with a
+    few px of shift, a few degrees of rotation and a few % of scale. Each test/<defect> image
+    (demo_defects(category)) carries one synthetic defect, subtle or obvious at random, whose
+    mask is exactly the changed pixels. Deterministic for `seed`, and each category's files
+    do not depend on which other categories are written.
     """
-    from PIL import Image
     out = Path(out)
-    categories = list(categories or DEMO_SOURCES)
-    photos = {c: _demo_photo(DEMO_SOURCES[c]) for c in categories}
-    foreign = _demo_photo("coffee")  # a photograph that belongs to no category
-
-    def save(arr: np.ndarray, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
-
-    for ci, cat in enumerate(categories):
-        rng = np.random.default_rng([seed, ci])
-        photo = photos[cat]
-        for i in range(n_train):
-            save(_random_crop(photo, image_size, rng), out / cat / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
-            save(_random_crop(photo, image_size, rng), out / cat / "test" / "good" / f"{i:03d}.png")
-        for kind in DEMO_DEFECTS:
-            for i in range(n_per_defect):
-                img = _random_crop(photo, image_size, rng)
-                mask = _defect_mask(kind, image_size, rng)
-                other = _random_crop(foreign, image_size, rng)
-                save(_apply_defect(img, kind, mask, other, rng), out / cat / "test" / kind / f"{i:03d}.png")
-                save(mask[..., None].astype(np.float32), out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+    categories = list(categories or DEMO_CATEGORIES)
+    for c in categories:
+        demo_defects(c)  # an unknown category fails before anything is written
+    with ThreadPoolExecutor(num_threads) as pool:  # numpy, scipy and PNG encoding release the GIL
+        list(pool.map(lambda c: _write_demo_category(out, c, n_train, n_test_good, n_per_defect, image_size, seed),
+                      categories))
     return out
 
 
@@ -345,7 +695,7 @@ def resolve_data_root(data_root: str | os.PathLike | None, demo_dir: str | os.Pa
         return find_mvtec_root(None)
     except FileNotFoundError:
         demo_dir = Path(demo_dir)
-        if not all(_is_category_dir(demo_dir / c) for c in DEMO_SOURCES):
+        if not all(_is_category_dir(demo_dir / c) for c in DEMO_CATEGORIES):
             make_demo_dataset(demo_dir)
         return demo_dir
 
@@ -1669,7 +2019,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo = sub.add_parser("demo-data", help="write the embedded demo dataset in the MVTec AD layout")
     demo.add_argument("out", help="output folder, e.g. data/demo")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--categories", nargs="*", default=None, choices=list(DEMO_SOURCES))
+    demo.add_argument("--categories", nargs="*", default=None, choices=list(DEMO_CATEGORIES))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     root = make_demo_dataset(args.out, args.categories, seed=args.seed)

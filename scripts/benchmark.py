@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny settings (width 8, 16 px patches, 1 step)")
     p.add_argument("--data-root", default="data/demo")
-    p.add_argument("--category", default="brick", choices=list(cu.DEMO_SOURCES))
+    p.add_argument("--category", default="brick", choices=list(cu.DEMO_CATEGORIES))
     p.add_argument("--out-dir", default="results/bench")
     p.add_argument("--sections", nargs="*", default=list(BenchConfig.sections),
                    choices=list(BenchConfig.sections))

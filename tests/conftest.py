@@ -93,7 +93,7 @@ def fresh_mvtec(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """A small demo dataset (3 categories x (4 train, 2 good + 4 defect test images))."""
+    """A small demo dataset: every demo category x (4 train, 2 good + 1 image per defect type)."""
     return cu.make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=4, n_test_good=2, n_per_defect=1)
 
 

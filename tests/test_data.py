@@ -272,31 +272,147 @@ def test_image_set_subset(fake_widget):
     assert torch.equal(sub.masks[1], test.masks[0])
 
 
+# ---- synthetic anomalies (the validation set) -----------------------------------------
+
+def _photo_images(n: int, size: int, grey: bool) -> torch.Tensor:
+    """(n, 3, size, size) uint8 crops of a real photograph (colour, or three equal channels)."""
+    import skimage.data
+    im = skimage.data.astronaut()[::2, ::2]                       # (256, 256, 3)
+    if grey:
+        im = np.repeat(im.mean(-1, keepdims=True).astype(np.uint8), 3, axis=2)
+    crops = [im[20 * i:20 * i + size, 30 * i:30 * i + size] for i in range(n)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_synthetic_anomalies_masks_are_the_changed_pixels(grey):
+    images = _photo_images(3, 64, grey)
+    syn = cu.synthetic_anomalies(images, seed=0)
+    K = len(cu.SYNTHETIC_KINDS)
+    assert syn.images.shape == (3 * K, 3, 64, 64) and syn.images.dtype == torch.uint8
+    assert syn.masks.shape == (3 * K, 1, 64, 64) and syn.masks.dtype == torch.bool
+    assert syn.labels.tolist() == [1] * (3 * K)
+    assert syn.defect_types == [k for k in cu.SYNTHETIC_KINDS for _ in range(3)]
+    assert syn.paths[:2] == [f"{cu.SYNTHETIC_KINDS[0]}/0", f"{cu.SYNTHETIC_KINDS[0]}/1"]
+    source = images.repeat(K, 1, 1, 1)                            # the clean image of every anomaly
+    changed = (syn.images != source).any(1, keepdim=True)
+    assert torch.equal(changed, syn.masks)                        # outside unchanged, inside changed
+    assert syn.masks.flatten(1).any(1).all()
+    assert syn.masks.float().mean() < 0.15                        # a region, not the image
+    same = torch.equal(syn.images[:, 0], syn.images[:, 1]) and torch.equal(syn.images[:, 1], syn.images[:, 2])
+    assert same == grey                                           # grayscale stays grayscale
+
+
+def test_synthetic_anomalies_deterministic_and_seeded():
+    images = _photo_images(2, 48, grey=False)
+    a = cu.synthetic_anomalies(images, seed=1)
+    b = cu.synthetic_anomalies(images, seed=1)
+    c = cu.synthetic_anomalies(images, seed=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.masks, c.masks)
+    # a subset of kinds draws the same anomalies as the full set: draws depend on (seed, kind, image)
+    one = cu.synthetic_anomalies(images, seed=1, kinds=["thin_line"])
+    k = cu.SYNTHETIC_KINDS.index("thin_line")
+    assert torch.equal(one.images, a.images[2 * k:2 * k + 2])
+
+
+def test_synthetic_anomalies_rejects_bad_input():
+    images = _photo_images(1, 32, grey=False)
+    with pytest.raises(ValueError, match="unknown synthetic anomaly kinds"):
+        cu.synthetic_anomalies(images, kinds=["scratch"])
+    with pytest.raises(ValueError, match="uint8"):
+        cu.synthetic_anomalies(images.float())
+    with pytest.raises(ValueError, match="changed no pixel visibly"):
+        cu.synthetic_anomalies(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), kinds=["shifted_block"])
+
+
+def test_make_validation_set(fake_widget):
+    _, val = cu.split_train_val(fake_widget["train"], val_fraction=0.34, seed=0)
+    vs = cu.make_validation_set(val, seed=0, kinds=("flat_fill", "foreign_patch"))
+    n = len(val)
+    assert len(vs) == 3 * n and vs.labels.tolist() == [0] * n + [1] * 2 * n
+    assert vs.defect_types == ["good"] * n + ["flat_fill"] * n + ["foreign_patch"] * n
+    assert vs.paths[:n] == val.paths and vs.paths[n] == f"{val.paths[0]}#flat_fill"
+    assert not vs.masks[:n].any() and vs.masks[n:].flatten(1).any(1).all()
+    assert torch.equal(vs.images[:n], val.images)
+    with pytest.raises(ValueError, match="normal images only"):
+        cu.make_validation_set(fake_widget["test"])
+
+
 # ---- demo data -----------------------------------------------------------------------
 
+def test_demo_registry():
+    kinds = {c: spec.kind for c, spec in cu.DEMO_CATEGORIES.items()}
+    assert {"brick", "gravel", "tissue"} <= set(kinds)
+    assert sum(k == "texture" for k in kinds.values()) >= 4 and sum(k == "object" for k in kinds.values()) >= 4
+    tune, conf = set(cu.DEMO_TUNING), set(cu.DEMO_CONFIRMATION)
+    assert not tune & conf and tune | conf == set(kinds) and len(tune) == len(conf)
+    assert {"brick", "gravel"} <= tune and "tissue" in conf
+    for half in (tune, conf):
+        assert sum(kinds[c] == "texture" for c in half) >= 2 and sum(kinds[c] == "object" for c in half) >= 2
+    for c in kinds:
+        defects = cu.demo_defects(c)
+        assert len(defects) >= 4 and len(set(defects)) == len(defects)
+        assert {"foreign", "stain"} <= set(defects)                      # unpredictable
+        assert {"blob", "crack"} <= set(defects)                         # predictable
+        if kinds[c] == "object":
+            assert {"missing", "extra"} <= set(defects)
+    with pytest.raises(ValueError, match="unknown demo category"):
+        cu.demo_defects("bottle_cap")
+
+
 def test_demo_data_loads(demo_root):
-    assert cu.list_categories(demo_root) == sorted(cu.DEMO_SOURCES)
-    for cat in cu.DEMO_SOURCES:
+    assert cu.list_categories(demo_root) == sorted(cu.DEMO_CATEGORIES)
+    for cat, spec in cu.DEMO_CATEGORIES.items():
+        defects = cu.demo_defects(cat)
         data = cu.load_category(demo_root, cat, image_size=64, num_threads=2)
         train, test = data["train"], data["test"]
         assert train.images.shape == (4, 3, 64, 64) and train.images.dtype == torch.uint8
-        assert len(test) == 2 + len(cu.DEMO_DEFECTS)
-        assert sorted(set(test.defect_types)) == sorted(set(cu.DEMO_DEFECTS) | {"good"})
-        assert test.labels.sum() == len(cu.DEMO_DEFECTS)
+        assert len(test) == 2 + len(defects)
+        assert sorted(set(test.defect_types)) == sorted(set(defects) | {"good"})
+        assert test.labels.sum() == len(defects)
         defect = test.labels == 1
         assert all(m.any() for m in test.masks[defect]) and not test.masks[~defect].any()
         assert test.masks.float().mean() < 0.2  # defects are small
         gray = torch.equal(train.images[:, 0], train.images[:, 1]) and torch.equal(train.images[:, 1], train.images[:, 2])
-        assert gray == (cat != "tissue")  # brick and gravel are grayscale photographs
+        assert gray == (not spec.colour), cat
 
 
-def test_demo_data_defects_match_masks(demo_root):
-    """Pixels outside the mask of a defect image are plain crops, so the mask marks the change."""
-    for kind in cu.DEMO_DEFECTS:
-        img = np.asarray(Image.open(demo_root / "brick" / "test" / kind / "000.png"))
-        mask = np.asarray(Image.open(demo_root / "brick" / "ground_truth" / kind / "000_mask.png"))
-        assert img.shape == mask.shape == (cu.DEMO_IMAGE_SIZE, cu.DEMO_IMAGE_SIZE)
-        assert set(np.unique(mask)) == {0, 255}
+def test_demo_objects_are_centred_with_jitter(demo_root):
+    """An object sits near the centre of a plain background, in a slightly different pose each time."""
+    for cat, spec in cu.DEMO_CATEGORIES.items():
+        if spec.kind != "object":
+            continue
+        imgs = np.stack([np.asarray(Image.open(p), np.float32).reshape(256, 256, -1)
+                         for p in sorted((demo_root / cat / "train" / "good").glob("*.png"))])  # (N, H, W, C)
+        fg = (np.abs(imgs - np.median(imgs[:, :8, :8], axis=(1, 2))[:, None, None]) > 40).any(-1)  # (N, H, W)
+        ys, xs = np.nonzero(fg[0])
+        centre = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2   # of the bounding box
+        assert abs(centre[0] - 128) < 20 and abs(centre[1] - 128) < 20, cat
+        assert not fg[:, :5].any() and not fg[:, -5:].any(), cat    # background at the borders
+        assert len({tuple(np.argwhere(f).mean(0).round(1)) for f in fg}) == len(fg)  # poses differ
+
+
+def test_demo_data_defect_masks_on_disk(demo_root):
+    for cat in cu.DEMO_CATEGORIES:
+        for kind in cu.demo_defects(cat):
+            mask = np.asarray(Image.open(demo_root / cat / "ground_truth" / kind / "000_mask.png"))
+            assert mask.shape == (cu.DEMO_IMAGE_SIZE, cu.DEMO_IMAGE_SIZE), (cat, kind)
+            assert set(np.unique(mask)) == {0, 255}, (cat, kind)
+
+
+@pytest.mark.parametrize("category", list(cu.DEMO_CATEGORIES))
+def test_demo_defects_change_exactly_the_mask(category):
+    """The writer's defect images: the mask is exactly the pixels where the defective image
+    differs from its clean original, and never empty; about half the draws are subtle."""
+    spec = cu.DEMO_CATEGORIES[category]
+    sources = cu._demo_sources(spec)
+    rng = np.random.default_rng(0)
+    for defect in cu.demo_defects(category):
+        for _ in range(2):
+            clean, bad, mask = cu._demo_defect_image(spec, defect, 64, sources, rng)
+            assert clean.shape == bad.shape == (64, 64, 3 if spec.colour else 1)
+            assert mask.any() and np.array_equal((clean != bad).any(-1), mask), defect
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -308,7 +424,21 @@ def test_demo_data_deterministic(tmp_path):
     a = _tree_bytes(cu.make_demo_dataset(tmp_path / "a", seed=5, **kw))
     b = _tree_bytes(cu.make_demo_dataset(tmp_path / "b", seed=5, **kw))
     c = _tree_bytes(cu.make_demo_dataset(tmp_path / "c", seed=6, **kw))
-    assert len(a) == 2 + 1 + 2 * len(cu.DEMO_DEFECTS)
+    assert len(a) == 2 + 1 + 2 * len(cu.demo_defects("tissue"))
     assert a == b
     assert a.keys() == c.keys() and a != c
     assert all(a[k] != c[k] for k in a if "/train/" in f"/{k}")
+
+
+def test_demo_category_alone_equals_it_in_the_full_set(tmp_path):
+    kw = dict(n_train=1, n_test_good=1, n_per_defect=1, image_size=48, seed=2)
+    full = cu.make_demo_dataset(tmp_path / "full", **kw)
+    for cat in ("capsule", "grass"):
+        alone = cu.make_demo_dataset(tmp_path / cat, categories=[cat], **kw)
+        assert _tree_bytes(alone / cat) == _tree_bytes(full / cat)
+
+
+def test_demo_unknown_category_fails_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo category"):
+        cu.make_demo_dataset(tmp_path / "d", categories=["brick", "bottel"], n_train=1)
+    assert not (tmp_path / "d").exists()

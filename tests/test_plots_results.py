@@ -170,10 +170,10 @@ def test_cli_demo_data(tmp_path, monkeypatch, capsys):
     assert cu.list_categories(out) == ["brick", "tissue"]
     assert str(out) in capsys.readouterr().out
     data = cu.load_category(out, "tissue", image_size=32, num_threads=1)
-    assert len(data["train"]) == 2 and data["test"].labels.sum() == len(cu.DEMO_DEFECTS)
+    assert len(data["train"]) == 2 and data["test"].labels.sum() == len(cu.demo_defects("tissue"))
 
 
-@pytest.mark.parametrize("argv", [[], ["demo-data"], ["demo-data", "out", "--categories", "bottle"], ["train"]])
+@pytest.mark.parametrize("argv", [[], ["demo-data"], ["demo-data", "out", "--categories", "cable"], ["train"]])
 def test_cli_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cu.main(argv)
