@@ -215,6 +215,23 @@ def split_train_val(train: ImageSet, val_fraction: float = 0.1, seed: int = 0) -
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
 
 
+def split_held_out(train: ImageSet, val_fraction: float = 0.2,
+                   seed: int = 0) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """train/good -> (training images, calibration normals, validation normals), seeded.
+
+    A fraction `val_fraction` of train/good is never trained on; half of it fits the score
+    calibration (and the validation loss for early stopping), the other half, with synthetic
+    anomalies pasted in by `make_validation_set`, is where choices are made. Raises ValueError
+    when fewer than 4 images are held out (each half needs at least 2).
+    """
+    rest, held = split_train_val(train, val_fraction, seed)
+    if held is None or len(held) < 4:
+        raise ValueError(f"val_fraction={val_fraction} holds out {0 if held is None else len(held)} of "
+                         f"{len(train)} train/good images; calibration and validation need at least 4")
+    calibration, normals = split_train_val(held, 0.5, seed)
+    return rest, calibration, normals
+
+
 def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     """One ImageSet from several, in order (e.g. the train splits of all categories, pooled)."""
     sets = list(sets)
@@ -1930,9 +1947,16 @@ def plot_comparison(rows: list[dict], metric: str = "image_auroc") -> "matplotli
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
 # results tree into the comparison table.
 
-SUMMARY_COLUMNS = ("category", "encoder", "epochs_trained", "image_auroc", "image_auroc_max",
-                   "pixel_auroc", "aupro", "image_f1_max", "baseline_image_auroc",
-                   "baseline_pixel_auroc", "train_seconds")
+SUMMARY_COLUMNS = ("category", "half", "encoder", "epochs_trained", "detector", "image_reduce",
+                   "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
+                   "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
+                   "image_f1_max", "train_seconds")
+TEXT_COLUMNS = ("category", "half", "encoder", "epochs_trained", "detector", "image_reduce")
+
+
+def demo_half(category: str) -> str:
+    """"tuning" or "confirmation" for a demo category (see DEMO_TUNING), "" for any other."""
+    return "tuning" if category in DEMO_TUNING else "confirmation" if category in DEMO_CONFIRMATION else ""
 
 
 def load_results(root: str | os.PathLike) -> list[dict]:
@@ -1947,17 +1971,26 @@ def load_results(root: str | os.PathLike) -> list[dict]:
 
 
 def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
-    """A markdown table of `rows`, one line per run, plus a mean row per encoder."""
+    """A markdown table of `rows`, one line per run, plus a mean line per (half, encoder).
+
+    "half" is the demo half of the category (tuning / confirmation; empty for MVTec AD): the
+    tuning half's test numbers are not independent of the choices the study made.
+    """
     def fmt(v):
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    rows = [{**r, "half": r.get("half") or demo_half(r["category"])} for r in rows]
+    numeric = [c for c in columns if c not in TEXT_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in sorted(rows, key=lambda r: (r["category"], r["encoder"], r.get("epochs_trained", 0))):
+    for r in sorted(rows, key=lambda r: (r["half"] != "tuning", r["half"], r["category"], r["encoder"],
+                                         r.get("epochs_trained", 0))):
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
-    for enc in sorted({r["encoder"] for r in rows}):
-        sel = [r for r in rows if r["encoder"] == enc]
-        mean = {c: float(np.mean([r[c] for r in sel])) for c in columns[3:]
+    for half, enc in sorted({(r["half"], r["encoder"]) for r in rows}, key=lambda k: (k[0] != "tuning", k)):
+        sel = [r for r in rows if r["encoder"] == enc and r["half"] == half]
+        mean = {c: float(np.mean([r[c] for r in sel])) for c in numeric
                 if all(isinstance(r.get(c), (int, float)) for r in sel)}
-        lines.append("| " + " | ".join(["**mean**", enc, ""] + [fmt(mean.get(c)) for c in columns[3:]]) + " |")
+        text = {"category": "**mean**", "half": half, "encoder": enc}
+        lines.append("| " + " | ".join(text.get(c, "") if c in TEXT_COLUMNS else fmt(mean.get(c))
+                                       for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -442,3 +442,14 @@ def test_demo_unknown_category_fails_before_writing(tmp_path):
     with pytest.raises(ValueError, match="unknown demo category"):
         cu.make_demo_dataset(tmp_path / "d", categories=["brick", "bottel"], n_train=1)
     assert not (tmp_path / "d").exists()
+
+
+def test_split_held_out(fake_widget):
+    train = cu.concat_sets([fake_widget["train"]] * 4)  # 24 images
+    rest, calib, normals = cu.split_held_out(train, 0.34, seed=1)
+    assert (len(rest), len(calib), len(normals)) == (16, 4, 4)
+    assert sorted(rest.paths + calib.paths + normals.paths) == sorted(train.paths)
+    again = cu.split_held_out(train, 0.34, seed=1)
+    assert [s.paths for s in again] == [rest.paths, calib.paths, normals.paths]
+    with pytest.raises(ValueError, match="holds out 2 of 24 train/good images"):
+        cu.split_held_out(train, 0.1)

@@ -44,8 +44,8 @@ def _one_thread_kernels():
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
-    """The demo data in miniature: 3 categories x (6 train, 2 good + 1 test image per defect type)."""
-    return cu.make_demo_dataset(tmp_path_factory.mktemp("tiny"), ["brick", "gravel", "tissue"], n_train=6,
+    """The demo data in miniature: 3 categories x (8 train, 2 good + 1 test image per defect type)."""
+    return cu.make_demo_dataset(tmp_path_factory.mktemp("tiny"), ["brick", "gravel", "tissue"], n_train=8,
                                 n_test_good=2, n_per_defect=1, image_size=64)
 
 
@@ -66,7 +66,7 @@ def small_parameters(key: str, tiny_root: Path, out: Path, fake_results: Path) -
     if key == "01":
         return {**TINY, "data_root": str(tiny_root), "context_dim": 32, "output_dir": str(out)}
     if key == "02":
-        return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128,
+        return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128, "val_fraction": 0.5,
                 "output_dir": str(out)}
     return {**{k: v for k, v in TINY.items() if k != "epochs"}, "results_dir": str(fake_results),
             "run_comparison": True, "data_root": str(tiny_root), "category": "gravel", "epochs": 1,

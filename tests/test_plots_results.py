@@ -116,19 +116,22 @@ def test_load_results_invalid_json_names_the_file(results_tree):
 
 
 def test_summary_table():
-    table = cu.summary_table(ROWS)
+    table = cu.summary_table(ROWS + [result_row("tissue", "resnet18v2", 5, 0.5), result_row("cable", "densenet", 5, 0.4)])
     lines = table.strip().split("\n")
     assert lines[0] == "| " + " | ".join(cu.SUMMARY_COLUMNS) + " |"
-    assert len(lines) == 2 + len(ROWS) + 2  # header, rule, one line per run, one mean line per encoder
+    # header, rule, one line per run, one mean line per (half, encoder): tuning x 2, confirmation, MVTec ("")
+    assert len(lines) == 2 + len(ROWS) + 2 + 4
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [c[:3] for c in cells[:4]] == [["brick", "densenet", "5"], ["brick", "resnet18v2", "2"],
-                                          ["brick", "resnet18v2", "5"], ["gravel", "resnet18v2", "5"]]
+    assert [c[:4] for c in cells[:6]] == [["brick", "tuning", "densenet", "5"], ["brick", "tuning", "resnet18v2", "2"],
+                                          ["brick", "tuning", "resnet18v2", "5"], ["gravel", "tuning", "resnet18v2", "5"],
+                                          ["cable", "", "densenet", "5"], ["tissue", "confirmation", "resnet18v2", "5"]]
     col = cu.SUMMARY_COLUMNS.index("image_auroc")
     assert cells[1][col] == "0.800"
-    means = {c[1]: c for c in cells if c[0] == "**mean**"}
-    assert means["resnet18v2"][col] == f"{np.mean([0.8, 0.9, 0.6]):.3f}"
-    assert means["densenet"][col] == "0.700"
-    assert means["resnet18v2"][cu.SUMMARY_COLUMNS.index("baseline_image_auroc")] == ""  # absent: blank
+    means = {(c[1], c[2]): c for c in cells if c[0] == "**mean**"}
+    assert set(means) == {("tuning", "resnet18v2"), ("tuning", "densenet"), ("confirmation", "resnet18v2"), ("", "densenet")}
+    assert means["tuning", "resnet18v2"][col] == f"{np.mean([0.8, 0.9, 0.6]):.3f}"
+    assert means["tuning", "densenet"][col] == "0.700" and means["confirmation", "resnet18v2"][col] == "0.500"
+    assert means["tuning", "resnet18v2"][cu.SUMMARY_COLUMNS.index("baseline_image_auroc")] == ""  # absent: blank
 
 
 def test_write_summary(results_tree):

@@ -21,7 +21,7 @@ import cpc_utils as cu
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "scripts" / "sweep.py"
-TINY = ["image_size=64", "patch_size=16", "stride=8", "width=8", "test_negatives=128", "device=cpu"]
+TINY = ["image_size=64", "patch_size=16", "stride=8", "width=8", "test_negatives=128", "val_fraction=0.5", "device=cpu"]
 
 
 def load_sweep():
@@ -41,7 +41,7 @@ def sweep(data_root: Path, results: Path, *encoders: str) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
-    root = cu.make_demo_dataset(tmp / "data", categories=["brick"], n_train=6, n_test_good=2, n_per_defect=1,
+    root = cu.make_demo_dataset(tmp / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
                                 image_size=64)
     results = tmp / "results"
     run = results / "t"

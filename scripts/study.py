@@ -1,0 +1,151 @@
+"""The CPC-AD study: which settings detect anomalies on data nobody tuned them on.
+
+    python scripts/study.py --settings fast paper --seeds 0 1 2 --jobs 2     # make study
+    python scripts/study.py --report                                          # tables only
+
+Protocol (nothing is chosen on test data):
+  * train/good of each category is split, per seed, into training images (80%) and held-out
+    normals (20%); half of those fit the score calibration, the other half, with synthetic
+    anomalies pasted in (`cu.make_validation_set`), is the *validation set* every choice is
+    made on: setting, detector, image reduction, number of epochs.
+  * The demo categories are split into a tuning half (`cu.DEMO_TUNING`), whose validation
+    numbers make the decisions, and a confirmation half (`cu.DEMO_CONFIRMATION`), evaluated
+    once per decision and never used to choose. Test metrics are recorded for both halves and
+    only reported.
+
+One training run per (setting, category, seed) scores every detector (`cu.DETECTORS`) with
+every reduction (`cu.REDUCES`), on the validation set every `--eval-every` epochs and on
+both sets at the end, next to the raw-pixel baseline. Each run is written atomically to
+results/study/runs/<setting>/<category>/seed<k>.json; finished runs are skipped, so an
+interrupted study resumes. --report (also run at the end) writes results/study/tables.md and
+runs.csv from whatever has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
+
+BASE = dict(image_size=128, patch_size=32, stride=16, encoder="resnet18v2", width=16, batch_size=8, lr=2e-4)
+SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_utils preset)
+    "fast": ("the fast defaults: shared encoder, cosine at tau 0.1, k = 1 overlapping target", {}),
+    "paper": ("de Haan & Loewe as published: 4 independent models, dot product, non-overlapping targets",
+              {"preset": "paper"}),
+    "stem_norm": ("stem conv7x7/2 -> norm -> ReLU -> maxpool (as published for ResNet v2)", {"stem": "imagenet_norm"}),
+    "stem_small": ("stem conv3x3/1 -> norm -> ReLU -> maxpool/2: 16x16 stage-1 maps on 32 px patches",
+                   {"stem": "small"}),
+    "offset1": ("cosine, but targets share no pixels with the context (target_offset 1)", {"target_offset": 1}),
+    "patch16": ("16 px patches at stride 8 (15x15 grid): finer maps", {"patch_size": 16, "stride": 8}),
+    "width32": ("encoder width 32", {"width": 32}),
+    "densenet": ("DenseNet encoder", {"encoder": "densenet"}),
+    "resnet50v2": ("ResNet-50 v2 encoder", {"encoder": "resnet50v2"}),
+}
+GRID_KEYS = ("image_size", "patch_size", "stride")
+TRAIN_KEYS = ("batch_size", "lr")
+
+
+def run_one(job: dict) -> str:
+    """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary."""
+    import torch
+    import cpc_utils as cu
+    torch.set_num_threads(job["threads"])
+    out = Path(job["out"])
+    s = {**BASE, **SETTINGS[job["setting"]][1]}
+    grid = cu.PatchGrid(*(s[k] for k in GRID_KEYS))
+    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset",)}
+    cfg = cu.cpcad_config(s.get("preset", "fast"), grid, **model_kw)
+    tcfg = cu.TrainConfig(epochs=job["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
+                          patience=job["epochs"], device="cpu")
+    data = cu.load_category(job["data_root"], job["category"], grid.image_size, num_threads=2)
+    train, calib, normals = cu.split_held_out(data["train"], 0.2, job["seed"])
+    val = cu.make_validation_set(normals, job["seed"])
+    test = data["test"]
+    cu.seed_everything(job["seed"])
+    model = cu.CPCAD(cfg, grid)
+
+    def evaluate(target: cu.ImageSet) -> dict:
+        scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
+        raw = cu.score_patches(model, target.images, scoring["bank"], scoring["knn_bank"], device="cpu")
+        return {d: cu.evaluate_maps(cu.detector_maps(raw, scoring["calibration"], d), target, grid,
+                                    cu.REDUCES)["metrics"] for d in cu.DETECTORS}
+
+    def on_epoch(model, epoch):  # detection on the validation set during training: how long to train
+        if epoch % job["eval_every"] and epoch != job["epochs"]:
+            return {}
+        return {"val_detection": {d: {k: v for k, v in m.items() if k.startswith(("image_auroc_", "pixel"))}
+                                  for d, m in evaluate(val).items()}}
+
+    t0 = time.perf_counter()
+    history = cu.train_model(model, train, calib, tcfg, progress=False, on_epoch=on_epoch)
+    seconds = time.perf_counter() - t0
+    result = {"setting": job["setting"], "category": job["category"], "seed": job["seed"],
+              "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
+              "epochs": job["epochs"], "train_seconds": seconds, "history": history,
+              "chance_loss": float(torch.log(torch.tensor(float(cfg.num_negatives + 1)))),
+              "val": evaluate(val), "test": evaluate(test),
+              "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
+                         "train": dataclasses.asdict(tcfg)}}
+    for name, target in (("val", val), ("test", test)):
+        maps = cu.pixel_baseline(train.images, target.images, grid, device="cpu")
+        result[f"baseline_{name}"] = cu.evaluate_maps(maps, target, grid, cu.REDUCES)["metrics"]
+    cu.save_json(result, out)
+    v, t = result["val"], result["test"]
+    return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
+            f"{history[-1]['val_loss']:.2f}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
+            f"{v['cpcad']['pixel_auroc']:.2f} cpcad_knn {v['cpcad_knn']['image_auroc_max']:.2f}/"
+            f"{v['cpcad_knn']['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
+            f"{t['cpcad']['pixel_auroc']:.2f} baseline {result['baseline_test']['image_auroc_max']:.2f}/"
+            f"{result['baseline_test']['pixel_auroc']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data-root", default=str(ROOT / "data" / "demo"), help="default: %(default)s (written if missing)")
+    parser.add_argument("--settings", nargs="+", default=["fast", "paper"], choices=list(SETTINGS))
+    parser.add_argument("--categories", nargs="+", help="default: the demo's tuning and confirmation halves")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=10, help="validation detection every N epochs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--out", default=str(ROOT / "results" / "study"))
+    parser.add_argument("--report", action="store_true", help="only write the tables from finished runs")
+    args = parser.parse_args(argv)
+
+    import cpc_utils as cu
+    from study_report import write_report
+    out = Path(args.out)
+    if not args.report:
+        root = cu.resolve_data_root(args.data_root, args.data_root)
+        categories = args.categories or list(cu.DEMO_TUNING + cu.DEMO_CONFIRMATION)
+        jobs = [dict(setting=s, category=c, seed=k, epochs=args.epochs, eval_every=args.eval_every,
+                     data_root=str(root), threads=1 if args.jobs > 1 else 2,
+                     out=str(out / "runs" / s / c / f"seed{k}.json"))
+                for s in args.settings for k in args.seeds for c in categories]
+        todo = [j for j in jobs if not Path(j["out"]).exists()]
+        print(f"study: {len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time", flush=True)
+        t0, failed = time.perf_counter(), 0
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import multiprocessing
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, j): j for j in todo}
+            for n, f in enumerate(as_completed(futures), 1):
+                j = futures[f]
+                try:
+                    line = f.result()
+                except Exception as e:  # one failing run must not lose the others
+                    failed += 1
+                    line = f"{j['setting']}/{j['category']}/seed{j['seed']}: FAILED {type(e).__name__}: {e}"
+                print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {line}", flush=True)
+        print(f"study finished in {time.perf_counter() - t0:.0f} s, {failed} failed", flush=True)
+    print(write_report(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
