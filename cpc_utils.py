@@ -1,10 +1,14 @@
 """Contrastive Predictive Coding for image anomaly detection, in one file.
 
 Everything the notebooks share, read top to bottom in the order the data flows:
-data (MVTec AD layout + embedded demo data) -> patch grids -> encoders
+data (MVTec AD layout, the train / calibration / validation split, synthetic validation
+anomalies) -> demo data (8 categories in the MVTec AD layout) -> patch grids -> encoders
 (pre-activation ResNet v2, DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss
--> one resumable training loop -> scoring, metrics and the pixel baseline -> plots and
-results files.
+-> one resumable training loop -> scoring (CPC-AD loss, kNN typicality, calibration, named
+detectors), metrics and the pixel baseline -> plots and results files.
+
+Model selection never looks at test/: every choice is made on held-out train/good images
+with synthetic anomalies pasted in (`make_validation_set`); see scripts/study.py.
 
 Papers:
   * CPC:    van den Oord, Li, Vinyals 2018, "Representation Learning with Contrastive
@@ -1595,8 +1599,9 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
 
 
 # ---- scoring and metrics -------------------------------------------------------------
-# Patch loss maps -> image scores (mean as in the paper, and max) and pixel heatmaps; the
-# MVTec AD metrics; and the non-learned reference every report is compared against.
+# Raw patch scores (CPC-AD loss, kNN typicality) -> calibrated, named detectors -> image
+# scores (mean as in the paper, max, top10) and pixel heatmaps; the MVTec AD metrics; and
+# the non-learned reference every report is compared against.
 
 @torch.no_grad()
 def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, knn_bank: torch.Tensor | None = None,

@@ -16,7 +16,8 @@ Protocol (nothing is chosen on test data):
 One training run per (setting, category, seed) scores every detector (`cu.DETECTORS`) with
 every reduction (`cu.REDUCES`), on the validation set every `--eval-every` epochs and on
 both sets at the end, next to the raw-pixel baseline. Each run is written atomically to
-results/study/runs/<setting>/<category>/seed<k>.json; finished runs are skipped, so an
+results/study/runs/<setting>/<category>/seed<k>.json (and its weights to seed<k>.pt, which git
+ignores); finished runs are skipped, so an
 interrupted study resumes. --report (also run at the end) writes results/study/tables.md and
 runs.csv from whatever has finished.
 """
@@ -93,6 +94,8 @@ def run_one(job: dict) -> str:
     for name, target in (("val", val), ("test", test)):
         maps = cu.pixel_baseline(train.images, target.images, grid, device="cpu")
         result[f"baseline_{name}"] = cu.evaluate_maps(maps, target, grid, cu.REDUCES)["metrics"]
+    # the weights too (ignored by git), so later detectors can be scored without retraining
+    cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
     v, t = result["val"], result["test"]
     return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {line}", flush=True)
         print(f"study finished in {time.perf_counter() - t0:.0f} s, {failed} failed", flush=True)
     print(write_report(out))
-    return 0
+    return 1 if not args.report and failed else 0
 
 
 if __name__ == "__main__":

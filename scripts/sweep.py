@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         done += 1
         m = json.loads((out / "metrics.json").read_text())
         print(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
-              f"image AUROC {m['image_auroc']:.3f} (baseline {m['baseline_image_auroc']:.3f}), "
-              f"pixel AUROC {m['pixel_auroc']:.3f}, {m['epochs_trained']} epochs", flush=True)
+              f"{m.get('detector', 'cpcad')}: image AUROC ({m.get('image_reduce', 'mean')}) {m['image_auroc']:.3f} "
+              f"(baseline {m['baseline_image_auroc']:.3f}), pixel AUROC {m['pixel_auroc']:.3f} "
+              f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs", flush=True)
 
     failures_file = run_dir / "failures.json"
     if failures:

@@ -1,0 +1,63 @@
+"""scripts/study.py: one tiny study end to end (two categories, one from each half, one seed,
+one epoch), its per-run files, the report built from them, and the resume that skips
+finished runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cpc_utils as cu
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def study(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), *args], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("study")
+    root = cu.make_demo_dataset(tmp / "data", ["brick", "capsule"], n_train=20, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    args = ["--data-root", str(root), "--categories", "brick", "capsule", "--settings", "fast", "--seeds", "0",
+            "--epochs", "2", "--eval-every", "1", "--jobs", "1", "--out", str(tmp / "out")]
+    first = study(*args)
+    mtime = (tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns
+    second = study(*args)
+    return {"out": tmp / "out", "first": first, "second": second, "mtime": mtime}
+
+
+def test_study_writes_every_run_with_val_and_test_metrics(tiny_study):
+    first, out = tiny_study["first"], tiny_study["out"]
+    assert first.returncode == 0, first.stdout + first.stderr
+    for category, half in (("brick", "tuning"), ("capsule", "confirmation")):
+        r = json.loads((out / "runs" / "fast" / category / "seed0.json").read_text())
+        assert (r["half"], r["seed"], r["setting"]) == (half, 0, "fast")
+        assert set(r["val"]) == set(r["test"]) == set(cu.DETECTORS)
+        for split in ("val", "test", "baseline_val", "baseline_test"):
+            m = r[split]["cpcad"] if split in ("val", "test") else r[split]
+            assert all(0 <= m[f"image_auroc_{k}"] <= 1 for k in cu.REDUCES) and 0 <= m["pixel_auroc"] <= 1
+        assert [("val_detection" in h) for h in r["history"]] == [True, True]  # --eval-every 1
+        assert (out / "runs" / "fast" / category / "seed0.pt").exists()
+
+
+def test_study_report_has_both_halves(tiny_study):
+    text = (tiny_study["out"] / "tables.md").read_text()
+    assert "## Tuning half, validation" in text and "## Confirmation half, test" in text
+    assert "| fast | cpcad |" in text and "| fast | pixel baseline |" in text
+    rows = (tiny_study["out"] / "runs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * (len(cu.DETECTORS) + 1)  # header + runs x splits x (detectors + baseline)
+
+
+def test_study_rerun_skips_finished_runs(tiny_study):
+    second = tiny_study["second"]
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 runs (2 finished before)" in second.stdout
+    assert (tiny_study["out"] / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns == tiny_study["mtime"]
