@@ -1263,6 +1263,7 @@ class CPCADConfig:
     temperature: float = 0.1
     shared_encoder: bool = True
     directions: tuple[str, ...] = DIRECTIONS
+    knn_bank: int = 4096          # train/good patches the "knn" typicality score compares with
     detector: str = "cpcad"       # how patch scores become the anomaly map: a key of DETECTORS
     reduce: str = "mean"          # how the map becomes the image score: a name in REDUCES
 
@@ -1636,17 +1637,18 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, knn_ba
 
 @torch.no_grad()
 def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images: torch.Tensor | None,
-                    knn_size: int = 4096, batch_size: int = 16, device: str | torch.device = "auto",
+                    knn_size: int | None = None, batch_size: int = 16, device: str | torch.device = "auto",
                     seed: int = 0) -> dict:
     """What scoring needs from normal data, computed once after training.
 
     bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; knn_bank: up to
-    `knn_size` others, the references of the "knn" score; calibration: a ScoreCalibration
-    fitted on `calibration_images`, normal images held out of training (train images would
-    look too normal: the model has fitted them, and their own patches sit in the knn bank).
+    `knn_size` (default `model.cfg.knn_bank`) others, the references of the "knn" score;
+    calibration: a ScoreCalibration fitted on `calibration_images`, normal images held out of
+    training (train images would look too normal: the model has fitted them, and their own
+    patches sit in the knn bank).
     """
     bank = model.build_bank(train_images, seed=seed)
-    knn_bank = model.build_bank(train_images, size=knn_size, seed=seed + 1)
+    knn_bank = model.build_bank(train_images, size=knn_size or model.cfg.knn_bank, seed=seed + 1)
     calibration = None
     if calibration_images is not None and len(calibration_images):
         raw = score_patches(model, calibration_images, bank, knn_bank, batch_size, device)

@@ -97,7 +97,23 @@ def epoch_table(runs: list[dict], half: str = "tuning") -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path) -> str:
+def headline_table(rows: list[dict], entries: dict[str, tuple[str, str, str]]) -> str:
+    """The README's table: each entry (setting, detector, reduction) on both halves, val and test."""
+    cols = [("tuning", "val"), ("tuning", "test"), ("confirmation", "val"), ("confirmation", "test")]
+    lines = ["| detector | setting | " + " | ".join(f"{h} {s}: image / pixel / AUPRO" for h, s in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, (setting, det, reduce) in entries.items():
+        cells = []
+        for half, split in cols:
+            cell = [r for r in rows if (r["setting"], r["detector"], r["half"], r["split"]) == (setting, det, half, split)]
+            stats = [seed_stats(cell, m) for m in (f"image_auroc_{reduce}", "pixel_auroc", "aupro")]
+            n = stats[0][2]
+            cells.append("-" if not n else " / ".join(fmt(m, sd) for m, sd, _ in stats) + ("" if n >= 3 else f" ({n} seed{'s' * (n > 1)})"))
+        lines.append(f"| {name} | {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, chosen: tuple[str, str, str] | None = None) -> str:
     """Write tables.md and runs.csv under `out`; return the markdown."""
     import cpc_utils as cu
     runs = load_runs(out)
@@ -126,6 +142,13 @@ def write_report(out: Path) -> str:
                                ("Tuning half, test (reported only)", "tuning", "test"),
                                ("Confirmation half, validation (reported only)", "confirmation", "val")):
         md += [f"## {title}", "", half_table(rows, half, split), ""]
+    entries = {**({f"**default** ({chosen[1]}, {chosen[2]})": chosen} if chosen else {}),
+               "pure CPC-AD (cpcad, mean)": ("fast", "cpcad", "mean"),
+               "paper preset (cpcad, mean)": ("paper", "cpcad", "mean"),
+               "pixel baseline (max)": ("fast", "pixel baseline", "max"),
+               "pixel baseline (mean)": ("fast", "pixel baseline", "mean")}
+    md += ["## Headline: the default, pure CPC-AD, the paper preset and the baseline", "",
+           headline_table(rows, entries), ""]
     md += ["## Per category, test (image / pixel AUROC, mean over seeds)", "", category_table(rows, "test", per_cat), "",
            "## Per category, validation", "", category_table(rows, "val", per_cat), "",
            "## Validation detection by epoch, tuning half", "", epoch_table(runs), ""]
