@@ -1251,13 +1251,14 @@ class CPCADConfig:
       * reduce "top10" (mean of the highest 10% of patch scores): 0.76 against 0.73 for the
         mean (the paper's) and 0.73 for the max.
       * pred_steps 1, target_offset 0: the k = 1 target shares half its pixels with the
-        context. Targets that share none (target_offset 1) learned less: 0.71 / 0.84 against
-        0.73 / 0.84 at 32 px patches, and on gravel the loss stayed at chance (4.20 vs 4.16).
+        context. Targets that share none (target_offset 1) did worse: 0.72 / 0.80 against
+        0.73 / 0.84 (loss + kNN, top10, 32 px patches), and on gravel the validation loss
+        ended at or above chance (4.20-4.63 vs 4.16) in all three seeds.
       * similarity "cosine" at temperature 0.1, lr 2e-4: from the first study (chosen on test
         data of an older demo, kept in results/study/legacy_*), not re-chosen here; raw dot
         products collapsed there. The "paper" preset (`cpcad_config`) is the dot-product run.
-      * stem "imagenet": the published norm + ReLU after the 7x7 conv did not help (0.73 /
-        0.84 against 0.73 / 0.84 at 32 px patches); see `build_encoder` for the others.
+      * stem "imagenet": the published norm + ReLU after the 7x7 conv did not help (0.729 /
+        0.835 against 0.734 / 0.844, loss + kNN, top10, 32 px patches); see `build_encoder`.
       * num_negatives 63 from the batch in training; at test time a fixed bank of
         `test_negatives` encoded train/good patches, all used for every test patch, so
         scoring is deterministic and less noisy than sampled negatives.

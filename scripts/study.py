@@ -38,13 +38,13 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
     "paper": ("de Haan & Loewe as published: 4 independent models, dot product, non-overlapping targets",
               {"preset": "paper"}),
     "stem_norm": ("stem conv7x7/2 -> norm -> ReLU -> maxpool (as published for ResNet v2)", {"stem": "imagenet_norm"}),
-    "stem_small": ("stem conv3x3/1 -> norm -> ReLU -> maxpool/2: 16x16 stage-1 maps on 32 px patches",
-                   {"stem": "small"}),
+    "stem_small": ("stem conv3x3/1 -> norm -> ReLU -> maxpool/2 on 16 px patches: 8x8 stage-1 maps, not 4x4",
+                   {"stem": "small", "patch_size": 16, "stride": 8}),
     "offset1": ("cosine, but targets share no pixels with the context (target_offset 1)", {"target_offset": 1}),
     "patch16": ("16 px patches at stride 8 (15x15 grid): finer maps", {"patch_size": 16, "stride": 8}),
     "width32": ("encoder width 32", {"width": 32}),
-    "densenet": ("DenseNet encoder", {"encoder": "densenet"}),
-    "resnet50v2": ("ResNet-50 v2 encoder", {"encoder": "resnet50v2"}),
+    "densenet": ("DenseNet encoder, 16 px patches", {"encoder": "densenet", "patch_size": 16, "stride": 8}),
+    "resnet50v2": ("ResNet-50 v2 encoder, 16 px patches", {"encoder": "resnet50v2", "patch_size": 16, "stride": 8}),
 }
 CHOSEN = "patch16"  # the setting the defaults come from (chosen on the tuning half's validation data)
 GRID_KEYS = ("image_size", "patch_size", "stride")

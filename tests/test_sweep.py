@@ -77,7 +77,7 @@ def test_sweep_writes_the_tree_and_summary(sweeps):
     for name in ("summary.md", "summary.csv", "comparison.png"):
         assert (run / name).exists()
     summary = (run / "summary.md").read_text()
-    assert "| brick | resnet18v2 |" in summary and "| brick | densenet |" in summary
+    assert "| brick | tuning | resnet18v2 |" in summary and "| brick | tuning | densenet |" in summary
     assert "[1/2] brick/resnet18v2: finished before, skipped" in second.stdout
 
 
