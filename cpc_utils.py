@@ -972,6 +972,21 @@ class PatchEncoder(nn.Module):
         h = self.final_norm(self.stages(self.stem(x)))          # (N, D, P/16, P/16); P/8 with the "small" stem
         return h.mean(dim=(2, 3))                                 # (N, D)
 
+    def multiscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z as `forward`, and the multi-scale descriptor of the patch: each stage's output
+        mean-pooled and scaled to unit length, concatenated, so the fine early stages (edges,
+        intensity) weigh as much as the final embedding. Returns z (N, D) and (N, sum of stage
+        channels) of unit length, for the "knn_ms" typicality score.
+        """
+        h, parts = self.stem(x), []
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i < len(self.stages) - 1:
+                parts.append(F.normalize(h.float().mean(dim=(2, 3)), dim=-1))
+        z = self.final_norm(h).mean(dim=(2, 3))
+        parts.append(F.normalize(z.float(), dim=-1))
+        return z, torch.cat(parts, -1) / math.sqrt(len(parts))
+
 
 def resnet_v2(block: type, layers: Sequence[int], norm: str = "layer", width: int = 64,
               in_channels: int = 3, stem: str = "imagenet") -> PatchEncoder:
@@ -1110,13 +1125,16 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
     return loss, logits.argmax(1) == 0
 
 
-def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
-    """Images (B, C, H, W) float -> patch embeddings on the grid (B * n_sub, D, G, G)."""
+def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid,
+                multiscale: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, C, H, W) float -> patch embeddings on the grid (B * n_sub, D, G, G); with
+    `multiscale`, also the multi-scale descriptors (B * n_sub, D_ms, G, G) of the same pass."""
     p = extract_patches(x, grid)                                  # (B', G, G, C, P, P)
     Bp, G = p.shape[:2]
     p = p.reshape(Bp * G * G, *p.shape[3:]).contiguous(memory_format=torch.channels_last)
-    z = encoder(p)                                                # (B' * G * G, D)
-    return z.reshape(Bp, G, G, -1).permute(0, 3, 1, 2)            # (B', D, G, G)
+    out = encoder.multiscale(p) if multiscale else (encoder(p),)  # (B' * G * G, D) each
+    grids = tuple(t.reshape(Bp, G, G, -1).permute(0, 3, 1, 2) for t in out)  # (B', D, G, G)
+    return grids if multiscale else grids[0]
 
 
 class CausalConv2d(nn.Conv2d):
@@ -1385,8 +1403,9 @@ class CPCAD(nn.Module):
 
     @torch.no_grad()
     def build_bank(self, images: torch.Tensor, size: int | None = None, seed: int = 0,
-                   batch_size: int = 512) -> torch.Tensor:
-        """Encode a fixed random sample of train/good patches as test-time negatives: (n_enc, M, D).
+                   batch_size: int = 512, multiscale: bool = False) -> torch.Tensor:
+        """Encode a fixed random sample of train/good patches as test-time negatives: (n_enc, M, D);
+        with `multiscale`, their multi-scale descriptors instead, (n_enc, M, D_ms).
 
         Only the sampled patches are cut out and encoded, so the cost is M patches, not the set.
         """
@@ -1405,7 +1424,7 @@ class CPCAD(nn.Module):
             patches = to_float(windows[img[sl], :, top[sl], left[sl]].to(device))  # (b, C, P, P)
             with autocast(device):
                 for e, enc in enumerate(self.encoders):
-                    out[e].append(enc(patches).float())
+                    out[e].append((enc.multiscale(patches)[1] if multiscale else enc(patches)).float())
         return torch.stack([torch.cat(o) for o in out])           # (n_enc, M, D)
 
 
@@ -1617,32 +1636,37 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
 # the non-learned reference every report is compared against.
 
 @torch.no_grad()
-def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, knn_bank: torch.Tensor | None = None,
-                  batch_size: int = 16, device: str | torch.device = "auto",
-                  progress: bool = False) -> dict[str, torch.Tensor]:
+def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
+                  references: dict[str, torch.Tensor] | None = None, batch_size: int = 16,
+                  device: str | torch.device = "auto", progress: bool = False) -> dict[str, torch.Tensor]:
     """Raw per-patch scores of uint8 images (N, C, H, W), deterministic, each (N, n_sub, G, G).
 
     "loss": CPC-AD's InfoNCE loss against the fixed `bank` of train/good negatives (the paper's
-    score: how *unpredictable* a patch is from its neighbours). With `knn_bank` (n_enc, M, D)
-    also "knn": the cosine distance of each patch embedding to its nearest train/good patch
-    embedding, averaged over the encoders (how *unusual* the patch is). A flat fill or a smooth
-    blob is easy to predict from its neighbour, so its loss stays low; it is still far from
-    every normal patch, which "knn" sees. Both come from one encoding pass.
+    score: how *unpredictable* a patch is from its neighbours). With `references` (from
+    `prepare_scoring`) also the typicality scores, how *unusual* the patch is: "knn", the
+    cosine distance of its embedding z to the nearest train/good patch's, and "knn_ms", the
+    same for the multi-scale descriptor (`PatchEncoder.multiscale`), each averaged over the
+    encoders. A flat fill or a smooth blob is easy to predict from its neighbour, so its loss
+    stays low; it is still far from every normal patch, which the kNN scores see. One encoding
+    pass gives them all.
     """
     device = resolve_device(device)
     model.eval().to(device)
     bank = bank.to(device)
-    knn = [F.normalize(b.float(), dim=-1) for b in knn_bank.to(device)] if knn_bank is not None else None
+    refs = {k: [F.normalize(b.float(), dim=-1) for b in v.to(device)] for k, v in (references or {}).items()}
     images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
-    out: dict[str, list[torch.Tensor]] = {"loss": [], "knn": []} if knn else {"loss": []}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", *refs)}
     for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
+        x = to_float(images[idx.to(device)])
         with autocast(device):
-            zs = model.encode(to_float(images[idx.to(device)]))
+            grids = [encode_grid(enc, x, model.grid, multiscale=bool(refs)) for enc in model.encoders]
+            zs = [g[0] for g in grids] if refs else grids
             out["loss"].append(model.patch_losses(zs, bank).float())  # stays on the device: no sync per batch
-        if knn:
-            dist = [1 - (F.normalize(z.float().permute(0, 2, 3, 1), dim=-1) @ b.T).max(-1).values  # (B', G, G)
-                    for z, b in zip(zs, knn)]
-            out["knn"].append(torch.stack(dist).mean(0))
+        for kind, ref in refs.items():
+            feats = zs if kind == "knn" else [g[1] for g in grids]
+            dist = [1 - (F.normalize(f.float().permute(0, 2, 3, 1), dim=-1) @ r.T).max(-1).values  # (B', G, G)
+                    for f, r in zip(feats, ref)]
+            out[kind].append(torch.stack(dist).mean(0))
     G = model.grid.grid
     return {k: torch.cat(v).cpu().view(len(images), -1, G, G) for k, v in out.items()}
 
@@ -1653,19 +1677,22 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
                     seed: int = 0) -> dict:
     """What scoring needs from normal data, computed once after training.
 
-    bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; knn_bank: up to
-    `knn_size` (default `model.cfg.knn_bank`) others, the references of the "knn" score;
-    calibration: a ScoreCalibration fitted on `calibration_images`, normal images held out of
-    training (train images would look too normal: the model has fitted them, and their own
-    patches sit in the knn bank).
+    bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; references: up
+    to `knn_size` (default `model.cfg.knn_bank`) other train/good patches, as embeddings z
+    ("knn") and as multi-scale descriptors ("knn_ms"), what the typicality scores compare
+    with; calibration: a ScoreCalibration fitted on `calibration_images`, normal images held
+    out of training (train images would look too normal: the model has fitted them, and their
+    own patches sit among the references).
     """
     bank = model.build_bank(train_images, seed=seed)
-    knn_bank = model.build_bank(train_images, size=knn_size or model.cfg.knn_bank, seed=seed + 1)
+    size = knn_size or model.cfg.knn_bank
+    references = {"knn": model.build_bank(train_images, size=size, seed=seed + 1),
+                  "knn_ms": model.build_bank(train_images, size=size, seed=seed + 1, multiscale=True)}
     calibration = None
     if calibration_images is not None and len(calibration_images):
-        raw = score_patches(model, calibration_images, bank, knn_bank, batch_size, device)
+        raw = score_patches(model, calibration_images, bank, references, batch_size, device)
         calibration = ScoreCalibration.fit(raw)
-    return {"bank": bank, "knn_bank": knn_bank, "calibration": calibration}
+    return {"bank": bank, "references": references, "calibration": calibration}
 
 
 def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_size: int = 16,
@@ -1729,6 +1756,8 @@ DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     "cpcad_2sided": lambda raw, cal: cal["loss"].abs(),            # too predictable is unusual too
     "knn": lambda raw, cal: cal["knn"],                            # typicality alone (not CPC-AD)
     "cpcad_knn": lambda raw, cal: cal["loss"] + cal["knn"],        # unpredictable or untypical
+    "knn_ms": lambda raw, cal: cal["knn_ms"],                      # multi-scale typicality alone
+    "cpcad_knn_ms": lambda raw, cal: cal["loss"] + cal["knn_ms"],  # unpredictable or untypical at any scale
 }
 
 
@@ -1739,8 +1768,9 @@ def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | 
         raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
     if detector != "cpcad" and calibration is None:
         raise ValueError(f"detector {detector!r} needs a ScoreCalibration fitted on normal images")
-    if "knn" in detector and "knn" not in raw:
-        raise ValueError(f"detector {detector!r} needs knn scores: pass knn_bank to score_patches")
+    kind = "knn_ms" if detector.endswith("knn_ms") else "knn" if detector.endswith("knn") else None
+    if kind and kind not in raw:
+        raise ValueError(f"detector {detector!r} needs {kind} scores: pass references to score_patches")
     return DETECTORS[detector](raw, calibration(raw) if calibration is not None else {})
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ TRAIN_KEYS = ("batch_size", "lr")
 
 
 def run_one(job: dict) -> str:
-    """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary."""
+    """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary.
+
+    With job["rescore"], the trained weights are read back from the run's .pt instead and only
+    the evaluation is redone (for detectors added after the run), keeping its training record.
+    """
     import torch
     import cpc_utils as cu
     torch.set_num_threads(job["threads"])
@@ -70,39 +75,49 @@ def run_one(job: dict) -> str:
     cu.seed_everything(job["seed"])
     model = cu.CPCAD(cfg, grid)
 
-    def evaluate(target: cu.ImageSet) -> dict:
+    def evaluate(*targets: cu.ImageSet) -> list[dict]:
         scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
-        raw = cu.score_patches(model, target.images, scoring["bank"], scoring["knn_bank"], device="cpu")
-        return {d: cu.evaluate_maps(cu.detector_maps(raw, scoring["calibration"], d), target, grid,
-                                    cu.REDUCES)["metrics"] for d in cu.DETECTORS}
+        results = []
+        for target in targets:
+            raw = cu.score_patches(model, target.images, scoring["bank"], scoring["references"], device="cpu")
+            results.append({d: cu.evaluate_maps(cu.detector_maps(raw, scoring["calibration"], d), target, grid,
+                                                cu.REDUCES)["metrics"] for d in cu.DETECTORS})
+        return results
 
     def on_epoch(model, epoch):  # detection on the validation set during training: how long to train
         if epoch % job["eval_every"] and epoch != job["epochs"]:
             return {}
         return {"val_detection": {d: {k: v for k, v in m.items() if k.startswith(("image_auroc_", "pixel"))}
-                                  for d, m in evaluate(val).items()}}
+                                  for d, m in evaluate(val)[0].items()}}
 
-    t0 = time.perf_counter()
-    history = cu.train_model(model, train, calib, tcfg, progress=False, on_epoch=on_epoch)
-    seconds = time.perf_counter() - t0
+    if job.get("rescore"):
+        model.load_state_dict(torch.load(out.with_suffix(".pt"), weights_only=False)["model"])
+        model.eval()
+        before = json.loads(out.read_text())
+        history, seconds = before["history"], before["train_seconds"]
+    else:
+        t0 = time.perf_counter()
+        history = cu.train_model(model, train, calib, tcfg, progress=False, on_epoch=on_epoch)
+        seconds = time.perf_counter() - t0
+    val_metrics, test_metrics = evaluate(val, test)
     result = {"setting": job["setting"], "category": job["category"], "seed": job["seed"],
               "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
               "epochs": job["epochs"], "train_seconds": seconds, "history": history,
               "chance_loss": float(torch.log(torch.tensor(float(cfg.num_negatives + 1)))),
-              "val": evaluate(val), "test": evaluate(test),
+              "val": val_metrics, "test": test_metrics,
               "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
                          "train": dataclasses.asdict(tcfg)}}
     for name, target in (("val", val), ("test", test)):
         maps = cu.pixel_baseline(train.images, target.images, grid, device="cpu")
         result[f"baseline_{name}"] = cu.evaluate_maps(maps, target, grid, cu.REDUCES)["metrics"]
-    # the weights too (ignored by git), so later detectors can be scored without retraining
-    cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
+    if not job.get("rescore"):  # the weights too (ignored by git): later detectors need no retraining
+        cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
     v, t = result["val"], result["test"]
     return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
             f"{history[-1]['val_loss']:.2f}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
-            f"{v['cpcad']['pixel_auroc']:.2f} cpcad_knn {v['cpcad_knn']['image_auroc_max']:.2f}/"
-            f"{v['cpcad_knn']['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
+            f"{v['cpcad']['pixel_auroc']:.2f} cpcad_knn_ms {v['cpcad_knn_ms']['image_auroc_top10']:.2f}/"
+            f"{v['cpcad_knn_ms']['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
             f"{t['cpcad']['pixel_auroc']:.2f} baseline {result['baseline_test']['image_auroc_max']:.2f}/"
             f"{result['baseline_test']['pixel_auroc']:.2f}")
 
@@ -119,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--out", default=str(ROOT / "results" / "study"))
     parser.add_argument("--report", action="store_true", help="only write the tables from finished runs")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-evaluate finished runs from their saved weights (after adding a detector)")
     args = parser.parse_args(argv)
 
     import cpc_utils as cu
@@ -129,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         categories = args.categories or list(cu.DEMO_TUNING + cu.DEMO_CONFIRMATION)
         jobs = [dict(setting=s, category=c, seed=k, epochs=args.epochs, eval_every=args.eval_every,
                      data_root=str(root), threads=1 if args.jobs > 1 else 2,
-                     out=str(out / "runs" / s / c / f"seed{k}.json"))
+                     out=str(out / "runs" / s / c / f"seed{k}.json"), rescore=args.rescore)
                 for s in args.settings for k in args.seeds for c in categories]
-        todo = [j for j in jobs if not Path(j["out"]).exists()]
-        print(f"study: {len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time", flush=True)
+        if args.rescore:
+            todo = [j for j in jobs if Path(j["out"]).with_suffix(".pt").exists()]
+        else:
+            todo = [j for j in jobs if not Path(j["out"]).exists()]
+        if args.rescore:
+            print(f"study: rescoring {len(todo)} of {len(jobs)} runs (those with saved weights)", flush=True)
+        else:
+            print(f"study: {len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time", flush=True)
         t0, failed = time.perf_counter(), 0
         from concurrent.futures import ProcessPoolExecutor, as_completed
         import multiprocessing

@@ -53,8 +53,10 @@ def test_detector_maps():
     assert both[0, 0, 0, 0] == 2.0 and both[1, 0, 1, 1] == -2.0 and both[0, 0, 2, 2] == 0.0
     with pytest.raises(ValueError, match="needs a ScoreCalibration"):
         cu.detector_maps(raw, None, "cpcad_knn")
-    with pytest.raises(ValueError, match="pass knn_bank"):
+    with pytest.raises(ValueError, match="pass references"):
         cu.detector_maps({"loss": raw["loss"]}, cal, "knn")
+    with pytest.raises(ValueError, match="needs knn_ms scores"):
+        cu.detector_maps(raw, cal, "cpcad_knn_ms")
     with pytest.raises(ValueError, match="unknown detector"):
         cu.detector_maps(raw, cal, "magic")
 
@@ -64,24 +66,38 @@ def tiny_model(grid: cu.PatchGrid, **kw) -> cu.CPCAD:
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_score_patches_knn_is_the_nearest_bank_distance(shared):
+def test_score_patches_knn_is_the_nearest_reference_distance(shared):
     grid = cu.PatchGrid(32, 16, 8)
     model = tiny_model(grid, shared_encoder=shared)
     train, test = random_images(3, 32, seed=1), random_images(2, 32, seed=2)
     scoring = cu.prepare_scoring(model, train, None, knn_size=10_000, device="cpu")
-    assert scoring["calibration"] is None and scoring["knn_bank"].shape[1] == 3 * 9  # every train patch
-    raw = cu.score_patches(model, test, scoring["bank"], scoring["knn_bank"], batch_size=1, device="cpu")
-    assert set(raw) == {"loss", "knn"} and raw["knn"].shape == raw["loss"].shape == (2, 1, 3, 3)
+    refs = scoring["references"]
+    assert scoring["calibration"] is None and refs["knn"].shape[1] == refs["knn_ms"].shape[1] == 3 * 9  # all
+    raw = cu.score_patches(model, test, scoring["bank"], refs, batch_size=1, device="cpu")
+    assert set(raw) == {"loss", "knn", "knn_ms"}
+    assert raw["knn"].shape == raw["knn_ms"].shape == raw["loss"].shape == (2, 1, 3, 3)
     assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu"))
     with torch.no_grad():  # brute force: 1 - the best cosine similarity, averaged over the encoders
-        dists = []
-        for e, enc in enumerate(model.encoders):
-            z = F.normalize(cu.encode_grid(enc, cu.to_float(test), grid).permute(0, 2, 3, 1), dim=-1)
-            bank = F.normalize(scoring["knn_bank"][e], dim=-1)
-            dists.append(1 - torch.einsum("bijd,md->bijm", z, bank).max(-1).values)
-    assert torch.allclose(raw["knn"][:, 0], torch.stack(dists).mean(0), atol=1e-5)
-    train_raw = cu.score_patches(model, train, scoring["bank"], scoring["knn_bank"], device="cpu")
-    assert train_raw["knn"].abs().max() < 1e-5  # a train patch is its own nearest neighbour
+        for kind in ("knn", "knn_ms"):
+            dists = []
+            for e, enc in enumerate(model.encoders):
+                z, ms = cu.encode_grid(enc, cu.to_float(test), grid, multiscale=True)
+                f = F.normalize((z if kind == "knn" else ms).permute(0, 2, 3, 1), dim=-1)
+                dists.append(1 - torch.einsum("bijd,md->bijm", f, F.normalize(refs[kind][e], dim=-1)).max(-1).values)
+            assert torch.allclose(raw[kind][:, 0], torch.stack(dists).mean(0), atol=1e-5), kind
+    train_raw = cu.score_patches(model, train, scoring["bank"], refs, device="cpu")
+    assert train_raw["knn"].abs().max() < 1e-5 and train_raw["knn_ms"].abs().max() < 1e-5  # its own neighbour
+
+
+@pytest.mark.parametrize("name", list(cu.ENCODERS))
+def test_multiscale_descriptor(name):
+    enc = cu.build_encoder(name, width=8).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        z, ms = enc.multiscale(x)
+        assert torch.allclose(z, enc(x), atol=1e-5)                   # the same z as forward
+    assert torch.allclose(ms.norm(dim=-1), torch.ones(5), atol=1e-5)  # unit length, 3 equal parts
+    assert ms.shape[1] > z.shape[1]
 
 
 def test_prepare_scoring_fits_calibration_on_held_out_normals():
@@ -89,9 +105,9 @@ def test_prepare_scoring_fits_calibration_on_held_out_normals():
     model = tiny_model(grid)
     train, calib = random_images(3, 32, seed=1), random_images(4, 32, seed=3)
     scoring = cu.prepare_scoring(model, train, calib, device="cpu")
-    raw = cu.score_patches(model, calib, scoring["bank"], scoring["knn_bank"], device="cpu")
+    raw = cu.score_patches(model, calib, scoring["bank"], scoring["references"], device="cpu")
     cal = scoring["calibration"](raw)
-    for kind in ("loss", "knn"):  # on its own images the calibration gives zero mean per position
+    for kind in ("loss", "knn", "knn_ms"):  # on its own images the calibration gives zero mean per position
         assert cal[kind].mean(0).abs().max() < 1e-4
 
 

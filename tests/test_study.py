@@ -31,7 +31,11 @@ def tiny_study(tmp_path_factory) -> dict:
     first = study(*args)
     mtime = (tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns
     second = study(*args)
-    return {"out": tmp / "out", "first": first, "second": second, "mtime": mtime}
+    mtime_after_second = (tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns
+    before = json.loads((tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").read_text())
+    rescore = study(*args, "--rescore")
+    return {"out": tmp / "out", "first": first, "second": second, "mtime": mtime, "before": before,
+            "rescore": rescore, "mtime_after_second": mtime_after_second}
 
 
 def test_study_writes_every_run_with_val_and_test_metrics(tiny_study):
@@ -60,4 +64,14 @@ def test_study_rerun_skips_finished_runs(tiny_study):
     second = tiny_study["second"]
     assert second.returncode == 0, second.stdout + second.stderr
     assert "2 runs (2 finished before)" in second.stdout
-    assert (tiny_study["out"] / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns == tiny_study["mtime"]
+    assert tiny_study["mtime_after_second"] == tiny_study["mtime"]
+
+
+def test_study_rescore_keeps_training_and_redoes_evaluation(tiny_study):
+    rescore = tiny_study["rescore"]
+    assert rescore.returncode == 0, rescore.stdout + rescore.stderr
+    assert "rescoring 2 of 2 runs" in rescore.stdout
+    after = json.loads((tiny_study["out"] / "runs" / "fast" / "brick" / "seed0.json").read_text())
+    before = tiny_study["before"]
+    assert after["history"] == before["history"] and after["train_seconds"] == before["train_seconds"]
+    assert after["val"] == before["val"] and after["test"] == before["test"]  # same weights, same scores
