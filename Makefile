@@ -5,7 +5,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
-DEMO_COMPARE ?= tissue capsule
 
 .PHONY: env demo study test unit notebooks bench clean
 
@@ -19,12 +18,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# every demo category with the default encoder, then the other two encoders on one texture
-# and one object of the confirmation half
+# notebook 02 at its defaults on every demo category (both halves) with the default encoder
 demo: env
 	$(PY) -m cpc_utils demo-data data/demo
 	$(PY) scripts/sweep.py --data-root data/demo --run demo --encoders resnet18v2
-	$(PY) scripts/sweep.py --data-root data/demo --run demo --encoders resnet50v2 densenet --categories $(DEMO_COMPARE)
 	@echo "==> results in results/demo/ (summary.md, comparison.png, <category>/<encoder>/)"
 
 # the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds

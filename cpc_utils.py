@@ -1664,11 +1664,19 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
             out["loss"].append(model.patch_losses(zs, bank).float())  # stays on the device: no sync per batch
         for kind, ref in refs.items():
             feats = zs if kind == "knn" else [g[1] for g in grids]
-            dist = [1 - (F.normalize(f.float().permute(0, 2, 3, 1), dim=-1) @ r.T).max(-1).values  # (B', G, G)
+            dist = [_nearest_distance(F.normalize(f.float().permute(0, 2, 3, 1), dim=-1), r)  # (B', G, G)
                     for f, r in zip(feats, ref)]
             out[kind].append(torch.stack(dist).mean(0))
     G = model.grid.grid
     return {k: torch.cat(v).cpu().view(len(images), -1, G, G) for k, v in out.items()}
+
+
+def _nearest_distance(f: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """1 - the best cosine similarity of each unit vector f (..., D) among unit references (M, D),
+    a chunk of rows at a time so memory stays at chunk x M however large the batch."""
+    flat = f.reshape(-1, f.shape[-1])
+    best = torch.cat([(part @ ref.T).max(-1).values for part in flat.split(chunk)])
+    return (1 - best).view(f.shape[:-1])
 
 
 @torch.no_grad()

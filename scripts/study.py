@@ -44,6 +44,8 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
     "offset1": ("cosine, but targets share no pixels with the context (target_offset 1)", {"target_offset": 1}),
     "patch16": ("16 px patches at stride 8 (15x15 grid): finer maps", {"patch_size": 16, "stride": 8}),
     "width32": ("encoder width 32", {"width": 32}),
+    "patch16_refs16k": ("patch16's trained models, scored with 16,384 kNN references instead of 4,096",
+                        {"patch_size": 16, "stride": 8, "knn_bank": 16384, "weights_from": "patch16"}),
     "densenet": ("DenseNet encoder, 16 px patches", {"encoder": "densenet", "patch_size": 16, "stride": 8}),
     "resnet50v2": ("ResNet-50 v2 encoder, 16 px patches", {"encoder": "resnet50v2", "patch_size": 16, "stride": 8}),
 }
@@ -64,7 +66,7 @@ def run_one(job: dict) -> str:
     out = Path(job["out"])
     s = {**BASE, **SETTINGS[job["setting"]][1]}
     grid = cu.PatchGrid(*(s[k] for k in GRID_KEYS))
-    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset",)}
+    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset", "weights_from")}
     cfg = cu.cpcad_config(s.get("preset", "fast"), grid, **model_kw)
     tcfg = cu.TrainConfig(epochs=job["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
                           patience=job["epochs"], device="cpu")
@@ -90,10 +92,11 @@ def run_one(job: dict) -> str:
         return {"val_detection": {d: {k: v for k, v in m.items() if k.startswith(("image_auroc_", "pixel"))}
                                   for d, m in evaluate(val)[0].items()}}
 
-    if job.get("rescore"):
-        model.load_state_dict(torch.load(out.with_suffix(".pt"), weights_only=False)["model"])
+    trained = Path(str(out).replace(f"/{job['setting']}/", f"/{s['weights_from']}/")) if "weights_from" in s else out
+    if job.get("rescore") or trained != out:  # scoring-only settings reuse another setting's models
+        model.load_state_dict(torch.load(trained.with_suffix(".pt"), weights_only=False)["model"])
         model.eval()
-        before = json.loads(out.read_text())
+        before = json.loads(trained.read_text())
         history, seconds = before["history"], before["train_seconds"]
     else:
         t0 = time.perf_counter()
@@ -110,7 +113,7 @@ def run_one(job: dict) -> str:
     for name, target in (("val", val), ("test", test)):
         maps = cu.pixel_baseline(train.images, target.images, grid, device="cpu")
         result[f"baseline_{name}"] = cu.evaluate_maps(maps, target, grid, cu.REDUCES)["metrics"]
-    if not job.get("rescore"):  # the weights too (ignored by git): later detectors need no retraining
+    if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining
         cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
     v, t = result["val"], result["test"]
