@@ -24,10 +24,13 @@ demo: env
 	$(PY) scripts/sweep.py --data-root data/demo --run demo --encoders resnet18v2
 	@echo "==> results in results/demo/ (summary.md, comparison.png, <category>/<encoder>/)"
 
-# the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds
+# the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds;
+# the chosen setting, the paper preset and the first defaults on both halves, the rejected
+# variants on the tuning half only
 study: env
 	$(PY) -m cpc_utils demo-data data/demo
-	$(PY) scripts/study.py --jobs 2 $(STUDY_ARGS)
+	$(PY) scripts/study.py --jobs 2 --settings fast patch16 patch16_refs16k paper
+	$(PY) scripts/study.py --jobs 2 --settings stem_norm offset1 --categories brick gravel bottle screw
 
 test: env
 	$(PY) -m pytest -q tests

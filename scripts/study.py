@@ -1,6 +1,6 @@
 """The CPC-AD study: which settings detect anomalies on data nobody tuned them on.
 
-    python scripts/study.py --settings fast paper --seeds 0 1 2 --jobs 2     # make study
+    python scripts/study.py --settings fast patch16 patch16_refs16k paper --jobs 2   # as in make study
     python scripts/study.py --report                                          # tables only
 
 Protocol (nothing is chosen on test data):
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--data-root", default=str(ROOT / "data" / "demo"), help="default: %(default)s (written if missing)")
-    parser.add_argument("--settings", nargs="+", default=["fast", "paper"], choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["fast", "patch16", "patch16_refs16k", "paper"],
+                        choices=list(SETTINGS))
     parser.add_argument("--categories", nargs="+", help="default: the demo's tuning and confirmation halves")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=40)
@@ -162,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         t0, failed = time.perf_counter(), 0
         from concurrent.futures import ProcessPoolExecutor, as_completed
         import multiprocessing
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, j): j for j in todo}
-            for n, f in enumerate(as_completed(futures), 1):
-                j = futures[f]
-                try:
-                    line = f.result()
-                except Exception as e:  # one failing run must not lose the others
-                    failed += 1
-                    line = f"{j['setting']}/{j['category']}/seed{j['seed']}: FAILED {type(e).__name__}: {e}"
-                print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {line}", flush=True)
+        derived = [j for j in todo if "weights_from" in SETTINGS[j["setting"]][1]]
+        n = 0
+        for phase in ([j for j in todo if j not in derived], derived):  # models first, then what rescores them
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(run_one, j): j for j in phase}
+                for f in as_completed(futures):
+                    j, n = futures[f], n + 1
+                    try:
+                        line = f.result()
+                    except Exception as e:  # one failing run must not lose the others
+                        failed += 1
+                        line = f"{j['setting']}/{j['category']}/seed{j['seed']}: FAILED {type(e).__name__}: {e}"
+                    print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {line}", flush=True)
         print(f"study finished in {time.perf_counter() - t0:.0f} s, {failed} failed", flush=True)
     default = cu.CPCADConfig()
     print(write_report(out, (CHOSEN, default.detector, default.reduce)))
