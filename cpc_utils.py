@@ -1281,7 +1281,8 @@ class CPCADConfig:
         data of an older demo, kept in results/study/legacy_*), not re-chosen here; raw dot
         products collapsed there. The "paper" preset (`cpcad_config`) is the dot-product run.
       * stem "imagenet": the published norm + ReLU after the 7x7 conv did not help (0.729 /
-        0.835 against 0.734 / 0.844, loss + kNN, top10, 32 px patches); see `build_encoder`.
+        0.835 against 0.734 / 0.844, loss + kNN, top10, 32 px patches), nor did the "small"
+        stem at 16 px patches (0.794 / 0.893 against 0.788 / 0.912, one seed, twice the time).
       * num_negatives 63 from the batch in training; at test time a fixed bank of
         `test_negatives` encoded train/good patches, all used for every test patch, so
         scoring is deterministic and less noisy than sampled negatives.
