@@ -46,8 +46,10 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
     "width32": ("encoder width 32", {"width": 32}),
     "patch16_refs16k": ("patch16's trained models, scored with 16,384 kNN references instead of 4,096",
                         {"patch_size": 16, "stride": 8, "knn_bank": 16384, "weights_from": "patch16"}),
-    "densenet": ("DenseNet encoder, 16 px patches", {"encoder": "densenet", "patch_size": 16, "stride": 8}),
-    "resnet50v2": ("ResNet-50 v2 encoder, 16 px patches", {"encoder": "resnet50v2", "patch_size": 16, "stride": 8}),
+    "densenet": ("DenseNet encoder under the chosen setting (16 px patches, 16,384 references)",
+                 {"encoder": "densenet", "patch_size": 16, "stride": 8, "knn_bank": 16384}),
+    "resnet50v2": ("ResNet-50 v2 encoder under the chosen setting (16 px patches, 16,384 references)",
+                   {"encoder": "resnet50v2", "patch_size": 16, "stride": 8, "knn_bank": 16384}),
 }
 CHOSEN = "patch16_refs16k"  # the setting the defaults come from (chosen on the tuning half's validation data)
 GRID_KEYS = ("image_size", "patch_size", "stride")
