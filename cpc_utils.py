@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -725,6 +728,32 @@ def resolve_data_root(data_root: str | os.PathLike | None, demo_dir: str | os.Pa
 # An image is cut into a grid of overlapping patches (CPC v2: 64 px at stride 32 on 256 px
 # gives 7x7); CPC-AD cuts larger images into overlapping 256 px sub-images first.
 
+def check_param(name: str, value, kind: str, low: float | None = None, high: float | None = None,
+                choices: Iterable | None = None, optional: bool = False, open_low: bool = False) -> None:
+    """Raise ParameterError naming the parameter, its value and what is allowed.
+
+    kind: "int", "float" (an int is fine), "bool" or "str". Every config dataclass runs its
+    fields through this when built, so a bad value (`epochs="5"`, `temperature=-1`) stops a
+    run before any data is loaded, in the API and the notebooks alike, instead of deep in torch.
+    """
+    if optional and value is None:
+        return
+    types = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}[kind]
+    if not isinstance(value, types) or (kind in ("int", "float") and isinstance(value, bool)):
+        raise ParameterError(f"{name}={value!r}: expected {'None or ' if optional else ''}{kind}, "
+                             f"got {type(value).__name__}")
+    if choices is not None and value not in tuple(choices):
+        raise ParameterError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}")
+    if low is not None and (value <= low if open_low else value < low):
+        raise ParameterError(f"{name}={value!r}: must be {'>' if open_low else '>='} {low}")
+    if high is not None and value > high:
+        raise ParameterError(f"{name}={value!r}: must be <= {high}")
+
+
+class ParameterError(ValueError):
+    """A parameter with a wrong type or value (raised before anything runs)."""
+
+
 @dataclass
 class PatchGrid:
     """Geometry of the patch grid.
@@ -740,6 +769,10 @@ class PatchGrid:
     subimage_stride: int | None = None
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "stride"):
+            check_param(name, getattr(self, name), "int", low=1)
+        for name in ("subimage_size", "subimage_stride"):
+            check_param(name, getattr(self, name), "int", low=1, optional=True)
         sub = self.subimage_size or self.image_size
         if not (0 < self.stride <= self.patch_size and 0 < (self.subimage_stride or sub) <= sub <= self.image_size):
             raise ValueError(f"{self}: need 0 < stride <= patch_size and 0 < subimage_stride <= subimage_size "
@@ -863,6 +896,9 @@ class LayerNorm2d(nn.GroupNorm):
         y = F.layer_norm(x.permute(0, 2, 3, 1), (H, W, C), self.weight.expand(H, W, C),
                          self.bias.expand(H, W, C), self.eps)               # (N, H, W, C)
         return y.permute(0, 3, 1, 2)                                          # (N, C, H, W), channels_last
+
+
+NORMS = ("layer", "group", "batch", "none")
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
@@ -1183,6 +1219,23 @@ class CPCConfig:
     similarity: str = "dot"
     temperature: float = 1.0
 
+    def __post_init__(self):
+        _check_model_fields(self)
+        for name in ("context_dim", "context_layers"):
+            check_param(name, getattr(self, name), "int", low=1)
+        check_param("num_negatives", self.num_negatives, "int", low=1)
+
+
+def _check_model_fields(cfg) -> None:
+    """The fields CPCConfig and CPCADConfig share: encoder, width, steps, score."""
+    check_param("encoder", cfg.encoder, "str", choices=ENCODERS)
+    check_param("norm", cfg.norm, "str", choices=NORMS)
+    check_param("stem", cfg.stem, "str", choices=STEMS)
+    check_param("width", cfg.width, "int", low=1)
+    check_param("pred_steps", cfg.pred_steps, "int", low=1)
+    check_param("similarity", cfg.similarity, "str", choices=("dot", "cosine"))
+    check_param("temperature", cfg.temperature, "float", low=0, open_low=True)
+
 
 class CPC(nn.Module):
     """Encoder + PixelCNN context + one linear predictor W_k per step, trained with InfoNCE."""
@@ -1302,6 +1355,18 @@ class CPCADConfig:
     knn_bank: int = 16384         # train/good patches the kNN typicality scores compare with
     detector: str = "cpcad_knn_ms"  # how patch scores become the anomaly map: a key of DETECTORS
     reduce: str = "top10"         # how the map becomes the image score: a name in REDUCES
+
+    def __post_init__(self):
+        _check_model_fields(self)
+        check_param("target_offset", self.target_offset, "int", low=0)
+        check_param("num_negatives", self.num_negatives, "int", low=1, optional=True)  # None: all in the batch
+        check_param("test_negatives", self.test_negatives, "int", low=1)
+        check_param("knn_bank", self.knn_bank, "int", low=1)
+        check_param("shared_encoder", self.shared_encoder, "bool")
+        for d in self.directions:
+            check_param("directions", d, "str", choices=DIRECTIONS)
+        check_param("detector", self.detector, "str", choices=DETECTORS)
+        check_param("reduce", self.reduce, "str", choices=REDUCES)
 
 
 def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **overrides) -> CPCADConfig:
@@ -1448,6 +1513,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience"):
+            check_param(name, getattr(self, name), "int", low=1)
+        check_param("lr", self.lr, "float", low=0)  # 0 keeps the initial weights (a random-init reference)
+        check_param("weight_decay", self.weight_decay, "float", low=0)
+        check_param("seed", self.seed, "int", low=0)
+        check_param("device", self.device, "str")
+
 
 def make_config(cls: type, **overrides):
     """Config dataclass `cls` with `overrides`, where None keeps the default: how a notebook's
@@ -1481,17 +1554,36 @@ def autocast(device: torch.device):
 
 
 def save_atomic(obj, path: str | os.PathLike, writer: Callable = torch.save) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
+    """Write through a temporary file in the same folder, then rename over `path`.
+
+    A failed write leaves the previous `path` as it was and raises OSError naming the file and
+    the cause (a full disk is ENOSPC, also when torch's zip writer reports it as "unexpected
+    pos"). Files get the usual mode (0644 under the common umask 022), not mkstemp's 0600.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             writer(obj, f)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
+        if full or isinstance(e, OSError):
+            kept = f"; the previous {path.name} is kept" if path.exists() else ""
+            cause = "the disk is full (no space left on device)" if full else (e.strerror or str(e))
+            raise OSError(errno.ENOSPC if full else e.errno, f"cannot write {path}: {cause}{kept}") from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_json(obj, path: str | os.PathLike) -> None:
@@ -1504,6 +1596,136 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+# A run's identity and folder: what determines its result is fingerprinted; a run writes into
+# a staging folder next to its output and replaces the previous run only once it succeeded.
+
+NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root")  # change nothing a run computes
+RESUMABLE_CHANGES = ("parameters.epochs", "parameters.patience")  # a resumed run may extend these
+
+
+def code_version() -> str:
+    """The first 12 hex digits of this file's SHA-256: the code a run used (no git needed)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def data_fingerprint(root: str | os.PathLike, category: str) -> dict:
+    """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes)."""
+    cat_dir = Path(root).resolve() / category
+    files = sorted(p for p in cat_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("._") and "__MACOSX" not in p.parts)
+    listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {p.stat().st_size}" for p in files)
+    return {"root": str(cat_dir.parent), "category": category, "files": len(files),
+            "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
+
+
+def run_fingerprint(parameters: dict, root: str | os.PathLike, category: str) -> dict:
+    """What determines a run's result: its parameters (all but NOT_IDENTITY), the data, the code.
+
+    Notebook 02 stores it in its checkpoints and metrics.json; resume and scripts/sweep.py
+    compare it (`fingerprint_diff`), so results of other settings are never taken as current.
+    """
+    params = {k: v for k, v in sorted(parameters.items()) if k not in NOT_IDENTITY}
+    return json.loads(json.dumps({"parameters": params, "data": data_fingerprint(root, category),
+                                  "code": code_version()}, default=_json_default))
+
+
+def fingerprint_diff(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted names of the fields where two fingerprints differ, e.g. ["parameters.width", "code"]."""
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+    a, b = flat(old or {}), flat(new or {})
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
+
+
+def acquire_lock(path: str | os.PathLike) -> Path:
+    """Create lock file `path` ({"pid", "host", "started"}), or raise RuntimeError naming its holder.
+
+    A lock left by a process that no longer exists on this host is taken over; one held by
+    this process (a notebook cell run again in the same kernel) is kept.
+    """
+    import socket
+    path, host = Path(path), socket.gethostname()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == host and holder.get("pid") == os.getpid():
+                return path
+            if holder.get("host") == host and not _alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # its process is gone: a crash, a killed kernel
+                continue
+            raise RuntimeError(f"{path.parent} is being written by process {holder.get('pid')} on "
+                               f"{holder.get('host')} since {holder.get('started')} (lock {path}); wait for it "
+                               "to finish, or delete the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return path
+    raise RuntimeError(f"cannot take the lock {path}")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -> Path:
+    """Lock output folder `out` and return the staging folder this run writes into.
+
+    Nothing of a previous run in `out` is touched until `finish_run` replaces it, so a run that
+    fails (a bad parameter, a crash, Ctrl-C) loses no model and leaves no results that claim
+    to be its own. The staging folder is `out`'s hidden sibling `.<name>.partial`; its
+    run.json records the fingerprint and status. resume=True continues an unfinished staging
+    run, or else a copy of `out`'s checkpoints (to train a finished run further).
+    """
+    import shutil
+    out = Path(out)
+    work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    acquire_lock(out.parent / f".{out.name}.lock")
+    if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
+        old.rename(out)
+    if not resume or not (work / "checkpoints" / "last.pt").exists():
+        shutil.rmtree(work, ignore_errors=True)
+        if resume and (out / "checkpoints" / "last.pt").exists():
+            shutil.copytree(out / "checkpoints", work / "checkpoints")
+    work.mkdir(parents=True, exist_ok=True)
+    save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "output_dir": str(out), "fingerprint": fingerprint}, work / "run.json")
+    return work
+
+
+def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -> Path:
+    """Write metrics.json into the staging folder `work` (last), then make it `out`; unlock.
+
+    The previous run in `out`, if any, is moved aside first and deleted once the new one is
+    in place. Returns the path of the metrics.json written.
+    """
+    import shutil
+    out, work = Path(out), Path(work)
+    save_json(metrics, work / "metrics.json")
+    save_json({**json.loads((work / "run.json").read_text()), "status": "finished",
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, work / "run.json")
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    (out.parent / f".{out.name}.lock").unlink(missing_ok=True)
+    return out / "metrics.json"
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -1525,9 +1747,19 @@ def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, dev
     return total / n
 
 
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    """torch.load with an error that names the file: a truncated or corrupt checkpoint."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                           "(truncated or corrupt); delete it, or start over with resume=False") from e
+
+
 def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-                progress: bool = True, on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
+                progress: bool = True, on_epoch: Callable[[nn.Module, int], dict] | None = None,
+                fingerprint: dict | None = None) -> list[dict]:
     """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
 
     Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
@@ -1536,8 +1768,11 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
     last good checkpoint in place. `on_epoch(model, epoch)`, if given, runs after each epoch's
     validation and its dict is added to that epoch's record (e.g. detection on the synthetic
-    validation anomalies, to study how long to train).
+    validation anomalies, to study how long to train). `fingerprint` (`run_fingerprint`) is
+    stored in the checkpoint; resuming from one whose fingerprint differs (other than in
+    `epochs`) is an error naming the differing fields.
     """
+    _check_negatives(model, cfg.batch_size, len(train))
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1551,8 +1786,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         for stale in ("last.pt", "best.pt"):  # a fresh run must not end on an older run's weights
             (ckpt / stale).unlink(missing_ok=True)
     if resume and ckpt and (ckpt / "last.pt").exists():
-        state = torch.load(ckpt / "last.pt", map_location=device, weights_only=False)
-        _check_resumable(state, model, cfg, ckpt / "last.pt")
+        state = load_checkpoint(ckpt / "last.pt", device)
+        _check_resumable(state, model, cfg, ckpt / "last.pt", fingerprint)
+        if (ckpt / "best.pt").exists():
+            load_checkpoint(ckpt / "best.pt")  # a truncated best.pt fails now, not after training
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
@@ -1571,8 +1808,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 out = model.loss(to_float(images[idx.to(device)]), g)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}{where}")
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
+                                         f"{_kept(ckpt)}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1581,8 +1818,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 if key != "loss":
                     extras.setdefault(key, []).append(v.detach().float().cpu())
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
-            where = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-            raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{where}")
+            raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{_kept(ckpt)}")
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)),
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
         if val_images is not None:
@@ -1604,15 +1840,52 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         if ckpt:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                          "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
-                         "history": history, "best": best, "bad_epochs": bad_epochs,
+                         "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
                          "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
                         ckpt / "last.pt")
     if ckpt and (ckpt / "best.pt").exists():
-        model.load_state_dict(torch.load(ckpt / "best.pt", map_location=device, weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(ckpt / "best.pt", device)["model"])
     elif best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def _kept(ckpt: Path | None) -> str:
+    """What an error can promise about checkpoints: only files that exist."""
+    last = ckpt / "last.pt" if ckpt else None
+    return f"; the last good checkpoint is kept in {last}" if last and last.exists() else "; no checkpoint was written"
+
+
+def _check_negatives(model: nn.Module, batch_size: int, num_train: int) -> None:
+    """num_negatives must fit in what one full batch supplies (otherwise they repeat)."""
+    k, grid = getattr(getattr(model, "cfg", None), "num_negatives", None), getattr(model, "grid", None)
+    if k is None or grid is None:
+        return
+    pool = min(batch_size, num_train) * grid.num_subimages ** 2 * grid.grid ** 2 - 1
+    if k > pool:
+        raise ParameterError(f"num_negatives={k}: a batch of {min(batch_size, num_train)} images gives only "
+                             f"{pool} other patches to draw from; lower num_negatives or raise batch_size")
+
+
+def learning_check(history: list[dict], chance_loss: float, margin: float = 0.05) -> dict:
+    """Did training learn anything? {"status": "ok" | "at_chance" | "diverged", "message": str}.
+
+    at_chance: the best validation loss (the training loss without validation) is within
+    `margin` x chance of the chance loss log(N + 1), the loss of a model that ranks the
+    positive no better than a negative (e.g. a collapsed encoder). diverged: the last epoch's
+    training loss is above twice chance (e.g. dot-product scores blowing up). Runs that end
+    like this still produce metrics; they are flagged, not hidden.
+    """
+    val = [h["val_loss"] for h in history if "val_loss" in h]
+    best = min(val) if val else min(h["train_loss"] for h in history)
+    last = history[-1]["train_loss"]
+    numbers = f"best loss {best:.3f}, last training loss {last:.3g}, chance {chance_loss:.3f}"
+    if not math.isfinite(last) or last > 2 * chance_loss:
+        return {"status": "diverged", "message": f"training diverged: {numbers}"}
+    if best >= (1 - margin) * chance_loss:
+        return {"status": "at_chance", "message": f"nothing learned: the loss stayed at chance ({numbers})"}
+    return {"status": "ok", "message": f"learned: {numbers}"}
 
 
 def _model_config(model: nn.Module) -> dict:
@@ -1620,7 +1893,8 @@ def _model_config(model: nn.Module) -> dict:
     return {"class": type(model).__name__, **(dataclasses.asdict(cfg) if cfg is not None else {})}
 
 
-def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path) -> None:
+def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path,
+                     fingerprint: dict | None = None) -> None:
     saved = state.get("config", {})
     now = {"train": dataclasses.asdict(cfg), "model": _model_config(model)}
     # a model option missing from the saved config is newer than the checkpoint, which was
@@ -1630,7 +1904,10 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
     saved_model = json.loads(json.dumps({**defaults, **(saved.get("model") or {})}, default=list))
     now_model = json.loads(json.dumps(now["model"], default=list))
     diff = [k for k in now_model if saved_model.get(k) != now_model[k]]
-    diff += [f"train.{k}" for k in now["train"] if k != "epochs" and saved.get("train", {}).get(k) != now["train"][k]]
+    diff += [f"train.{k}" for k in now["train"]
+             if k not in ("epochs", "patience") and saved.get("train", {}).get(k) != now["train"][k]]
+    if fingerprint is not None and state.get("fingerprint") is not None:
+        diff += fingerprint_diff(state["fingerprint"], fingerprint, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"cannot resume from {path}: its configuration differs in {', '.join(diff)}; "
                          "use another checkpoint_dir or resume=False")
@@ -2010,11 +2287,11 @@ def plot_comparison(rows: list[dict], metric: str = "image_auroc") -> "matplotli
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
 # results tree into the comparison table.
 
-SUMMARY_COLUMNS = ("category", "half", "encoder", "epochs_trained", "detector", "image_reduce",
+SUMMARY_COLUMNS = ("category", "half", "encoder", "epochs_trained", "learned", "detector", "image_reduce",
                    "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
                    "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
                    "image_f1_max", "train_seconds")
-TEXT_COLUMNS = ("category", "half", "encoder", "epochs_trained", "detector", "image_reduce")
+TEXT_COLUMNS = ("category", "half", "encoder", "epochs_trained", "learned", "detector", "image_reduce")
 
 
 def demo_half(category: str) -> str:
@@ -2025,7 +2302,10 @@ def demo_half(category: str) -> str:
 def load_results(root: str | os.PathLike) -> list[dict]:
     """Every metrics.json under `root`, flattened to one dict per run."""
     rows = []
-    for path in sorted(Path(root).rglob("metrics.json")):
+    root = Path(root)
+    for path in sorted(root.rglob("metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # a staging folder (.<name>.partial) of a run not yet finished
         try:
             rows.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
@@ -2041,7 +2321,8 @@ def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) ->
     """
     def fmt(v):
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    rows = [{**r, "half": r.get("half") or demo_half(r["category"])} for r in rows]
+    rows = [{**r, "half": r.get("half") or demo_half(r["category"]),
+             "learned": (r.get("learning") or {}).get("status", "")} for r in rows]
     numeric = [c for c in columns if c not in TEXT_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["half"] != "tuning", r["half"], r["category"], r["encoder"],
@@ -2086,19 +2367,39 @@ def comparison_table(rows: list[dict], metric: str = "image_auroc") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(run_dir: str | os.PathLike) -> list[dict]:
-    """Write summary.md, summary.csv and comparison.png for a results tree; return its rows."""
+def pair_status_table(status: dict[str, str], failures: dict | None = None) -> str:
+    """Markdown list of a sweep's pairs that did not finish: failed (with the error) or missing."""
+    failures = failures or {}
+    counts = {s: sum(v == s for v in status.values()) for s in ("finished", "failed", "missing")}
+    lines = [f"\n**Pairs of the last sweep**: {counts['finished']} finished, {counts['failed']} failed, "
+             f"{counts['missing']} missing (not run: the sweep stopped).\n"]
+    for pair, state in status.items():
+        if state != "finished":
+            error = (failures.get(pair, {}).get("error") or "").splitlines()
+            lines.append(f"- {pair}: {state}" + (f": {error[0]}" if error else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = None,
+                  failures: dict | None = None) -> list[dict]:
+    """Write summary.md, summary.csv and comparison.png for a results tree; return its rows.
+
+    status ({"category/encoder": "finished" | "failed" | "missing"}, from scripts/sweep.py) and
+    failures add the pairs that have no current result. The "learned" column flags runs whose
+    loss stayed at chance or diverged (`learning_check`).
+    """
     import csv
     import io
     run_dir = Path(run_dir)
     rows = load_results(run_dir)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
-    save_atomic(summary_table(rows).encode(), run_dir / "summary.md", lambda o, f: f.write(o))
+    text = summary_table(rows) + (pair_status_table(status, failures) if status else "")
+    save_atomic(text.encode(), run_dir / "summary.md", lambda o, f: f.write(o))
     buf = io.StringIO()
     w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({**r, "learned": (r.get("learning") or {}).get("status", "")} for r in rows)
     save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
     fig = plot_comparison(rows)
     fig.savefig(run_dir / "comparison.png", dpi=100)

@@ -5,10 +5,15 @@
         --epochs 50 --run mvtec --param image_size=256 patch_size=64 stride=32 width=64
 
 Each pair writes results/<run>/<category>/<encoder>/: the executed notebook, metrics.json and
-the figures. A pair whose metrics.json exists is skipped, so an interrupted sweep resumes
-(an unfinished pair continues from its last checkpoint, resume=True). A failing pair is
-recorded in results/<run>/failures.json and the sweep goes on; at the end cu.write_summary
-writes summary.md, summary.csv and comparison.png. Exits 1 if any pair failed.
+the figures. A pair is skipped only when its metrics.json records the same fingerprint
+(parameters, data files, code version: cu.run_fingerprint) as this sweep asks for; with other
+parameters it is run again (continuing from its checkpoints when only epochs or patience
+grew), and the previous results stay in place until the new run has finished. An
+interrupted pair continues from its last checkpoint. A failing pair is recorded in
+results/<run>/failures.json (kept until that pair succeeds, also by sweeps over other pairs)
+and the sweep goes on; a full disk stops it cleanly. A lock keeps two sweeps out of one run
+folder. At the end cu.write_summary writes summary.md (with the finished, failed and missing
+pairs), summary.csv and comparison.png. Exits 1 if any pair failed or is missing.
 
 Defaults are the notebook's own parameters (its `parameters` cell): `make demo` runs all demo
 categories x all encoders with them.
@@ -56,20 +61,43 @@ def parse_params(pairs: list[str], defaults: dict) -> dict:
     return params
 
 
+def failed_notebook(out: Path) -> Path:
+    """Where a failed pair's partly executed notebook is kept: beside the pair's folder, so a
+    previous finished run inside it stays as it was."""
+    return out.parent / f"{out.name}.failed.ipynb"
+
+
 def run_pair(notebook: Path, out: Path, parameters: dict) -> None:
-    """Execute the notebook into `out`, via a temporary name renamed when it finished."""
+    """Execute the notebook (it writes `out` itself when it finishes), keeping the executed copy
+    in `out` on success and beside it on failure."""
     import papermill
-    out.mkdir(parents=True, exist_ok=True)
-    final, tmp = out / notebook.name, out / f".{notebook.stem}.running.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.running.ipynb"
     try:
         papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(ROOT),
                                    progress_bar=False, kernel_name="python3")
     except BaseException:
         if tmp.exists():  # keep the partly executed notebook, with its traceback, for reading
-            tmp.replace(out / f"{notebook.stem}.failed.ipynb")
+            tmp.replace(failed_notebook(out))
         raise
-    tmp.replace(final)
-    (out / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
+    tmp.replace(out / notebook.name)
+    failed_notebook(out).unlink(missing_ok=True)
+
+
+def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
+    """("finished" | "changed" | "partial" | "new", fields that differ from `fingerprint`).
+
+    "changed": finished with another fingerprint (an older run's parameters, data or code);
+    "partial": an unfinished run in the staging folder (cu.begin_run), continued if its
+    fingerprint differs at most in what a resumed run may change.
+    """
+    metrics, staged = out / "metrics.json", out.parent / f".{out.name}.partial" / "run.json"
+    if metrics.exists():
+        diff = cu.fingerprint_diff(json.loads(metrics.read_text()).get("fingerprint"), fingerprint)
+        return ("changed" if diff else "finished"), diff
+    if staged.exists():
+        return "partial", cu.fingerprint_diff(json.loads(staged.read_text()).get("fingerprint"), fingerprint)
+    return "new", []
 
 
 def error_message(e: BaseException) -> str:
@@ -105,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--param {key}=... is set by the sweep itself; use its own option")
     if args.epochs is not None:
         params["epochs"] = args.epochs
-    params.setdefault("resume", True)  # an interrupted pair continues from its last checkpoint
+    resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
     root = cu.resolve_data_root(args.data_root, ROOT / "data" / "demo").resolve()
     categories = args.categories or cu.list_categories(root)
     run_dir = Path(args.results).resolve() / args.run
@@ -114,48 +142,90 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
 
-    t_start, failures, done, skipped = time.perf_counter(), {}, 0, 0
+    try:
+        cu.acquire_lock(run_dir / ".sweep.lock")
+    except RuntimeError as e:
+        raise SystemExit(f"sweep: {e}")
+    try:
+        return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume)
+    finally:
+        (run_dir / ".sweep.lock").unlink(missing_ok=True)
+
+
+def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
+          resume: bool) -> int:
+    """Run every (category, encoder) pair not finished with these parameters; write the summary."""
+    failures_file = run_dir / "failures.json"
+    failures = json.loads(failures_file.read_text()) if failures_file.exists() else {}
+    t_start, status, done, skipped = time.perf_counter(), {}, 0, 0
     for n, (category, encoder) in enumerate(pairs, 1):
         out = run_dir / category / encoder
-        tag = f"[{n}/{len(pairs)}] {category}/{encoder}"
-        if (out / "metrics.json").exists():
+        key, tag = f"{category}/{encoder}", f"[{n}/{len(pairs)}] {category}/{encoder}"
+        run_params = {**params, "data_root": str(root), "category": category, "encoder": encoder,
+                      "output_dir": str(out)}
+        state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
+        if state == "finished":
             skipped += 1
-            print(f"{tag}: finished before, skipped", flush=True)
+            status[key] = "finished"
+            failures.pop(key, None)
+            print(f"{tag}: finished before with these parameters, skipped", flush=True)
             continue
-        print(f"{tag}: running ...", flush=True)
+        continues = resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+        why = {"changed": f"finished before with other {', '.join(diff)}: running again"
+                          + (" (continuing its training)" if continues else " (its results stay until this run finishes)"),
+               "partial": "continuing an interrupted run" if continues else
+                          f"an interrupted run with other {', '.join(diff)} is discarded; running",
+               "new": "running"}[state]
+        print(f"{tag}: {why} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            run_pair(notebook, out, {**params, "data_root": str(root), "category": category,
-                                     "encoder": encoder, "output_dir": str(out)})
+            run_pair(notebook, out, {**run_params, "resume": bool(continues or (resume and state == "new"))})
         except Exception as e:  # one bad pair must not stop the sweep: record it and go on
-            failures[f"{category}/{encoder}"] = {"category": category, "encoder": encoder,
-                                                 "error": error_message(e), "output_dir": str(out),
-                                                 "notebook": str(out / f"{notebook.stem}.failed.ipynb")}
+            failures[key] = {"category": category, "encoder": encoder, "error": error_message(e),
+                             "output_dir": str(out), "notebook": str(failed_notebook(out))}
+            status[key] = "failed"
             print(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {error_message(e)}", flush=True)
+            if "No space left on device" in error_message(e) or "disk is full" in error_message(e):
+                print("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
+                break
             continue
         done += 1
+        status[key] = "finished"
+        failures.pop(key, None)
         m = json.loads((out / "metrics.json").read_text())
+        learned = m.get("learning", {}).get("status", "ok")
         print(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
               f"{m.get('detector', 'cpcad')}: image AUROC ({m.get('image_reduce', 'mean')}) {m['image_auroc']:.3f} "
               f"(baseline {m['baseline_image_auroc']:.3f}), pixel AUROC {m['pixel_auroc']:.3f} "
-              f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs", flush=True)
+              f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs"
+              + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"), flush=True)
+    for category, encoder in pairs:
+        status.setdefault(f"{category}/{encoder}", "missing")  # not reached: the sweep stopped early
 
-    failures_file = run_dir / "failures.json"
-    if failures:
-        cu.save_json(failures, failures_file)
-    else:
-        failures_file.unlink(missing_ok=True)
-    print(f"\n{done} run, {skipped} skipped, {len(failures)} failed in {fmt_time(time.perf_counter() - t_start)}")
+    try:
+        if failures:
+            cu.save_json(failures, failures_file)
+        else:
+            failures_file.unlink(missing_ok=True)
+    except OSError as e:
+        print(f"sweep: cannot record the failures: {e}")
+        return 2
+    missing = [k for k, v in status.items() if v == "missing"]
+    print(f"\n{done} run, {skipped} skipped, {sum(v == 'failed' for v in status.values())} failed, "
+          f"{len(missing)} missing in {fmt_time(time.perf_counter() - t_start)}")
     if any(run_dir.rglob("metrics.json")):
-        cu.write_summary(run_dir)
+        try:
+            cu.write_summary(run_dir, status, failures)
+        except OSError as e:
+            print(f"sweep: cannot write the summary: {e}")
+            return 2
         print((run_dir / "summary.md").read_text())
         print(f"results in {run_dir} (summary.md, summary.csv, comparison.png, <category>/<encoder>/)")
     if failures:
         print(f"failures recorded in {failures_file}:")
         for pair, f in failures.items():
             print(f"  {pair}: {f['error'].splitlines()[0] if f['error'] else ''}")
-        return 1
-    return 0
+    return 1 if failures or missing else 0
 
 
 if __name__ == "__main__":

@@ -315,10 +315,10 @@ def test_fresh_run_ignores_stale_checkpoints(tmp_path):
     train = cu.ImageSet(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
                         torch.zeros(4, 1, 32, 32, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
                         ["good"] * 4, [f"{i}.png" for i in range(4)])
-    stale = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16), grid)
+    stale = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16, num_negatives=15), grid)
     cu.save_atomic({"model": stale.state_dict(), "epoch": 1}, tmp_path / "best.pt")
     torch.manual_seed(1)
-    model = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16), grid)
+    model = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16, num_negatives=15), grid)
     cu.train_model(model, train, None, cu.TrainConfig(epochs=1, batch_size=2), tmp_path, progress=False)
     assert not (tmp_path / "best.pt").exists()
     assert not torch.equal(model.W, stale.W)
@@ -334,3 +334,208 @@ def test_on_epoch_adds_to_each_record(sets):
     history = cu.train_model(tiny_cpcad(), train, val, config(3), progress=False, on_epoch=on_epoch)
     assert [e for e, _ in seen] == [1, 2, 3]
     assert [h.get("probe") for h in history] == [None, 20, None]
+
+
+# ---- validated parameters, failures that say what happened (issue: runs that never lie) ----
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(epochs=0), "epochs=0: must be >= 1"), (dict(epochs=-3), "epochs=-3: must be >= 1"),
+    (dict(epochs="5"), "epochs='5': expected int, got str"), (dict(patience=0), "patience=0: must be >= 1"),
+    (dict(batch_size=0), "batch_size=0: must be >= 1"), (dict(lr=-1e-3), "lr=-0.001: must be >= 0"),
+    (dict(epochs=2.5), "epochs=2.5: expected int"), (dict(epochs=True), "epochs=True: expected int")])
+def test_train_config_rejects_bad_values(kw, text):
+    with pytest.raises(cu.ParameterError) as e:
+        cu.TrainConfig(**kw)
+    assert text in str(e.value)
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(num_negatives=0), "num_negatives=0: must be >= 1"), (dict(test_negatives=0), "test_negatives=0"),
+    (dict(temperature=-0.1), "temperature=-0.1: must be > 0"), (dict(temperature=0), "temperature=0: must be > 0"),
+    (dict(similarity="cos"), "similarity='cos': choose one of dot, cosine"), (dict(width="16"), "width='16'"),
+    (dict(detector="nope"), "detector='nope'"), (dict(shared_encoder=1), "shared_encoder=1: expected bool")])
+def test_cpcad_config_rejects_bad_values(kw, text):
+    with pytest.raises(cu.ParameterError) as e:
+        cu.CPCADConfig(**kw)
+    assert text in str(e.value)
+    assert cu.CPCADConfig(num_negatives=None).num_negatives is None  # None: every patch of the batch
+
+
+def test_cpc_config_and_grid_reject_bad_values():
+    with pytest.raises(cu.ParameterError, match="num_negatives=0"):
+        cu.CPCConfig(num_negatives=0)
+    with pytest.raises(cu.ParameterError, match="context_layers=0"):
+        cu.CPCConfig(context_layers=0)
+    with pytest.raises(cu.ParameterError, match="image_size='64'"):
+        cu.PatchGrid("64", 16, 8)
+
+
+def test_more_negatives_than_a_batch_supplies_is_an_error(sets):
+    train, val = sets
+    model = cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=18), GRID)  # 2 images x 9 patches - 1 = 17
+    with pytest.raises(cu.ParameterError, match="num_negatives=18: a batch of 2 images gives only 17"):
+        cu.train_model(model, train, val, config(1), progress=False)
+    cu.train_model(cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=17), GRID), train, val, config(1), progress=False)
+
+
+def test_learning_check():
+    hist = [{"train_loss": 2.0, "val_loss": 1.9}, {"train_loss": 1.0, "val_loss": 1.1}]
+    assert cu.learning_check(hist, math.log(64))["status"] == "ok"
+    flat = [{"train_loss": 4.16, "val_loss": 4.15}, {"train_loss": 4.158, "val_loss": 4.152}]
+    at_chance = cu.learning_check(flat, math.log(64))
+    assert at_chance["status"] == "at_chance" and "4.150" in at_chance["message"] and "4.159" in at_chance["message"]
+    exploded = cu.learning_check([{"train_loss": 3.0, "val_loss": 3.0}, {"train_loss": 1e16, "val_loss": 2.0}],
+                                 math.log(64))
+    assert exploded["status"] == "diverged" and "1e+16" in exploded["message"]
+    assert cu.learning_check([{"train_loss": 4.2}], math.log(64))["status"] == "at_chance"  # no validation
+
+
+def test_a_collapsed_run_is_flagged(sets):
+    """lr 1e3 with cosine scores: training 'finishes' but learns nothing; the check says so."""
+    train, val = sets
+    model = tiny_cpcad()
+    history = cu.train_model(model, train, val, config(3, lr=1e3), progress=False)
+    check = cu.learning_check(history, math.log(model.cfg.num_negatives + 1))
+    assert check["status"] in ("at_chance", "diverged"), (check, history)
+
+
+def test_errors_name_only_checkpoints_that_exist(sets, tmp_path):
+    train, val = sets
+    with pytest.raises(FloatingPointError) as e:
+        cu.train_model(build("cpcad", 0), train, val, config(2, lr=float("inf"), batch_size=len(train)),
+                       tmp_path / "ck", progress=False)
+    assert "no checkpoint was written" in str(e.value) and "kept in" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_truncated_checkpoint_on_resume_names_the_file(name, sets, tmp_path):
+    train, val = sets
+    cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError) as e:
+        cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
+    assert f"cannot read checkpoint {tmp_path / name}" in str(e.value) and "resume=False" in str(e.value)
+    assert torch.load(tmp_path / ("best.pt" if name == "last.pt" else "last.pt"), weights_only=False)  # untouched
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
+def test_full_disk_is_one_clear_error_and_keeps_the_file(error, tmp_path):
+    path = tmp_path / "last.pt"
+    cu.save_atomic({"w": torch.arange(3)}, path)
+
+    def full(obj, f):
+        f.write(b"part")
+        raise error
+
+    with pytest.raises(OSError) as e:
+        cu.save_atomic({"w": torch.arange(4)}, path, full)
+    assert e.value.errno == 28 and str(path) in str(e.value) and "disk is full" in str(e.value)
+    assert "previous last.pt is kept" in str(e.value)
+    assert torch.equal(torch.load(path)["w"], torch.arange(3)) and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        cu.save_json({"a": 1}, tmp_path / "metrics.json")
+        cu.save_atomic({"w": 1}, tmp_path / "last.pt")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}
+
+
+# ---- run identity and the run folder ----
+
+def test_fingerprint_covers_parameters_data_and_code(demo_root):
+    params = {"category": "brick", "width": 16, "epochs": 3, "resume": False, "output_dir": "x", "data_root": ""}
+    fp = cu.run_fingerprint(params, demo_root, "brick")
+    assert set(fp) == {"parameters", "data", "code"} and "resume" not in fp["parameters"]
+    assert fp["data"]["category"] == "brick" and fp["data"]["files"] > 0 and fp["code"] == cu.code_version()
+    assert cu.fingerprint_diff(fp, cu.run_fingerprint({**params, "resume": True, "output_dir": "y"},
+                                                      demo_root, "brick")) == []
+    other = cu.run_fingerprint({**params, "width": 32, "epochs": 4}, demo_root, "gravel")
+    assert {"data.category", "data.digest", "parameters.width", "parameters.epochs"} <= set(cu.fingerprint_diff(fp, other))
+    assert cu.fingerprint_diff(fp, other, ignore=cu.RESUMABLE_CHANGES) == [
+        d for d in cu.fingerprint_diff(fp, other) if d != "parameters.epochs"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(sets, tmp_path):
+    """Another category or image size with the same model config: refused, naming the fields."""
+    train, val = sets
+    fp = {"parameters": {"category": "brick", "image_size": 64, "epochs": 1}, "data": {"digest": "a"}, "code": "c"}
+    cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False, fingerprint=fp)
+    other = {"parameters": {"category": "gravel", "image_size": 128, "epochs": 2}, "data": {"digest": "b"}, "code": "c"}
+    with pytest.raises(ValueError) as e:
+        cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False,
+                       fingerprint=other)
+    assert "data.digest" in str(e.value) and "parameters.category" in str(e.value)
+    assert "parameters.image_size" in str(e.value) and "parameters.epochs" not in str(e.value)
+    longer = {**fp, "parameters": {**fp["parameters"], "epochs": 2}}  # more epochs: that is what resume is for
+    assert len(cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False,
+                              fingerprint=longer)) == 2
+
+
+def test_a_failed_run_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "brick" / "resnet18v2"
+    work = cu.begin_run(out, {"v": 1})
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "last.pt").write_bytes(b"model 1")
+    cu.finish_run(out, work, {"image_auroc": 0.9})
+    assert json.loads((out / "metrics.json").read_text())["image_auroc"] == 0.9
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    work = cu.begin_run(out, {"v": 2})  # a second run that then fails: nothing of the first is touched
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "last.pt").write_bytes(b"model 2, half")
+    assert (out / "checkpoints" / "last.pt").read_bytes() == b"model 1" and (out / "metrics.json").exists()
+    assert cu.load_results(tmp_path) == [{"image_auroc": 0.9}]  # the staging folder is not a result
+    work = cu.begin_run(out, {"v": 2})  # a third that succeeds replaces the first
+    assert not (work / "checkpoints").exists()  # resume=False starts the unfinished one over
+    cu.finish_run(out, work, {"image_auroc": 0.7})
+    assert json.loads((out / "metrics.json").read_text())["image_auroc"] == 0.7
+    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["resnet18v2"]  # no staging, old copy or lock left
+
+
+def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path):
+    out = tmp_path / "run"
+    work = cu.begin_run(out, {})
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "last.pt").write_bytes(b"epoch 3")
+    cu.finish_run(out, work, {})
+    work = cu.begin_run(out, {}, resume=True)  # train a finished run further: on a copy
+    assert (work / "checkpoints" / "last.pt").read_bytes() == b"epoch 3"
+    (work / "checkpoints" / "last.pt").write_bytes(b"epoch 4")
+    assert (out / "checkpoints" / "last.pt").read_bytes() == b"epoch 3"
+    work = cu.begin_run(out, {}, resume=True)  # interrupted: the staged run continues
+    assert (work / "checkpoints" / "last.pt").read_bytes() == b"epoch 4"
+
+
+def test_an_interrupted_switch_over_is_undone(tmp_path):
+    out = tmp_path / "run"
+    cu.finish_run(out, cu.begin_run(out, {}), {"n": 1})
+    out.rename(tmp_path / ".run.old")  # killed between the two renames of finish_run
+    cu.begin_run(out, {})
+    assert json.loads((out / "metrics.json").read_text()) == {"n": 1}
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    lock = tmp_path / ".run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then"}))
+        with pytest.raises(RuntimeError) as e:
+            cu.acquire_lock(lock)
+        assert f"process {holder.pid}" in str(e.value) and str(lock) in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    cu.acquire_lock(lock)  # its holder is gone: taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    cu.acquire_lock(lock)  # the same process again (a notebook cell rerun): fine
