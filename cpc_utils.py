@@ -131,14 +131,32 @@ def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     Channels: every image becomes RGB. The grayscale categories (grid, screw, zipper) are
     replicated to three equal channels, so one encoder shape serves all 15 categories and a
     grayscale category costs nothing extra to learn (the three channels stay identical).
+    Depth: 16-bit grayscale (PIL mode "I;16", or "I" in some Pillow versions) is scaled to
+    8 bit as value / 257 (65535 -> 255) and float ("F") as value * 255 when it lies in [0, 1],
+    else clipped to [0, 255]; PIL's own `.convert("RGB")` would clip 16-bit data to white.
     """
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            im = _to_8bit(im).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except Exception as e:  # PIL raises many types; the user needs the file name
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _to_8bit(im):
+    """A 16-bit ("I;16*", "I") or float ("F") grayscale PIL image as mode "L"; others as they are."""
+    from PIL import Image
+    if not (im.mode == "F" or im.mode.startswith("I")):
+        return im
+    a = np.asarray(im, dtype=np.float64)  # (H, W)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{(~np.isfinite(a)).sum()} pixels are NaN or infinite")
+    if im.mode != "F":
+        a = a / 257                       # 16 bit: 65535 -> 255; 32-bit "I" is read as 16 bit
+    elif a.size and 0 <= a.min() and a.max() <= 1:
+        a = a * 255                       # float in [0, 1]
+    return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
 
 
 def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:

@@ -173,6 +173,36 @@ def test_rgba_image_in_a_category(fresh_mvtec):
     assert torch.equal(data["train"].images[0], torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))
 
 
+def test_16bit_grayscale_scaled_to_8bit(tmp_path):
+    """A 16-bit PNG opens as "I;16" (or "I"); PIL's convert("RGB") would clip it all to 255."""
+    gradient = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)     # 0 .. 65520
+    gradient[-1, -1] = 65535
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode in ("I;16", "I")
+    x = cu.read_image(tmp_path / "g16.png", 8)
+    expected = torch.from_numpy(np.rint(gradient / 257).astype(np.uint8))
+    assert x.shape == (3, 8, 8) and torch.equal(x[0], expected) and torch.equal(x[1], x[2])
+    assert x[0, 0, 0] == 0 and x[0, -1, -1] == 255 and (x < 255).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("mode, scale", [("I", 1 / 257), ("F", 255), ("F", 1)])
+def test_32bit_int_and_float_grayscale(tmp_path, mode, scale):
+    """"I" is read as 16 bit; "F" in [0, 1] is scaled by 255, any other float clipped to [0, 255]."""
+    if mode == "I":
+        a = np.arange(64, dtype=np.int32).reshape(8, 8) * 1040
+    elif scale == 255:
+        a = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    else:
+        a = np.linspace(-20, 300, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(a, mode).save(tmp_path / "x.tif")
+    with Image.open(tmp_path / "x.tif") as im:
+        assert im.mode == mode
+    x = cu.read_image(tmp_path / "x.tif", 8)
+    expected = np.rint(np.clip(a.astype(np.float64) * scale, 0, 255)).astype(np.uint8)
+    assert torch.equal(x[0], torch.from_numpy(expected)) and torch.equal(x[1], x[2])
+
+
 # ---- errors that name what is wrong --------------------------------------------------
 
 def test_unknown_category_lists_available(fake_mvtec):
