@@ -56,7 +56,7 @@ LOCAL_ROOT = "data/mvtec_ad"
 EXPECTED_LAYOUT = """expected layout:
   <root>/<category>/train/good/*.png
   <root>/<category>/test/<defect>/*.png         (test/good/ holds normal test images)
-  <root>/<category>/ground_truth/<defect>/<stem>_mask.png"""
+  <root>/<category>/ground_truth/<defect>/<stem>_mask.png  (non-zero = defect, e.g. 0/255 or 0/1)"""
 
 
 def candidate_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
@@ -160,12 +160,19 @@ def _to_8bit(im):
 
 
 def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour."""
+    """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour.
+
+    Every non-zero pixel is defect: MVTec AD writes 0/255, other tools 0/1, which a `> 127`
+    threshold would read as empty. Grayscale of any depth is tested on its raw values, a
+    colour or palette mask on every channel (a dark colour still marks a defect).
+    """
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((image_size, image_size), Image.NEAREST)
-            return torch.from_numpy(np.asarray(im) > 127)[None]
+            if not (im.mode in ("1", "L", "F") or im.mode.startswith("I")):
+                im = im.convert("RGB")
+            m = np.asarray(im.resize((image_size, image_size), Image.NEAREST)) > 0  # (S, S) or (S, S, 3)
+            return torch.from_numpy(m.any(-1) if m.ndim == 3 else m)[None]
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
 

@@ -141,6 +141,28 @@ def test_masks_resized_with_nearest(tmp_path):
     assert down.all()  # nearest samples the odd pixels; a 25 % bilinear average would be False
 
 
+@pytest.mark.parametrize("on", [1, 255])
+def test_mask_non_zero_is_defect(fresh_mvtec, on):
+    """Masks written as 0/1 (not MVTec's 0/255) load as the same defect region."""
+    mask = fresh_mvtec / "widget" / "ground_truth" / "crack" / "000_mask.png"
+    Image.fromarray((np.asarray(Image.open(mask)) > 0).astype(np.uint8) * on).save(mask)
+    test = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)["test"]
+    expected = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
+    expected[fake_defect_box(0)] = True
+    assert test.paths[0].endswith("000.png") and torch.equal(test.masks[0, 0], expected)
+
+
+def test_mask_16bit_and_colour_non_zero_is_defect(tmp_path):
+    bits = np.zeros((8, 8), bool)
+    bits[2:5, 3:6] = True
+    Image.fromarray(bits.astype(np.uint16) * 1).save(tmp_path / "m16.png")   # 16 bit, 0/1
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[bits, 2] = 1                                                          # barely blue
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    for name in ("m16.png", "rgb.png"):
+        assert np.array_equal(cu.read_mask(tmp_path / name, 8)[0].numpy(), bits), name
+
+
 def test_grayscale_becomes_three_equal_channels(fake_mvtec):
     data = cu.load_category(fake_mvtec, "gadget", image_size=FAKE_SIZE, num_threads=1)
     imgs = data["train"].images
