@@ -182,10 +182,14 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
+    """ground_truth/<defect>/<stem>_mask.png, else with the image's extension; the extension's
+    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG)."""
     folder = cat_dir / "ground_truth" / defect
-    for ext in (".png", image.suffix):
-        if (folder / f"{image.stem}_mask{ext}").exists():
-            return folder / f"{image.stem}_mask{ext}"
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    masks = {p.suffix.lower(): p for p in files if p.stem == f"{image.stem}_mask"}
+    for ext in (".png", image.suffix.lower()):
+        if ext in masks:
+            return masks[ext]
     raise FileNotFoundError(
         f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
 

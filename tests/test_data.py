@@ -163,6 +163,21 @@ def test_mask_16bit_and_colour_non_zero_is_defect(tmp_path):
         assert np.array_equal(cu.read_mask(tmp_path / name, 8)[0].numpy(), bits), name
 
 
+def test_extensions_any_case(fresh_mvtec):
+    """000_mask.PNG / .Png is the mask of 000.png, and 000.JPG finds 000_mask.png."""
+    gt, test_dir = fresh_mvtec / "widget" / "ground_truth", fresh_mvtec / "widget" / "test"
+    (gt / "crack" / "000_mask.png").rename(gt / "crack" / "000_mask.PNG")
+    (gt / "crack" / "001_mask.png").rename(gt / "crack" / "001_mask.Png")
+    Image.open(test_dir / "dent" / "000.png").save(test_dir / "dent" / "000.JPG", quality=100)
+    (test_dir / "dent" / "000.png").unlink()
+    test = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)["test"]
+    assert [Path(p).name for p in test.paths[:3]] == ["000.png", "001.png", "000.JPG"]
+    for k, i in enumerate([0, 1, 0]):
+        expected = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
+        expected[fake_defect_box(i)] = True
+        assert torch.equal(test.masks[k, 0], expected)
+
+
 def test_grayscale_becomes_three_equal_channels(fake_mvtec):
     data = cu.load_category(fake_mvtec, "gadget", image_size=FAKE_SIZE, num_threads=1)
     imgs = data["train"].images
