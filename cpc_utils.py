@@ -194,6 +194,16 @@ def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
         f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
 
 
+def _check_mask_size(image: Path, mask: Path) -> None:
+    """Raise ValueError unless mask and image have the same size: resizing both to S x S
+    would silently misalign the defect region."""
+    from PIL import Image
+    with Image.open(image) as a, Image.open(mask) as b:  # lazy: reads the headers only
+        if a.size != b.size:
+            raise ValueError(f"mask {mask} is {b.size[0]}x{b.size[1]} px but its image {image} is "
+                             f"{a.size[0]}x{a.size[1]} px (width x height); they must match")
+
+
 def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
                   num_threads: int = 8) -> dict[str, ImageSet]:
     """Load train/good and the whole test split of one category.
@@ -222,8 +232,12 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
 
     def decode(item):
         f, defect, mask = item
-        m = read_mask(mask, image_size) if mask else torch.zeros(1, image_size, image_size, dtype=torch.bool)
-        return read_image(f, image_size), m, defect, str(f)
+        x = read_image(f, image_size)
+        if mask is None:
+            return x, torch.zeros(1, image_size, image_size, dtype=torch.bool), defect, str(f)
+        m = read_mask(mask, image_size)
+        _check_mask_size(f, mask)
+        return x, m, defect, str(f)
 
     with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
         train = list(pool.map(decode, [(f, "good", None) for f in train_files]))

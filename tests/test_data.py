@@ -266,6 +266,16 @@ def test_corrupt_mask_names_the_file(fresh_mvtec):
     assert str(bad) in str(e.value)
 
 
+def test_mask_size_differs_from_image(fresh_mvtec):
+    mask = fresh_mvtec / "widget" / "ground_truth" / "dent" / "000_mask.png"
+    Image.fromarray(np.zeros((FAKE_SIZE, FAKE_SIZE + 8), np.uint8)).save(mask)   # 40 wide, 32 high
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=16, num_threads=1)
+    msg = str(e.value)
+    assert str(mask) in msg and str(fresh_mvtec / "widget" / "test" / "dent" / "000.png") in msg
+    assert f"{FAKE_SIZE + 8}x{FAKE_SIZE}" in msg and f"{FAKE_SIZE}x{FAKE_SIZE}" in msg
+
+
 def test_defect_image_without_mask_names_the_image(fresh_mvtec):
     (fresh_mvtec / "widget" / "ground_truth" / "dent" / "000_mask.png").unlink()
     with pytest.raises(FileNotFoundError) as e:
