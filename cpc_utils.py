@@ -30,6 +30,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +178,23 @@ def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         raise ValueError(f"cannot read mask {path}: {e}") from e
 
 
+def _is_macos_metadata(name: str) -> bool:
+    """AppleDouble files (._000.png) and __MACOSX folders: what macOS archivers add beside the
+    data. They look like images or defect folders but are not."""
+    return name.startswith("._") or name == "__MACOSX"
+
+
+def _count_macos_metadata(cat_dir: Path) -> int:
+    n = 0
+    for _, dirnames, filenames in os.walk(cat_dir):
+        n += sum(map(_is_macos_metadata, dirnames + filenames))
+        dirnames[:] = [d for d in dirnames if d != "__MACOSX"]  # count a __MACOSX folder once
+    return n
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_macos_metadata(p.name))
 
 
 def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
@@ -216,6 +232,9 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if not _is_category_dir(cat_dir):
         raise FileNotFoundError(f"unknown category {category!r} under {root}; available: "
                                 f"{', '.join(list_categories(root))}\n{EXPECTED_LAYOUT}")
+    if n := _count_macos_metadata(cat_dir):
+        warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
+                      stacklevel=2)
     train_files = _image_files(cat_dir / "train" / "good")
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
@@ -223,7 +242,7 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
     test_items = []  # (image, defect, mask or None)
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_macos_metadata(p.name)):
         for f in _image_files(defect_dir):
             mask = None if defect_dir.name == "good" else _mask_path(cat_dir, defect_dir.name, f)
             test_items.append((f, defect_dir.name, mask))

@@ -309,6 +309,24 @@ def test_non_image_files_are_ignored(fresh_mvtec):
     assert len(data["train"]) == FAKE_TRAIN
 
 
+def test_macos_metadata_ignored_with_one_warning(fresh_mvtec):
+    """._* AppleDouble files and __MACOSX folders (as a macOS zip leaves them) are not data."""
+    cat = fresh_mvtec / "widget"
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (cat / folder / "._000.png").write_bytes(b"\0\5\26\7 AppleDouble, not a png")
+    macosx = cat / "test" / "__MACOSX"
+    macosx.mkdir()
+    Image.open(cat / "test" / "good" / "000.png").save(macosx / "000.png")
+    (cat / "ground_truth" / "__MACOSX").mkdir()
+    with pytest.warns(UserWarning) as record:
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert len(record) == 1
+    assert "5 macOS metadata" in str(record[0].message) and str(cat) in str(record[0].message)
+    assert len(data["train"]) == FAKE_TRAIN
+    assert len(data["test"]) == FAKE_TEST_GOOD + sum(FAKE_DEFECTS.values())
+    assert set(data["test"].defect_types) == {"good", *FAKE_DEFECTS}
+
+
 # ---- train / validation split --------------------------------------------------------
 
 def test_split_train_val_seeded_disjoint_complete(fake_widget):
