@@ -225,7 +225,10 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     """Load train/good and the whole test split of one category.
 
     Returns {"train": ImageSet, "test": ImageSet}. Every file is decoded exactly once here.
-    Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault.
+    Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault:
+    a defect image without a mask, a mask of another size than its image, an unreadable
+    file, or a test split without both normal and defect images (AUROC needs both).
+    macOS metadata (._* files, __MACOSX folders) is skipped with one warning.
     """
     root = find_mvtec_root(data_root)
     cat_dir = root / category
@@ -248,6 +251,10 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
             test_items.append((f, defect_dir.name, mask))
     if not test_items:
         raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
+    n_normal = sum(defect == "good" for _, defect, _ in test_items)
+    if not 0 < n_normal < len(test_items):
+        raise ValueError(f"{test_dir} has {n_normal} normal (test/good) and {len(test_items) - n_normal} "
+                         "defect images (test/<defect>); AUROC needs both")
 
     def decode(item):
         f, defect, mask = item

@@ -302,6 +302,20 @@ def test_missing_test_folder_names_it(fresh_mvtec):
     assert str(fresh_mvtec / "widget" / "test") in str(e.value)
 
 
+@pytest.mark.parametrize("remove", ["good", "defects"])
+def test_test_split_needs_normal_and_defect_images(fresh_mvtec, remove):
+    import shutil
+    test_dir = fresh_mvtec / "widget" / "test"
+    for d in [test_dir / "good"] if remove == "good" else [test_dir / k for k in FAKE_DEFECTS]:
+        shutil.rmtree(d)
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    n_normal, n_defect = (0, sum(FAKE_DEFECTS.values())) if remove == "good" else (FAKE_TEST_GOOD, 0)
+    msg = str(e.value)
+    assert str(test_dir) in msg and "AUROC needs both" in msg
+    assert f"{n_normal} normal (test/good) and {n_defect} defect images" in msg
+
+
 def test_non_image_files_are_ignored(fresh_mvtec):
     (fresh_mvtec / "widget" / "train" / "good" / "notes.txt").write_text("not an image")
     (fresh_mvtec / "widget" / "train" / "good" / ".DS_Store").write_bytes(b"\0")
