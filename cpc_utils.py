@@ -60,16 +60,25 @@ EXPECTED_LAYOUT = """expected layout:
   <root>/<category>/ground_truth/<defect>/<stem>_mask.png  (non-zero = defect, e.g. 0/255 or 0/1)"""
 
 
-def candidate_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
-    """Where MVTec AD is looked for, in order: the argument, $MVTEC_ROOT, Kaggle, ./data."""
+def _configured_root(data_root: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The root the user named, the argument else $MVTEC_ROOT, and how it was named (for
+    error messages); None when neither is set."""
     if data_root:
-        return [Path(data_root)]
-    bases = [os.environ["MVTEC_ROOT"]] if os.environ.get("MVTEC_ROOT") else []
-    bases += list(KAGGLE_ROOTS) + [LOCAL_ROOT]
-    roots = []
-    for base in map(Path, bases):
-        roots += [base, base / NESTED_DIR]
-    return roots
+        return Path(data_root), f"data_root={str(data_root)!r}"
+    if os.environ.get("MVTEC_ROOT"):
+        return Path(os.environ["MVTEC_ROOT"]), f"$MVTEC_ROOT={os.environ['MVTEC_ROOT']}"
+    return None
+
+
+def candidate_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
+    """Where MVTec AD is looked for, each base also with its nested `mvtec_anomaly_detection/`.
+
+    A configured root (the argument, else $MVTEC_ROOT) is the only base, so a typo fails
+    instead of falling through to other data; with none, the Kaggle inputs, then ./data/mvtec_ad.
+    """
+    configured = _configured_root(data_root)
+    bases = [configured[0]] if configured else [Path(b) for b in (*KAGGLE_ROOTS, LOCAL_ROOT)]
+    return [root for base in bases for root in (base, base / NESTED_DIR)]
 
 
 def _is_category_dir(path: Path) -> bool:
@@ -83,19 +92,22 @@ def list_categories(root: str | os.PathLike) -> list[str]:
 
 
 def find_mvtec_root(data_root: str | os.PathLike | None = None) -> Path:
-    """Return the first candidate root that holds at least one category.
+    """Return the first of `candidate_roots(data_root)` that holds at least one category.
 
-    An explicit `data_root` is the only candidate (a typo must not silently fall back to
-    other data). Raises FileNotFoundError naming every path tried and the expected layout.
+    Raises FileNotFoundError with the expected layout, naming the configured root and where
+    it came from (data_root or $MVTEC_ROOT), or, with nothing configured, every path tried.
     """
     tried = candidate_roots(data_root)
     for root in tried:
         if list_categories(root):
             return root
-        if data_root and root.is_dir():  # maybe the user pointed at the nested level's parent
-            nested = root / NESTED_DIR
-            if list_categories(nested):
-                return nested
+    configured = _configured_root(data_root)
+    if configured:
+        path, source = configured
+        raise FileNotFoundError(
+            f"no MVTec AD category under {path} ({source}"
+            f"{'' if path.exists() else ', which does not exist'}) nor under {path / NESTED_DIR}\n"
+            f"{EXPECTED_LAYOUT}")
     listing = "\n".join(f"  {p}" + ("" if p.exists() else "  (does not exist)") for p in tried)
     raise FileNotFoundError(
         f"no MVTec AD dataset found; tried:\n{listing}\n{EXPECTED_LAYOUT}\n"
@@ -777,17 +789,22 @@ def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None =
 
 
 def resolve_data_root(data_root: str | os.PathLike | None, demo_dir: str | os.PathLike = "data/demo") -> Path:
-    """`data_root` if given; else MVTec AD wherever `find_mvtec_root` finds it; else the
-    demo data under `demo_dir`, written on first use. Used by notebooks with empty data_root."""
-    if data_root:
-        return find_mvtec_root(data_root)
+    """MVTec AD as `find_mvtec_root(data_root)` finds it; with nothing configured (no
+    data_root, no $MVTEC_ROOT) and nothing found, the demo data under `demo_dir`, written on
+    first use, announced in one printed line. A configured root that holds no category is
+    FileNotFoundError, never the demo data. Used by notebooks with an empty data_root."""
     try:
-        return find_mvtec_root(None)
+        return find_mvtec_root(data_root)
     except FileNotFoundError:
-        demo_dir = Path(demo_dir)
-        if not all(_is_category_dir(demo_dir / c) for c in DEMO_CATEGORIES):
-            make_demo_dataset(demo_dir)
-        return demo_dir
+        if _configured_root(data_root):
+            raise
+    demo_dir = Path(demo_dir)
+    write = not all(_is_category_dir(demo_dir / c) for c in DEMO_CATEGORIES)
+    print(f"no MVTec AD found: {'writing and ' if write else ''}using the demo data in {demo_dir} "
+          "(pass data_root or set MVTEC_ROOT to use MVTec AD)", flush=True)
+    if write:
+        make_demo_dataset(demo_dir)
+    return demo_dir
 
 
 # ---- patches -------------------------------------------------------------------------

@@ -58,11 +58,49 @@ def test_find_root_env_nested_level(tmp_path, monkeypatch, no_env):
 
 
 def test_candidate_roots_order(monkeypatch):
+    """A configured root (argument, else $MVTEC_ROOT) is the only candidate, with its nested level."""
     monkeypatch.setenv("MVTEC_ROOT", "/some/env")
+    assert cu.candidate_roots(None) == [Path("/some/env"), Path("/some/env") / cu.NESTED_DIR]
+    assert cu.candidate_roots("/explicit") == [Path("/explicit"), Path("/explicit") / cu.NESTED_DIR]
+    monkeypatch.delenv("MVTEC_ROOT")
     roots = cu.candidate_roots(None)
-    assert roots[:2] == [Path("/some/env"), Path("/some/env") / cu.NESTED_DIR]
+    assert roots[:2] == [Path(cu.KAGGLE_ROOTS[0]), Path(cu.KAGGLE_ROOTS[0]) / cu.NESTED_DIR]
     assert roots[-2:] == [Path(cu.LOCAL_ROOT), Path(cu.LOCAL_ROOT) / cu.NESTED_DIR]
-    assert cu.candidate_roots("/explicit") == [Path("/explicit")]
+    assert len(roots) == 2 * (len(cu.KAGGLE_ROOTS) + 1)
+
+
+@pytest.fixture
+def no_demo_writing(monkeypatch):
+    """make_demo_dataset fails the test if called."""
+    def fail(*args, **kw):
+        raise AssertionError("the demo data must not be written here")
+    monkeypatch.setattr(cu, "make_demo_dataset", fail)
+
+
+def test_wrong_mvtec_root_env_is_an_error_not_a_fallback(tmp_path, monkeypatch, no_env, demo_root,
+                                                         no_demo_writing, capsys):
+    """A typo in $MVTEC_ROOT must fail even when ./data/mvtec_ad and the demo data exist."""
+    make_fake_mvtec(no_env / cu.LOCAL_ROOT, {"local_cat": "RGB"})
+    typo = tmp_path / "typo"
+    monkeypatch.setenv("MVTEC_ROOT", str(typo))
+    for call in (lambda: cu.find_mvtec_root(None), lambda: cu.resolve_data_root(None, demo_dir=demo_root),
+                 lambda: cu.load_category(None, "local_cat")):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        msg = str(e.value)
+        assert f"$MVTEC_ROOT={typo}" in msg and "does not exist" in msg and "expected layout" in msg
+        assert cu.LOCAL_ROOT not in msg and str(demo_root) not in msg
+    assert "demo" not in capsys.readouterr().out
+
+
+def test_wrong_data_root_is_an_error_not_a_fallback(tmp_path, no_env, demo_root, no_demo_writing):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        cu.resolve_data_root(empty, demo_dir=demo_root)
+    msg = str(e.value)
+    assert f"data_root={str(empty)!r}" in msg and str(empty / cu.NESTED_DIR) in msg
+    assert "does not exist" not in msg and "train/good" in msg
 
 
 def test_missing_root_names_every_path_and_the_layout(no_env):
@@ -75,10 +113,22 @@ def test_missing_root_names_every_path_and_the_layout(no_env):
     assert "train/good" in msg and "ground_truth/<defect>" in msg
 
 
-def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env):
+def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env, no_demo_writing, capsys):
     before = {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")}
     assert cu.resolve_data_root(None, demo_dir=demo_root) == demo_root
     assert {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")} == before  # not rewritten
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"using the demo data in {demo_root}" in lines[0]
+    assert "writing" not in lines[0] and "data_root" in lines[0] and "MVTEC_ROOT" in lines[0]
+
+
+def test_resolve_data_root_writes_missing_demo_data(tmp_path, no_env, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cu, "make_demo_dataset", lambda out, *a, **kw: calls.append(Path(out)))
+    assert cu.resolve_data_root("", demo_dir=tmp_path / "demo") == tmp_path / "demo"
+    assert calls == [tmp_path / "demo"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"writing and using the demo data in {tmp_path / 'demo'}" in lines[0]
 
 
 def test_list_categories(fake_mvtec, tmp_path):
