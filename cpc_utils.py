@@ -33,6 +33,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,19 +60,28 @@ LOCAL_ROOT = "data/mvtec_ad"
 EXPECTED_LAYOUT = """expected layout:
   <root>/<category>/train/good/*.png
   <root>/<category>/test/<defect>/*.png         (test/good/ holds normal test images)
-  <root>/<category>/ground_truth/<defect>/<stem>_mask.png"""
+  <root>/<category>/ground_truth/<defect>/<stem>_mask.png  (non-zero = defect, e.g. 0/255 or 0/1)"""
+
+
+def _configured_root(data_root: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The root the user named, the argument else $MVTEC_ROOT, and how it was named (for
+    error messages); None when neither is set."""
+    if data_root:
+        return Path(data_root), f"data_root={str(data_root)!r}"
+    if os.environ.get("MVTEC_ROOT"):
+        return Path(os.environ["MVTEC_ROOT"]), f"$MVTEC_ROOT={os.environ['MVTEC_ROOT']}"
+    return None
 
 
 def candidate_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
-    """Where MVTec AD is looked for, in order: the argument, $MVTEC_ROOT, Kaggle, ./data."""
-    if data_root:
-        return [Path(data_root)]
-    bases = [os.environ["MVTEC_ROOT"]] if os.environ.get("MVTEC_ROOT") else []
-    bases += list(KAGGLE_ROOTS) + [LOCAL_ROOT]
-    roots = []
-    for base in map(Path, bases):
-        roots += [base, base / NESTED_DIR]
-    return roots
+    """Where MVTec AD is looked for, each base also with its nested `mvtec_anomaly_detection/`.
+
+    A configured root (the argument, else $MVTEC_ROOT) is the only base, so a typo fails
+    instead of falling through to other data; with none, the Kaggle inputs, then ./data/mvtec_ad.
+    """
+    configured = _configured_root(data_root)
+    bases = [configured[0]] if configured else [Path(b) for b in (*KAGGLE_ROOTS, LOCAL_ROOT)]
+    return [root for base in bases for root in (base, base / NESTED_DIR)]
 
 
 def _is_category_dir(path: Path) -> bool:
@@ -85,19 +95,22 @@ def list_categories(root: str | os.PathLike) -> list[str]:
 
 
 def find_mvtec_root(data_root: str | os.PathLike | None = None) -> Path:
-    """Return the first candidate root that holds at least one category.
+    """Return the first of `candidate_roots(data_root)` that holds at least one category.
 
-    An explicit `data_root` is the only candidate (a typo must not silently fall back to
-    other data). Raises FileNotFoundError naming every path tried and the expected layout.
+    Raises FileNotFoundError with the expected layout, naming the configured root and where
+    it came from (data_root or $MVTEC_ROOT), or, with nothing configured, every path tried.
     """
     tried = candidate_roots(data_root)
     for root in tried:
         if list_categories(root):
             return root
-        if data_root and root.is_dir():  # maybe the user pointed at the nested level's parent
-            nested = root / NESTED_DIR
-            if list_categories(nested):
-                return nested
+    configured = _configured_root(data_root)
+    if configured:
+        path, source = configured
+        raise FileNotFoundError(
+            f"no MVTec AD category under {path} ({source}"
+            f"{'' if path.exists() else ', which does not exist'}) nor under {path / NESTED_DIR}\n"
+            f"{EXPECTED_LAYOUT}")
     listing = "\n".join(f"  {p}" + ("" if p.exists() else "  (does not exist)") for p in tried)
     raise FileNotFoundError(
         f"no MVTec AD dataset found; tried:\n{listing}\n{EXPECTED_LAYOUT}\n"
@@ -134,38 +147,92 @@ def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     Channels: every image becomes RGB. The grayscale categories (grid, screw, zipper) are
     replicated to three equal channels, so one encoder shape serves all 15 categories and a
     grayscale category costs nothing extra to learn (the three channels stay identical).
+    Depth: 16-bit grayscale (PIL mode "I;16", or "I" in some Pillow versions) is scaled to
+    8 bit as value / 257 (65535 -> 255) and float ("F") as value * 255 when it lies in [0, 1],
+    else clipped to [0, 255]; PIL's own `.convert("RGB")` would clip 16-bit data to white.
     """
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            im = _to_8bit(im).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except Exception as e:  # PIL raises many types; the user needs the file name
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+def _to_8bit(im):
+    """A 16-bit ("I;16*", "I") or float ("F") grayscale PIL image as mode "L"; others as they are."""
+    from PIL import Image
+    if not (im.mode == "F" or im.mode.startswith("I")):
+        return im
+    a = np.asarray(im, dtype=np.float64)  # (H, W)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{(~np.isfinite(a)).sum()} pixels are NaN or infinite")
+    if im.mode != "F":
+        a = a / 257                       # 16 bit: 65535 -> 255; 32-bit "I" is read as 16 bit
+    elif a.size and 0 <= a.min() and a.max() <= 1:
+        a = a * 255                       # float in [0, 1]
+    return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
+
+
 def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour."""
+    """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour.
+
+    Every non-zero pixel is defect: MVTec AD writes 0/255, other tools 0/1, which a `> 127`
+    threshold would read as empty. Grayscale of any depth is tested on its raw values, a
+    colour or palette mask on every channel (a dark colour still marks a defect).
+    """
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((image_size, image_size), Image.NEAREST)
-            return torch.from_numpy(np.asarray(im) > 127)[None]
+            if not (im.mode in ("1", "L", "F") or im.mode.startswith("I")):
+                im = im.convert("RGB")
+            m = np.asarray(im.resize((image_size, image_size), Image.NEAREST)) > 0  # (S, S) or (S, S, 3)
+            return torch.from_numpy(m.any(-1) if m.ndim == 3 else m)[None]
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
 
 
+def _is_macos_metadata(name: str) -> bool:
+    """AppleDouble files (._000.png) and __MACOSX folders: what macOS archivers add beside the
+    data. They look like images or defect folders but are not."""
+    return name.startswith("._") or name == "__MACOSX"
+
+
+def _count_macos_metadata(cat_dir: Path) -> int:
+    n = 0
+    for _, dirnames, filenames in os.walk(cat_dir):
+        n += sum(map(_is_macos_metadata, dirnames + filenames))
+        dirnames[:] = [d for d in dirnames if d != "__MACOSX"]  # count a __MACOSX folder once
+    return n
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_macos_metadata(p.name))
 
 
 def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
+    """ground_truth/<defect>/<stem>_mask.png, else with the image's extension; the extension's
+    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG)."""
     folder = cat_dir / "ground_truth" / defect
-    for ext in (".png", image.suffix):
-        if (folder / f"{image.stem}_mask{ext}").exists():
-            return folder / f"{image.stem}_mask{ext}"
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    masks = {p.suffix.lower(): p for p in files if p.stem == f"{image.stem}_mask"}
+    for ext in (".png", image.suffix.lower()):
+        if ext in masks:
+            return masks[ext]
     raise FileNotFoundError(
         f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
+
+
+def _check_mask_size(image: Path, mask: Path) -> None:
+    """Raise ValueError unless mask and image have the same size: resizing both to S x S
+    would silently misalign the defect region."""
+    from PIL import Image
+    with Image.open(image) as a, Image.open(mask) as b:  # lazy: reads the headers only
+        if a.size != b.size:
+            raise ValueError(f"mask {mask} is {b.size[0]}x{b.size[1]} px but its image {image} is "
+                             f"{a.size[0]}x{a.size[1]} px (width x height); they must match")
 
 
 def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
@@ -173,13 +240,19 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     """Load train/good and the whole test split of one category.
 
     Returns {"train": ImageSet, "test": ImageSet}. Every file is decoded exactly once here.
-    Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault.
+    Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault:
+    a defect image without a mask, a mask of another size than its image, an unreadable
+    file, or a test split without both normal and defect images (AUROC needs both).
+    macOS metadata (._* files, __MACOSX folders) is skipped with one warning.
     """
     root = find_mvtec_root(data_root)
     cat_dir = root / category
     if not _is_category_dir(cat_dir):
         raise FileNotFoundError(f"unknown category {category!r} under {root}; available: "
                                 f"{', '.join(list_categories(root))}\n{EXPECTED_LAYOUT}")
+    if n := _count_macos_metadata(cat_dir):
+        warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
+                      stacklevel=2)
     train_files = _image_files(cat_dir / "train" / "good")
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
@@ -187,17 +260,25 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
     test_items = []  # (image, defect, mask or None)
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_macos_metadata(p.name)):
         for f in _image_files(defect_dir):
             mask = None if defect_dir.name == "good" else _mask_path(cat_dir, defect_dir.name, f)
             test_items.append((f, defect_dir.name, mask))
     if not test_items:
         raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
+    n_normal = sum(defect == "good" for _, defect, _ in test_items)
+    if not 0 < n_normal < len(test_items):
+        raise ValueError(f"{test_dir} has {n_normal} normal (test/good) and {len(test_items) - n_normal} "
+                         "defect images (test/<defect>); AUROC needs both")
 
     def decode(item):
         f, defect, mask = item
-        m = read_mask(mask, image_size) if mask else torch.zeros(1, image_size, image_size, dtype=torch.bool)
-        return read_image(f, image_size), m, defect, str(f)
+        x = read_image(f, image_size)
+        if mask is None:
+            return x, torch.zeros(1, image_size, image_size, dtype=torch.bool), defect, str(f)
+        m = read_mask(mask, image_size)
+        _check_mask_size(f, mask)
+        return x, m, defect, str(f)
 
     with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
         train = list(pool.map(decode, [(f, "good", None) for f in train_files]))
@@ -711,17 +792,22 @@ def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None =
 
 
 def resolve_data_root(data_root: str | os.PathLike | None, demo_dir: str | os.PathLike = "data/demo") -> Path:
-    """`data_root` if given; else MVTec AD wherever `find_mvtec_root` finds it; else the
-    demo data under `demo_dir`, written on first use. Used by notebooks with empty data_root."""
-    if data_root:
-        return find_mvtec_root(data_root)
+    """MVTec AD as `find_mvtec_root(data_root)` finds it; with nothing configured (no
+    data_root, no $MVTEC_ROOT) and nothing found, the demo data under `demo_dir`, written on
+    first use, announced in one printed line. A configured root that holds no category is
+    FileNotFoundError, never the demo data. Used by notebooks with an empty data_root."""
     try:
-        return find_mvtec_root(None)
+        return find_mvtec_root(data_root)
     except FileNotFoundError:
-        demo_dir = Path(demo_dir)
-        if not all(_is_category_dir(demo_dir / c) for c in DEMO_CATEGORIES):
-            make_demo_dataset(demo_dir)
-        return demo_dir
+        if _configured_root(data_root):
+            raise
+    demo_dir = Path(demo_dir)
+    write = not all(_is_category_dir(demo_dir / c) for c in DEMO_CATEGORIES)
+    print(f"no MVTec AD found: {'writing and ' if write else ''}using the demo data in {demo_dir} "
+          "(pass data_root or set MVTEC_ROOT to use MVTec AD)", flush=True)
+    if write:
+        make_demo_dataset(demo_dir)
+    return demo_dir
 
 
 # ---- patches -------------------------------------------------------------------------

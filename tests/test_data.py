@@ -58,11 +58,49 @@ def test_find_root_env_nested_level(tmp_path, monkeypatch, no_env):
 
 
 def test_candidate_roots_order(monkeypatch):
+    """A configured root (argument, else $MVTEC_ROOT) is the only candidate, with its nested level."""
     monkeypatch.setenv("MVTEC_ROOT", "/some/env")
+    assert cu.candidate_roots(None) == [Path("/some/env"), Path("/some/env") / cu.NESTED_DIR]
+    assert cu.candidate_roots("/explicit") == [Path("/explicit"), Path("/explicit") / cu.NESTED_DIR]
+    monkeypatch.delenv("MVTEC_ROOT")
     roots = cu.candidate_roots(None)
-    assert roots[:2] == [Path("/some/env"), Path("/some/env") / cu.NESTED_DIR]
+    assert roots[:2] == [Path(cu.KAGGLE_ROOTS[0]), Path(cu.KAGGLE_ROOTS[0]) / cu.NESTED_DIR]
     assert roots[-2:] == [Path(cu.LOCAL_ROOT), Path(cu.LOCAL_ROOT) / cu.NESTED_DIR]
-    assert cu.candidate_roots("/explicit") == [Path("/explicit")]
+    assert len(roots) == 2 * (len(cu.KAGGLE_ROOTS) + 1)
+
+
+@pytest.fixture
+def no_demo_writing(monkeypatch):
+    """make_demo_dataset fails the test if called."""
+    def fail(*args, **kw):
+        raise AssertionError("the demo data must not be written here")
+    monkeypatch.setattr(cu, "make_demo_dataset", fail)
+
+
+def test_wrong_mvtec_root_env_is_an_error_not_a_fallback(tmp_path, monkeypatch, no_env, demo_root,
+                                                         no_demo_writing, capsys):
+    """A typo in $MVTEC_ROOT must fail even when ./data/mvtec_ad and the demo data exist."""
+    make_fake_mvtec(no_env / cu.LOCAL_ROOT, {"local_cat": "RGB"})
+    typo = tmp_path / "typo"
+    monkeypatch.setenv("MVTEC_ROOT", str(typo))
+    for call in (lambda: cu.find_mvtec_root(None), lambda: cu.resolve_data_root(None, demo_dir=demo_root),
+                 lambda: cu.load_category(None, "local_cat")):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        msg = str(e.value)
+        assert f"$MVTEC_ROOT={typo}" in msg and "does not exist" in msg and "expected layout" in msg
+        assert cu.LOCAL_ROOT not in msg and str(demo_root) not in msg
+    assert "demo" not in capsys.readouterr().out
+
+
+def test_wrong_data_root_is_an_error_not_a_fallback(tmp_path, no_env, demo_root, no_demo_writing):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        cu.resolve_data_root(empty, demo_dir=demo_root)
+    msg = str(e.value)
+    assert f"data_root={str(empty)!r}" in msg and str(empty / cu.NESTED_DIR) in msg
+    assert "does not exist" not in msg and "train/good" in msg
 
 
 def test_missing_root_names_every_path_and_the_layout(no_env):
@@ -75,10 +113,22 @@ def test_missing_root_names_every_path_and_the_layout(no_env):
     assert "train/good" in msg and "ground_truth/<defect>" in msg
 
 
-def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env):
+def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env, no_demo_writing, capsys):
     before = {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")}
     assert cu.resolve_data_root(None, demo_dir=demo_root) == demo_root
     assert {p: p.stat().st_mtime_ns for p in demo_root.rglob("*.png")} == before  # not rewritten
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"using the demo data in {demo_root}" in lines[0]
+    assert "writing" not in lines[0] and "data_root" in lines[0] and "MVTEC_ROOT" in lines[0]
+
+
+def test_resolve_data_root_writes_missing_demo_data(tmp_path, no_env, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cu, "make_demo_dataset", lambda out, *a, **kw: calls.append(Path(out)))
+    assert cu.resolve_data_root("", demo_dir=tmp_path / "demo") == tmp_path / "demo"
+    assert calls == [tmp_path / "demo"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"writing and using the demo data in {tmp_path / 'demo'}" in lines[0]
 
 
 def test_list_categories(fake_mvtec, tmp_path):
@@ -141,6 +191,43 @@ def test_masks_resized_with_nearest(tmp_path):
     assert down.all()  # nearest samples the odd pixels; a 25 % bilinear average would be False
 
 
+@pytest.mark.parametrize("on", [1, 255])
+def test_mask_non_zero_is_defect(fresh_mvtec, on):
+    """Masks written as 0/1 (not MVTec's 0/255) load as the same defect region."""
+    mask = fresh_mvtec / "widget" / "ground_truth" / "crack" / "000_mask.png"
+    Image.fromarray((np.asarray(Image.open(mask)) > 0).astype(np.uint8) * on).save(mask)
+    test = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)["test"]
+    expected = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
+    expected[fake_defect_box(0)] = True
+    assert test.paths[0].endswith("000.png") and torch.equal(test.masks[0, 0], expected)
+
+
+def test_mask_16bit_and_colour_non_zero_is_defect(tmp_path):
+    bits = np.zeros((8, 8), bool)
+    bits[2:5, 3:6] = True
+    Image.fromarray(bits.astype(np.uint16) * 1).save(tmp_path / "m16.png")   # 16 bit, 0/1
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[bits, 2] = 1                                                          # barely blue
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    for name in ("m16.png", "rgb.png"):
+        assert np.array_equal(cu.read_mask(tmp_path / name, 8)[0].numpy(), bits), name
+
+
+def test_extensions_any_case(fresh_mvtec):
+    """000_mask.PNG / .Png is the mask of 000.png, and 000.JPG finds 000_mask.png."""
+    gt, test_dir = fresh_mvtec / "widget" / "ground_truth", fresh_mvtec / "widget" / "test"
+    (gt / "crack" / "000_mask.png").rename(gt / "crack" / "000_mask.PNG")
+    (gt / "crack" / "001_mask.png").rename(gt / "crack" / "001_mask.Png")
+    Image.open(test_dir / "dent" / "000.png").save(test_dir / "dent" / "000.JPG", quality=100)
+    (test_dir / "dent" / "000.png").unlink()
+    test = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)["test"]
+    assert [Path(p).name for p in test.paths[:3]] == ["000.png", "001.png", "000.JPG"]
+    for k, i in enumerate([0, 1, 0]):
+        expected = torch.zeros(FAKE_SIZE, FAKE_SIZE, dtype=torch.bool)
+        expected[fake_defect_box(i)] = True
+        assert torch.equal(test.masks[k, 0], expected)
+
+
 def test_grayscale_becomes_three_equal_channels(fake_mvtec):
     data = cu.load_category(fake_mvtec, "gadget", image_size=FAKE_SIZE, num_threads=1)
     imgs = data["train"].images
@@ -173,6 +260,36 @@ def test_rgba_image_in_a_category(fresh_mvtec):
     assert torch.equal(data["train"].images[0], torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))
 
 
+def test_16bit_grayscale_scaled_to_8bit(tmp_path):
+    """A 16-bit PNG opens as "I;16" (or "I"); PIL's convert("RGB") would clip it all to 255."""
+    gradient = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)     # 0 .. 65520
+    gradient[-1, -1] = 65535
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode in ("I;16", "I")
+    x = cu.read_image(tmp_path / "g16.png", 8)
+    expected = torch.from_numpy(np.rint(gradient / 257).astype(np.uint8))
+    assert x.shape == (3, 8, 8) and torch.equal(x[0], expected) and torch.equal(x[1], x[2])
+    assert x[0, 0, 0] == 0 and x[0, -1, -1] == 255 and (x < 255).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("mode, scale", [("I", 1 / 257), ("F", 255), ("F", 1)])
+def test_32bit_int_and_float_grayscale(tmp_path, mode, scale):
+    """"I" is read as 16 bit; "F" in [0, 1] is scaled by 255, any other float clipped to [0, 255]."""
+    if mode == "I":
+        a = np.arange(64, dtype=np.int32).reshape(8, 8) * 1040
+    elif scale == 255:
+        a = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    else:
+        a = np.linspace(-20, 300, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(a, mode).save(tmp_path / "x.tif")
+    with Image.open(tmp_path / "x.tif") as im:
+        assert im.mode == mode
+    x = cu.read_image(tmp_path / "x.tif", 8)
+    expected = np.rint(np.clip(a.astype(np.float64) * scale, 0, 255)).astype(np.uint8)
+    assert torch.equal(x[0], torch.from_numpy(expected)) and torch.equal(x[1], x[2])
+
+
 # ---- errors that name what is wrong --------------------------------------------------
 
 def test_unknown_category_lists_available(fake_mvtec):
@@ -197,6 +314,16 @@ def test_corrupt_mask_names_the_file(fresh_mvtec):
     with pytest.raises(ValueError) as e:
         cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
     assert str(bad) in str(e.value)
+
+
+def test_mask_size_differs_from_image(fresh_mvtec):
+    mask = fresh_mvtec / "widget" / "ground_truth" / "dent" / "000_mask.png"
+    Image.fromarray(np.zeros((FAKE_SIZE, FAKE_SIZE + 8), np.uint8)).save(mask)   # 40 wide, 32 high
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=16, num_threads=1)
+    msg = str(e.value)
+    assert str(mask) in msg and str(fresh_mvtec / "widget" / "test" / "dent" / "000.png") in msg
+    assert f"{FAKE_SIZE + 8}x{FAKE_SIZE}" in msg and f"{FAKE_SIZE}x{FAKE_SIZE}" in msg
 
 
 def test_defect_image_without_mask_names_the_image(fresh_mvtec):
@@ -225,11 +352,43 @@ def test_missing_test_folder_names_it(fresh_mvtec):
     assert str(fresh_mvtec / "widget" / "test") in str(e.value)
 
 
+@pytest.mark.parametrize("remove", ["good", "defects"])
+def test_test_split_needs_normal_and_defect_images(fresh_mvtec, remove):
+    import shutil
+    test_dir = fresh_mvtec / "widget" / "test"
+    for d in [test_dir / "good"] if remove == "good" else [test_dir / k for k in FAKE_DEFECTS]:
+        shutil.rmtree(d)
+    with pytest.raises(ValueError) as e:
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    n_normal, n_defect = (0, sum(FAKE_DEFECTS.values())) if remove == "good" else (FAKE_TEST_GOOD, 0)
+    msg = str(e.value)
+    assert str(test_dir) in msg and "AUROC needs both" in msg
+    assert f"{n_normal} normal (test/good) and {n_defect} defect images" in msg
+
+
 def test_non_image_files_are_ignored(fresh_mvtec):
     (fresh_mvtec / "widget" / "train" / "good" / "notes.txt").write_text("not an image")
     (fresh_mvtec / "widget" / "train" / "good" / ".DS_Store").write_bytes(b"\0")
     data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
     assert len(data["train"]) == FAKE_TRAIN
+
+
+def test_macos_metadata_ignored_with_one_warning(fresh_mvtec):
+    """._* AppleDouble files and __MACOSX folders (as a macOS zip leaves them) are not data."""
+    cat = fresh_mvtec / "widget"
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (cat / folder / "._000.png").write_bytes(b"\0\5\26\7 AppleDouble, not a png")
+    macosx = cat / "test" / "__MACOSX"
+    macosx.mkdir()
+    Image.open(cat / "test" / "good" / "000.png").save(macosx / "000.png")
+    (cat / "ground_truth" / "__MACOSX").mkdir()
+    with pytest.warns(UserWarning) as record:
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert len(record) == 1
+    assert "5 macOS metadata" in str(record[0].message) and str(cat) in str(record[0].message)
+    assert len(data["train"]) == FAKE_TRAIN
+    assert len(data["test"]) == FAKE_TEST_GOOD + sum(FAKE_DEFECTS.values())
+    assert set(data["test"].defect_types) == {"good", *FAKE_DEFECTS}
 
 
 # ---- train / validation split --------------------------------------------------------
