@@ -201,6 +201,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
               + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"), flush=True)
     for category, encoder in pairs:
         status.setdefault(f"{category}/{encoder}", "missing")  # not reached: the sweep stopped early
+    for key in failures:
+        status.setdefault(key, "failed")  # failed in an earlier sweep and not run since
 
     try:
         if failures:

@@ -150,6 +150,23 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert m["config"]["grid"]["image_size"] == 64 and m["config"]["train"]["epochs"] == 1
     assert {"training_curves.png", "roc.png", "score_histogram.png", "heatmaps.png"} <= {p.name for p in out.glob("*.png")}
     assert (out / "checkpoints" / "last.pt").exists()
+    assert m["learning"]["status"] in ("ok", "at_chance", "diverged") and "chance" in m["learning"]["message"]
+    assert m["fingerprint"] == cu.run_fingerprint(m["config"]["parameters"], tiny_root, "brick")
+    assert not list(out.parent.glob(f".{out.name}*"))  # no staging folder or lock left behind
+
+
+@pytest.mark.parametrize("bad, text", [({"epochs": "5"}, "epochs='5': expected int, got str"),
+                                       ({"epochs": 0}, "epochs=0: must be >= 1"),
+                                       ({"val_fraction": 1.5}, "val_fraction=1.5: must be <= 0.9")])
+def test_notebook02_bad_parameter_stops_before_touching_the_previous_run(bad, text, executed, tiny_root, tmp_path):
+    out = executed["02"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(pm.PapermillExecutionError, match=text):
+        pm.execute_notebook(str(NOTEBOOKS["02"]), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                            parameters={**TINY, "data_root": str(tiny_root), "category": "brick",
+                                        "output_dir": str(out), **bad}, progress_bar=False, kernel_name="python3")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert not list(out.parent.glob(f".{out.name}*"))
 
 
 def test_notebook03_compares_encoders(executed):
@@ -173,7 +190,7 @@ def test_notebook02_wrong_category_stops_with_cpc_utils_error(tiny_root, tmp_pat
                             parameters={**TINY, "data_root": str(tiny_root), "category": "no_such_category",
                                         "output_dir": str(tmp_path / "out")},
                             progress_bar=False, kernel_name="python3")
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / ".out.partial").exists()
 
 
 # ---- executed with nbval --------------------------------------------------------------

@@ -1,10 +1,13 @@
 """scripts/sweep.py: notebook 02 over category x encoder, resumable, failures recorded.
 
-One tiny tree, one results folder, three sweeps in a row:
+One tiny tree, one results folder, five sweeps in a row:
   1. brick x (bogus, resnet18v2): the bogus encoder fails and is recorded, resnet18v2 still runs;
   2. brick x (resnet18v2, densenet): resnet18v2 is skipped as finished, densenet runs, the
-     failure record goes, the summary covers both;
-  3. the same again: both skipped, nothing re-run.
+     failure record of bogus stays (it still has no result), the summary covers all three;
+  3. the same again: both skipped, nothing re-run;
+  4. resnet18v2 with another width: run again from scratch, not reported as finished;
+  5. resnet18v2 with more epochs: its training continues from its checkpoint.
+Then, without training: a second sweep into a locked run folder, and a full disk.
 """
 from __future__ import annotations
 
@@ -31,10 +34,11 @@ def load_sweep():
     return module
 
 
-def sweep(data_root: Path, results: Path, *encoders: str) -> subprocess.CompletedProcess:
+def sweep(data_root: Path, results: Path, *encoders: str, epochs: int = 1, params: tuple = (),
+          run: str = "t") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--categories", "brick",
-                           "--encoders", *encoders, "--epochs", "1", "--run", "t", "--results", str(results),
-                           "--param", *TINY], capture_output=True, text=True, timeout=900,
+                           "--encoders", *encoders, "--epochs", str(epochs), "--run", run, "--results", str(results),
+                           "--param", *TINY, *params], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
 
 
@@ -50,8 +54,15 @@ def sweeps(tmp_path_factory) -> dict:
     mtime = (run / "brick" / "resnet18v2" / "metrics.json").stat().st_mtime_ns
     second = sweep(root, results, "resnet18v2", "densenet")
     third = sweep(root, results, "resnet18v2", "densenet")
-    return {"run": run, "first": first, "second": second, "third": third,
-            "failures_after_first": failures_after_first, "r18_mtime": mtime}
+    m_before = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
+    mtime_third = (run / "brick" / "resnet18v2" / "metrics.json").stat().st_mtime_ns
+    fourth = sweep(root, results, "resnet18v2", params=("width=4",))
+    m_wider = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
+    fifth = sweep(root, results, "resnet18v2", epochs=2, params=("width=4",))
+    m_longer = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
+    return {"root": root, "results": results, "run": run, "first": first, "second": second, "third": third,
+            "fourth": fourth, "fifth": fifth, "failures_after_first": failures_after_first, "r18_mtime": mtime, "r18_mtime_third": mtime_third,
+            "m_before": m_before, "m_wider": m_wider, "m_longer": m_longer}
 
 
 def test_failing_pair_is_recorded_and_the_sweep_goes_on(sweeps):
@@ -59,33 +70,36 @@ def test_failing_pair_is_recorded_and_the_sweep_goes_on(sweeps):
     assert first.returncode == 1, first.stdout + first.stderr
     failures = sweeps["failures_after_first"]
     assert list(failures) == ["brick/bogus"]
-    assert "unknown encoder 'bogus'" in failures["brick/bogus"]["error"]
+    assert "encoder='bogus': choose one of resnet18v2" in failures["brick/bogus"]["error"]
     assert "brick/bogus: FAILED" in first.stdout and "[2/2] brick/resnet18v2: done" in first.stdout
 
 
 def test_sweep_writes_the_tree_and_summary(sweeps):
     second, run = sweeps["second"], sweeps["run"]
-    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr, second.stdout + second.stderr
     for enc in ("resnet18v2", "densenet"):
         out = run / "brick" / enc
-        m = json.loads((out / "metrics.json").read_text())
+        m = sweeps["m_before"] if enc == "resnet18v2" else json.loads((out / "metrics.json").read_text())
         assert m["category"] == "brick" and m["encoder"] == enc and m["epochs_trained"] == 1
         assert m["config"]["grid"]["image_size"] == 64 and m["config"]["parameters"]["resume"] is True
         assert (out / "02_cpc_anomaly_detection.ipynb").exists() and (out / "roc.png").exists()
-        assert not list(out.glob(".*.running.ipynb")) and not list(out.glob("*.failed.ipynb"))
-    assert not (run / "failures.json").exists()  # the failure was not part of this sweep
+        assert not list(run.glob("brick/.*")) and not (run / "brick" / f"{enc}.failed.ipynb").exists()
+    assert (run / "brick" / "bogus.failed.ipynb").exists()  # the failed pair's notebook, beside its folder
+    # brick/bogus was not part of this sweep but still has no result: its failure record stays
+    assert list(json.loads((run / "failures.json").read_text())) == ["brick/bogus"]
+    assert second.returncode == 1 and "- brick/bogus: failed: " in (run / "summary.md").read_text()
     for name in ("summary.md", "summary.csv", "comparison.png"):
         assert (run / name).exists()
     summary = (run / "summary.md").read_text()
     assert "| brick | tuning | resnet18v2 |" in summary and "| brick | tuning | densenet |" in summary
-    assert "[1/2] brick/resnet18v2: finished before, skipped" in second.stdout
+    assert "[1/2] brick/resnet18v2: finished before with these parameters, skipped" in second.stdout
 
 
 def test_rerun_skips_finished_pairs(sweeps):
     third, run = sweeps["third"], sweeps["run"]
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert third.stdout.count("finished before, skipped") == 2 and "0 run, 2 skipped, 0 failed" in third.stdout
-    assert (run / "brick" / "resnet18v2" / "metrics.json").stat().st_mtime_ns == sweeps["r18_mtime"]
+    assert third.stdout.count("finished before with these parameters, skipped") == 2
+    assert "0 run, 2 skipped, 1 failed, 0 missing" in third.stdout  # the failed pair of sweep 1 is still counted
+    assert sweeps["r18_mtime_third"] == sweeps["r18_mtime"]
 
 
 def test_param_values_are_parsed_against_the_notebook_defaults():
@@ -103,3 +117,56 @@ def test_param_values_are_parsed_against_the_notebook_defaults():
 def test_sweep_reads_the_notebook_defaults():
     params = load_sweep().notebook_parameters(ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb")
     assert params["encoder"] == "resnet18v2" and isinstance(params["epochs"], int) and params["data_root"] == ""
+
+
+def test_changed_parameters_run_again(sweeps):
+    fourth, before, wider = sweeps["fourth"], sweeps["m_before"], sweeps["m_wider"]
+    assert "finished before with other parameters.width: running again" in fourth.stdout, fourth.stdout
+    assert before["config"]["model"]["width"] == 8 and wider["config"]["model"]["width"] == 4
+    assert cu.fingerprint_diff(before["fingerprint"], wider["fingerprint"]) == ["parameters.width"]
+    assert "1 run, 0 skipped" in fourth.stdout
+
+
+def test_more_epochs_continue_training(sweeps):
+    fifth, wider, longer = sweeps["fifth"], sweeps["m_wider"], sweeps["m_longer"]
+    assert "(continuing its training)" in fifth.stdout, fifth.stdout
+    assert longer["epochs_trained"] == 2 and longer["history"][0] == wider["history"][0]
+
+
+def test_a_locked_run_folder_is_refused(sweeps):
+    import socket
+    lock = sweeps["run"] / ".sweep.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}))
+        second = sweep(sweeps["root"], sweeps["results"], "resnet18v2")
+    finally:
+        holder.kill()
+        holder.wait()
+        lock.unlink()
+    assert second.returncode != 0 and f"being written by process {holder.pid}" in second.stderr, second.stderr
+
+
+def test_a_full_disk_stops_the_sweep_cleanly(tmp_path, monkeypatch, capsys):
+    """The first pair hits ENOSPC: recorded, the sweep stops, the rest are listed as missing;
+    when even failures.json cannot be written, one clear line and exit status 2."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick", "gravel"], n_train=8, n_test_good=2,
+                                n_per_defect=1, image_size=64)
+    mod = load_sweep()
+
+    def full(notebook, out, parameters):
+        raise OSError(28, f"cannot write {out}/checkpoints/last.pt: the disk is full (no space left on device)")
+    monkeypatch.setattr(mod, "run_pair", full)
+    argv = ["--data-root", str(root), "--encoders", "resnet18v2", "--results", str(tmp_path / "r"), "--run", "full"]
+    assert mod.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "the disk is full; stopping" in out and "0 run, 0 skipped, 1 failed, 1 missing" in out
+    failures = json.loads((tmp_path / "r" / "full" / "failures.json").read_text())
+    assert list(failures) == ["brick/resnet18v2"] and "disk is full" in failures["brick/resnet18v2"]["error"]
+
+    def no_space(obj, path):
+        raise OSError(28, f"cannot write {path}: the disk is full (no space left on device)")
+    monkeypatch.setattr(mod.cu, "save_json", no_space)
+    assert mod.main(argv) == 2
+    assert "sweep: cannot record the failures: [Errno 28] cannot write" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "full" / ".sweep.lock").exists()
