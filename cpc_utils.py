@@ -4,7 +4,8 @@ Everything the notebooks share, read top to bottom in the order the data flows:
 data (MVTec AD layout, the train / calibration / validation split, synthetic validation
 anomalies) -> demo data (8 categories in the MVTec AD layout) -> patch grids -> encoders
 (pre-activation ResNet v2, DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss
--> one resumable training loop -> scoring (CPC-AD loss, kNN typicality, calibration, named
+-> parameter checks (`check_param`) and one resumable training loop, with run fingerprints,
+staged run folders and locks, so no run loses or misreports another's results -> scoring (CPC-AD loss, kNN typicality, calibration, named
 detectors), metrics and the pixel baseline -> plots and results files.
 
 Model selection never looks at test/: every choice is made on held-out train/good images
@@ -2453,8 +2454,9 @@ def comparison_table(rows: list[dict], metric: str = "image_auroc") -> str:
     return "\n".join(lines) + "\n"
 
 
-def pair_status_table(status: dict[str, str], failures: dict | None = None) -> str:
-    """Markdown list of a sweep's pairs that did not finish: failed (with the error) or missing."""
+def pair_status_table(status: dict[str, str], failures: dict | None = None, others: Sequence[str] = ()) -> str:
+    """Markdown list of a sweep's pairs that did not finish: failed (with the error) or missing;
+    `others`: finished pairs in the folder that the sweep did not ask for."""
     failures = failures or {}
     counts = {s: sum(v == s for v in status.values()) for s in ("finished", "failed", "missing")}
     lines = [f"\n**Pairs of the last sweep**: {counts['finished']} finished, {counts['failed']} failed, "
@@ -2463,6 +2465,9 @@ def pair_status_table(status: dict[str, str], failures: dict | None = None) -> s
         if state != "finished":
             error = (failures.get(pair, {}).get("error") or "").splitlines()
             lines.append(f"- {pair}: {state}" + (f": {error[0]}" if error else ""))
+    if others:
+        lines.append(f"\nAlso in this folder, from earlier sweeps with their own parameters (see each "
+                     f"metrics.json): {', '.join(sorted(others))}.")
     return "\n".join(lines) + "\n"
 
 
@@ -2480,7 +2485,8 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     rows = load_results(run_dir)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
-    text = summary_table(rows) + (pair_status_table(status, failures) if status else "")
+    others = {f"{r['category']}/{r['encoder']}" for r in rows} - set(status or {})
+    text = summary_table(rows) + (pair_status_table(status, failures, others) if status else "")
     save_atomic(text.encode(), run_dir / "summary.md", lambda o, f: f.write(o))
     buf = io.StringIO()
     w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore")

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     categories = args.categories or cu.list_categories(root)
     run_dir = Path(args.results).resolve() / args.run
     pairs = [(c, e) for c in categories for e in args.encoders]
-    shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root")}
+    shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
 

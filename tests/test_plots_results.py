@@ -210,3 +210,14 @@ def test_import_changes_nothing():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # nothing but our own line on stdout: the import prints nothing
     assert result == {"changed": [], "pyplot": False}
+
+
+def test_summary_lists_failed_missing_and_other_pairs(results_tree):
+    rows = cu.load_results(results_tree)
+    first, *rest = sorted({f"{r['category']}/{r['encoder']}" for r in rows})
+    status = {first: "finished", "brick/bogus": "failed", "nut/densenet": "missing"}
+    cu.write_summary(results_tree, status, {"brick/bogus": {"error": "ParameterError: encoder='bogus'\n..."}})
+    text = (results_tree / "summary.md").read_text()
+    assert "1 finished, 1 failed, 1 missing" in text
+    assert "- brick/bogus: failed: ParameterError: encoder='bogus'" in text and "- nut/densenet: missing" in text
+    assert all(pair in text.split("Also in this folder")[1] for pair in rest)

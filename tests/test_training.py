@@ -539,3 +539,14 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     cu.acquire_lock(lock)  # its holder is gone: taken over
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     cu.acquire_lock(lock)  # the same process again (a notebook cell rerun): fine
+
+
+def test_unwritable_folder_is_one_clear_error(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(OSError) as e:
+        cu.save_json({"a": 1}, tmp_path / "metrics.json")
+    assert str(e.value) == f"[Errno 13] cannot write {tmp_path / 'metrics.json'}: Permission denied"
