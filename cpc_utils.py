@@ -2,11 +2,12 @@
 
 Everything the notebooks share, read top to bottom in the order the data flows:
 data (MVTec AD layout, the train / calibration / validation split, synthetic validation
-anomalies) -> demo data (8 categories in the MVTec AD layout) -> patch grids -> encoders
-(pre-activation ResNet v2, DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss
--> parameter checks (`check_param`) and one resumable training loop, with run fingerprints,
-staged run folders and locks, so no run loses or misreports another's results -> scoring (CPC-AD loss, kNN typicality, calibration, named
-detectors), metrics and the pixel baseline -> plots and results files.
+anomalies) -> demo data (8 categories in the MVTec AD layout) -> parameter checks
+(`check_param`, run by every config) and patch grids -> encoders (pre-activation ResNet v2,
+DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss -> one resumable training loop, with
+run fingerprints, staged run folders and locks, so no run loses or misreports another's
+results -> scoring (CPC-AD loss, kNN typicality, calibration, named detectors), metrics and
+the pixel baseline -> plots and results files.
 
 Model selection never looks at test/: every choice is made on held-out train/good images
 with synthetic anomalies pasted in (`make_validation_set`); see scripts/study.py.
