@@ -1850,7 +1850,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 fingerprint: dict | None = None) -> list[dict]:
     """Train `model` (CPC or CPCAD) with Adam; returns the history, one dict per epoch.
 
-    Checkpoints `last.pt` after every epoch and `best.pt` on every better validation loss;
+    Checkpoints `last.pt` (and a small `progress.json`: epoch, losses, seconds) after every
+    epoch and `best.pt` on every better validation loss;
     at the end the best weights are loaded (without `checkpoint_dir`, from a CPU copy kept
     in memory). `resume=True` continues from `last.pt`
     (epochs counts the total). A non-finite loss raises FloatingPointError and leaves the
@@ -1931,6 +1932,9 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                          "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
                          "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
                         ckpt / "last.pt")
+            save_json({"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": record["train_loss"],
+                       "val_loss": record.get("val_loss"), "seconds": record["seconds"]},
+                      ckpt / "progress.json")  # for whoever watches the run from outside (scripts/sweep.py)
     if ckpt and (ckpt / "best.pt").exists():
         model.load_state_dict(load_checkpoint(ckpt / "best.pt", device)["model"])
     elif best_state is not None:

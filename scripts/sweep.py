@@ -1,4 +1,4 @@
-"""Run notebook 02 (CPC-AD) through papermill for every category x encoder.
+r"""Run notebook 02 (CPC-AD) through papermill for every category x encoder.
 
     python scripts/sweep.py --data-root data/demo --run demo
     python scripts/sweep.py --data-root /data/mvtec --categories bottle cable --encoders resnet18v2 \
@@ -15,24 +15,29 @@ and the sweep goes on; a full disk stops it cleanly. A lock keeps two sweeps out
 folder. At the end cu.write_summary writes summary.md (with the finished, failed and missing
 pairs), summary.csv and comparison.png. Exits 1 if any pair failed or is missing.
 
-Defaults are the notebook's own parameters (its `parameters` cell): `make demo` runs all demo
-categories x all encoders with them.
+Progress: each pair's epoch, losses, seconds per epoch and an estimate of the time left,
+read from the progress.json its notebook writes every epoch, then one line with its result.
+Ctrl-C (or SIGTERM) stops the sweep and its kernel; the same command resumes it.
+
+Defaults are the notebook's own parameters (its `parameters` cell): `make demo` runs every demo
+category with them and resnet18v2.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
 
-import cpc_utils as cu  # noqa: E402
-
 NOTEBOOK = ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb"
+ENCODERS = ("resnet18v2", "resnet50v2", "densenet")  # cu.ENCODERS, spelled out: --help must not import torch
 
 
 def notebook_parameters(notebook: Path) -> dict:
@@ -69,19 +74,93 @@ def failed_notebook(out: Path) -> Path:
 
 def run_pair(notebook: Path, out: Path, parameters: dict) -> None:
     """Execute the notebook (it writes `out` itself when it finishes), keeping the executed copy
-    in `out` on success and beside it on failure."""
+    in `out` on success and beside it on failure.
+
+    papermill runs in a worker thread so that Ctrl-C reaches this one (nbclient's own SIGINT
+    handler only schedules a cleanup and the run goes on); the kernel, started in a session of
+    its own, is then stopped here.
+    """
     import papermill
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.running.ipynb"
+    tmp, error = out.parent / f".{out.name}.running.ipynb", []
+
+    def execute():
+        try:  # the kernel's log level: no "running over TCP without encryption" warning per pair
+            papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(ROOT),
+                                       progress_bar=False, kernel_name="python3",
+                                       extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        except BaseException as e:
+            error.append(e)
+
+    worker = threading.Thread(target=execute, daemon=True)
+    worker.start()
     try:
-        papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(ROOT),
-                                   progress_bar=False, kernel_name="python3")
-    except BaseException:
+        while worker.is_alive():
+            worker.join(0.5)
+    except KeyboardInterrupt:
+        stop_children()
+        raise
+    if error:
         if tmp.exists():  # keep the partly executed notebook, with its traceback, for reading
             tmp.replace(failed_notebook(out))
-        raise
+        raise error[0]
     tmp.replace(out / notebook.name)
     failed_notebook(out).unlink(missing_ok=True)
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_children(timeout: float = 5.0) -> None:
+    """Terminate this process's children (the running pair's kernel), then kill what is left."""
+    import psutil
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    for child in psutil.wait_procs(children, timeout=timeout)[1]:
+        child.kill()
+
+
+class Progress(threading.Thread):
+    """Prints a running pair's progress from the progress.json its notebook writes each epoch
+    (cu.train_model): on a terminal one line rewritten in place, else a line per tenth of the
+    epochs, so logs stay short."""
+
+    def __init__(self, out: Path, tag: str, interval: float = 2.0):
+        super().__init__(daemon=True)
+        self.file = out.parent / f".{out.name}.partial" / "checkpoints" / "progress.json"
+        self.tag, self.interval, self.stop = tag, interval, threading.Event()
+        self.tty = sys.stdout.isatty()
+        self.shown = False
+
+    def run(self) -> None:
+        last = printed = None
+        while not self.stop.wait(self.interval):
+            try:
+                p = json.loads(self.file.read_text())
+            except (OSError, ValueError):  # not written yet (the notebook is loading data)
+                continue
+            if p["epoch"] == last:
+                continue
+            last, step = p["epoch"], max(1, p["epochs"] // 10)
+            val = f" (validation {p['val_loss']:.3f})" if p.get("val_loss") is not None else ""
+            left = p["seconds"] * (p["epochs"] - p["epoch"])
+            line = (f"{self.tag}: epoch {p['epoch']}/{p['epochs']}, loss {p['train_loss']:.3f}{val}, "
+                    f"{p['seconds']:.1f} s/epoch, " + (f"about {fmt_time(left)} of training left" if left
+                                                        else "training done, scoring"))
+            if self.tty:
+                print(f"\r{line:<120}", end="", flush=True)
+                self.shown = True
+            elif printed is None or p["epoch"] // step > printed // step or p["epoch"] == p["epochs"]:
+                print(line, flush=True)  # the first, then one per tenth of the epochs, and the last
+                printed = p["epoch"]
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        if self.shown:
+            print(flush=True)
 
 
 def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
@@ -91,6 +170,7 @@ def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     "partial": an unfinished run in the staging folder (cu.begin_run), continued if its
     fingerprint differs at most in what a resumed run may change.
     """
+    import cpc_utils as cu
     metrics, staged = out / "metrics.json", out.parent / f".{out.name}.partial" / "run.json"
     if metrics.exists():
         diff = cu.fingerprint_diff(json.loads(metrics.read_text()).get("fingerprint"), fingerprint)
@@ -108,15 +188,19 @@ def error_message(e: BaseException) -> str:
 
 
 def fmt_time(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+    """12 s, 3 min 05 s, 1 h 02 min: no more precision than a person waiting needs."""
+    s = int(round(seconds))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--data-root", default="", help="MVTec AD root (default: found as cpc_utils does, else the demo data)")
     parser.add_argument("--categories", nargs="+", help="default: every category under the data root")
-    parser.add_argument("--encoders", nargs="+", default=list(cu.ENCODERS), help="default: %(default)s")
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, metavar="ENCODER",
+                        help="%(choices)s; default: all")
     parser.add_argument("--epochs", type=int, help="default: the notebook's")
     parser.add_argument("--run", default="sweep", help="results go to <results>/<run>/ (default: %(default)s)")
     parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
@@ -125,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    import cpc_utils as cu  # torch: imported after the arguments are parsed, so --help is instant
+    signal.signal(signal.SIGTERM, interrupted)  # a scheduler's stop (SLURM's time limit) ends like Ctrl-C
     notebook = Path(args.notebook)
     defaults = notebook_parameters(notebook)
     params = parse_params(args.param, defaults)
@@ -135,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         params["epochs"] = args.epochs
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
     root = cu.resolve_data_root(args.data_root, ROOT / "data" / "demo").resolve()
-    categories = args.categories or cu.list_categories(root)
+    available = cu.list_categories(root)
+    categories = args.categories or available
+    unknown = [c for c in categories if c not in available]
+    if unknown:  # before anything runs: a typo must not cost a sweep
+        raise SystemExit(f"sweep: no category {', '.join(map(repr, unknown))} under {root}; "
+                         f"available: {', '.join(available)}")
     run_dir = Path(args.results).resolve() / args.run
     pairs = [(c, e) for c in categories for e in args.encoders]
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
@@ -148,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"sweep: {e}")
     try:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume)
+    except KeyboardInterrupt:
+        print("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
+              "an interrupted one continues from its last checkpoint.", flush=True)
+        return 130
     finally:
         (run_dir / ".sweep.lock").unlink(missing_ok=True)
 
@@ -155,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
           resume: bool) -> int:
     """Run every (category, encoder) pair not finished with these parameters; write the summary."""
+    import cpc_utils as cu
     failures_file = run_dir / "failures.json"
     failures = json.loads(failures_file.read_text()) if failures_file.exists() else {}
     t_start, status, done, skipped = time.perf_counter(), {}, 0, 0
@@ -177,10 +273,14 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                           f"an interrupted run with other {', '.join(diff)} is discarded; running",
                "new": "running"}[state]
         print(f"{tag}: {why} ...", flush=True)
-        t0 = time.perf_counter()
+        t0, progress = time.perf_counter(), Progress(out, tag)
+        progress.start()
         try:
             run_pair(notebook, out, {**run_params, "resume": bool(continues or (resume and state == "new"))})
         except Exception as e:  # one bad pair must not stop the sweep: record it and go on
+            progress.finish()
+            if error_message(e).startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
+                raise KeyboardInterrupt from e
             failures[key] = {"category": category, "encoder": encoder, "error": error_message(e),
                              "output_dir": str(out), "notebook": str(failed_notebook(out))}
             status[key] = "failed"
@@ -189,6 +289,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 print("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
                 break
             continue
+        finally:
+            progress.finish()
         done += 1
         status[key] = "finished"
         failures.pop(key, None)

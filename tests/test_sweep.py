@@ -1,9 +1,10 @@
 """scripts/sweep.py: notebook 02 over category x encoder, resumable, failures recorded.
 
 One tiny tree, one results folder, five sweeps in a row:
-  1. brick x (bogus, resnet18v2): the bogus encoder fails and is recorded, resnet18v2 still runs;
+  1. (broken, brick) x resnet18v2: the broken category (no defect images) fails and is recorded,
+     brick still runs;
   2. brick x (resnet18v2, densenet): resnet18v2 is skipped as finished, densenet runs, the
-     failure record of bogus stays (it still has no result), the summary covers all three;
+     failure record of broken stays (it still has no result), the summary covers all three;
   3. the same again: both skipped, nothing re-run;
   4. resnet18v2 with another width: run again from scratch, not reported as finished;
   5. resnet18v2 with more epochs: its training continues from its checkpoint.
@@ -17,6 +18,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import shutil
 
 import pytest
 
@@ -35,8 +38,8 @@ def load_sweep():
 
 
 def sweep(data_root: Path, results: Path, *encoders: str, epochs: int = 1, params: tuple = (),
-          run: str = "t") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--categories", "brick",
+          run: str = "t", categories: tuple = ("brick",)) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--categories", *categories,
                            "--encoders", *encoders, "--epochs", str(epochs), "--run", run, "--results", str(results),
                            "--param", *TINY, *params], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
@@ -47,9 +50,12 @@ def sweeps(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
     root = cu.make_demo_dataset(tmp / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
                                 image_size=64)
+    broken = root / "broken"  # a category whose test split has no defect images: fails when loaded
+    shutil.copytree(root / "brick" / "train", broken / "train")
+    shutil.copytree(root / "brick" / "test" / "good", broken / "test" / "good")
     results = tmp / "results"
     run = results / "t"
-    first = sweep(root, results, "bogus", "resnet18v2")
+    first = sweep(root, results, "resnet18v2", categories=("broken", "brick"))
     failures_after_first = json.loads((run / "failures.json").read_text()) if (run / "failures.json").exists() else None
     mtime = (run / "brick" / "resnet18v2" / "metrics.json").stat().st_mtime_ns
     second = sweep(root, results, "resnet18v2", "densenet")
@@ -69,9 +75,9 @@ def test_failing_pair_is_recorded_and_the_sweep_goes_on(sweeps):
     first, run = sweeps["first"], sweeps["run"]
     assert first.returncode == 1, first.stdout + first.stderr
     failures = sweeps["failures_after_first"]
-    assert list(failures) == ["brick/bogus"]
-    assert "encoder='bogus': choose one of resnet18v2" in failures["brick/bogus"]["error"]
-    assert "brick/bogus: FAILED" in first.stdout and "[2/2] brick/resnet18v2: done" in first.stdout
+    assert list(failures) == ["broken/resnet18v2"]
+    assert "ValueError" in failures["broken/resnet18v2"]["error"] and "AUROC needs both" in failures["broken/resnet18v2"]["error"]
+    assert "broken/resnet18v2: FAILED" in first.stdout and "[2/2] brick/resnet18v2: done" in first.stdout
 
 
 def test_sweep_writes_the_tree_and_summary(sweeps):
@@ -84,10 +90,10 @@ def test_sweep_writes_the_tree_and_summary(sweeps):
         assert m["config"]["grid"]["image_size"] == 64 and m["config"]["parameters"]["resume"] is True
         assert (out / "02_cpc_anomaly_detection.ipynb").exists() and (out / "roc.png").exists()
         assert not list(run.glob("brick/.*")) and not (run / "brick" / f"{enc}.failed.ipynb").exists()
-    assert (run / "brick" / "bogus.failed.ipynb").exists()  # the failed pair's notebook, beside its folder
-    # brick/bogus was not part of this sweep but still has no result: its failure record stays
-    assert list(json.loads((run / "failures.json").read_text())) == ["brick/bogus"]
-    assert second.returncode == 1 and "- brick/bogus: failed: " in (run / "summary.md").read_text()
+    assert (run / "broken" / "resnet18v2.failed.ipynb").exists()  # the failed pair's notebook, beside its folder
+    # broken/resnet18v2 was not part of this sweep but still has no result: its failure record stays
+    assert list(json.loads((run / "failures.json").read_text())) == ["broken/resnet18v2"]
+    assert second.returncode == 1 and "- broken/resnet18v2: failed: " in (run / "summary.md").read_text()
     for name in ("summary.md", "summary.csv", "comparison.png"):
         assert (run / name).exists()
     summary = (run / "summary.md").read_text()
@@ -117,6 +123,16 @@ def test_param_values_are_parsed_against_the_notebook_defaults():
 def test_sweep_reads_the_notebook_defaults():
     params = load_sweep().notebook_parameters(ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb")
     assert params["encoder"] == "resnet18v2" and isinstance(params["epochs"], int) and params["data_root"] == ""
+
+
+def test_sweep_knows_the_encoders_and_answers_help_without_torch():
+    assert load_sweep().ENCODERS == tuple(cu.ENCODERS)
+    code = ("import runpy, sys; sys.argv = ['sweep.py', '--help']\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'") % str(SWEEP)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: sweep.py" in proc.stdout and "--categories bottle cable --encoders resnet18v2 \\\n" in proc.stdout
+    assert proc.stdout.count("Run notebook 02 (CPC-AD) through papermill") == 1
 
 
 def test_changed_parameters_run_again(sweeps):
@@ -166,7 +182,46 @@ def test_a_full_disk_stops_the_sweep_cleanly(tmp_path, monkeypatch, capsys):
 
     def no_space(obj, path):
         raise OSError(28, f"cannot write {path}: the disk is full (no space left on device)")
-    monkeypatch.setattr(mod.cu, "save_json", no_space)
+    monkeypatch.setattr(cu, "save_json", no_space)
     assert mod.main(argv) == 2
     assert "sweep: cannot record the failures: [Errno 28] cannot write" in capsys.readouterr().out
     assert not (tmp_path / "r" / "full" / ".sweep.lock").exists()
+
+
+def test_unknown_category_or_encoder_stops_before_running(tmp_path):
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", categories=("brick", "brikc"))
+    assert proc.returncode != 0 and "no category 'brikc'" in proc.stderr and "available: brick" in proc.stderr
+    proc = sweep(root, tmp_path / "r", "resnet18")
+    assert proc.returncode == 2 and "invalid choice: 'resnet18'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stopped_sweep_ends_cleanly_and_says_how_to_resume(tmp_path):
+    """SIGTERM (what a scheduler sends; Ctrl-C takes the same path) while a pair trains: one line,
+    exit status 130, the kernel stopped, the locks released, the pair's checkpoint kept."""
+    import signal
+    import psutil
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = subprocess.Popen([sys.executable, str(SWEEP), "--data-root", str(root), "--categories", "brick",
+                             "--encoders", "resnet18v2", "--epochs", "100000", "--run", "t", "--results",
+                             str(tmp_path / "r"), "--param", *TINY, "patience=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    lines = []
+    for line in proc.stdout:  # progress lines arrive as epochs finish
+        lines.append(line)
+        if "epoch " in line and "/100000" in line:  # training: the kernel runs, a checkpoint exists
+            kernels = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "sweep: interrupted. Run the same command again to resume" in out and "Traceback" not in out
+    assert kernels and not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kernels)
+    pair = tmp_path / "r" / "t" / "brick"
+    assert (pair / ".resnet18v2.partial" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "r" / "t" / ".sweep.lock").exists()
