@@ -41,11 +41,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The command line (`main` at the bottom runs it). Built before the heavy imports below,
+    so that `python -m cpc_utils --help` answers at once."""
+    parser = argparse.ArgumentParser(prog="python -m cpc_utils", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo-data", help="write the demo dataset in the MVTec AD layout (about 16 s)",
+                          description="Write the embedded demo dataset (8 categories, MVTec AD layout).")
+    demo.add_argument("out", help="output folder, e.g. data/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--categories", nargs="*", default=None, metavar="CATEGORY",
+                      help="default: all eight (brick gravel grass tissue bottle screw capsule nut)")
+    summary = sub.add_parser("summary", help="summarise a results folder: summary.md, .csv, comparison.png",
+                             description="Summarise every metrics.json under a results folder (e.g. results/demo).")
+    summary.add_argument("run_dir", help="a results folder, e.g. results/demo")
+    return parser
+
+
+_CLI_ARGS = cli_parser().parse_args() if __name__ == "__main__" else None  # --help exits here, before torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 # ---- data ----------------------------------------------------------------------------
 # MVTec AD layout: <root>/<category>/{train/good, test/<defect>, ground_truth/<defect>}.
@@ -2506,19 +2526,27 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
 
 
 # ---- command line --------------------------------------------------------------------
+# `python -m cpc_utils <command>`; the parser is built at the top of the file (`cli_parser`),
+# so that --help answers before torch is imported.
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cpc_utils", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo-data", help="write the embedded demo dataset in the MVTec AD layout")
-    demo.add_argument("out", help="output folder, e.g. data/demo")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--categories", nargs="*", default=None, choices=list(DEMO_CATEGORIES))
-    args = parser.parse_args(argv)
+    args = _CLI_ARGS if argv is None and _CLI_ARGS is not None else cli_parser().parse_args(argv)
+    try:
+        _run_command(args)
+    except (FileNotFoundError, ValueError) as e:  # the user's input: one line, no traceback
+        raise SystemExit(f"python -m cpc_utils {args.command}: {e}") from None
+
+
+def _run_command(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    root = make_demo_dataset(args.out, args.categories, seed=args.seed)
-    print(f"demo dataset written to {root} ({', '.join(list_categories(root))}) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    if args.command == "demo-data":
+        root = make_demo_dataset(args.out, args.categories, seed=args.seed)
+        print(f"demo dataset written to {root} ({', '.join(list_categories(root))}) "
+              f"in {time.perf_counter() - t0:.1f} s")
+    elif args.command == "summary":
+        rows = write_summary(args.run_dir)
+        print((Path(args.run_dir) / "summary.md").read_text())
+        print(f"{len(rows)} runs summarised in {args.run_dir} (summary.md, summary.csv, comparison.png)")
 
 
 if __name__ == "__main__":
