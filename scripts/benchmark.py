@@ -11,7 +11,8 @@ Measures, in one process, on whatever device is there (cuda, else cpu):
   4. scaling: epoch time and peak memory at 25, 50 and 100 training images;
   5. on a GPU only, the paper-resolution epoch (768 px images, 1,225 patches each) for a
      250-image class, extrapolated from a few steps.
-Writes results/bench/<device>.json and results/bench/<device>.md; the first table of the
+Writes results/bench/<device>.json and results/bench/<device>.md (the project's own, for
+comparison: results/reference/bench/); the first table of the
 markdown states each target with its measured value and pass/fail.
 
     python scripts/benchmark.py                 # everything, about 5 minutes on 2 CPU cores
