@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
     parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="any other notebook parameter, e.g. width=32 lr=1e-3")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the arguments, list each pair and what a run would do with it, and stop")
     parser.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -233,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
 
+    if args.dry_run:
+        for n, (category, encoder) in enumerate(pairs, 1):
+            out = run_dir / category / encoder
+            fingerprint = cu.run_fingerprint({**defaults, **params, "data_root": str(root), "category": category,
+                                              "encoder": encoder, "output_dir": str(out)}, root, category)
+            state, diff = pair_state(out, fingerprint)
+            what = {"finished": "skip (finished with these parameters)", "new": "run",
+                    "changed": f"run again (finished with other {', '.join(diff)})",
+                    "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
+            print(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
+        return 0
     try:
         cu.acquire_lock(run_dir / ".sweep.lock")
     except RuntimeError as e:

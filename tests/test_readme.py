@@ -1,0 +1,82 @@
+"""The README's commands run as written.
+
+Every command in the README (its code blocks and its inline `code`) is found here and run:
+`make` targets as a dry run (`make -n`), the demo-data command for real into a temporary
+folder, and every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
+categories checked, nothing trained) against a tiny tree standing in for its data. A command
+that is neither is an error, so a new README command must be covered here.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cpc_utils as cu
+from conftest import make_fake_mvtec
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    """Shell commands in the README: lines of ```bash blocks (continuations joined, comments
+    dropped) and inline spans that start like a command."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                commands.append(" ".join(line.split()))
+    for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", README):
+        span = " ".join(span.split())
+        if re.match(r"(make \w|python -m |\.venv/bin/python |python scripts/|MVTEC_ROOT=\S+ )", span):
+            commands.append(span)
+    return list(dict.fromkeys(commands))
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_its_commands():
+    assert "make demo" in COMMANDS and "make test" in COMMANDS and "python -m cpc_utils demo-data data/demo" in COMMANDS
+    assert sum("scripts/sweep.py" in c for c in COMMANDS) >= 3
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("readme")
+    mvtec = make_fake_mvtec(tmp / "mvtec", {c: "rgb" for c in ("bottle", "carpet", "cable")})
+    demo = cu.make_demo_dataset(tmp / "demo", cu.DEMO_CATEGORIES, n_train=4, n_test_good=2, n_per_defect=1,
+                                image_size=32)
+    return {"mvtec": mvtec, "demo": demo, "tmp": tmp}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs_as_written(command, trees, tmp_path):
+    words = shlex.split(command)
+    env = {"PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
+    while "=" in words[0]:  # VAR=value prefixes: the data root becomes the stand-in tree
+        name, value = words.pop(0).split("=", 1)
+        env[name] = str(trees["mvtec"]) if name == "MVTEC_ROOT" else value
+    if words[0] == "make":
+        proc = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert words[0] in ("python", ".venv/bin/python"), f"README command not covered by this test: {command}"
+    args = [a.replace("data/demo", str(trees["demo"] if "sweep.py" in command else tmp_path / "demo")) for a in words[1:]]
+    if args[:3] == ["-m", "cpc_utils", "demo-data"]:
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert cu.list_categories(tmp_path / "demo") == sorted(cu.DEMO_CATEGORIES)
+        return
+    assert args[0] == "scripts/sweep.py", f"README command not covered by this test: {command}"
+    proc = subprocess.run([sys.executable, *args, "--dry-run", "--results", str(tmp_path / "results")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"\[1/\d+\] \S+: would run", proc.stdout), proc.stdout
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
