@@ -2309,8 +2309,14 @@ def _figure(*args, **kw):
     return plt.subplots(*args, **kw)
 
 
+HEATMAP_CMAP = "inferno"       # perceptual: brightness grows with the score
+GROUND_TRUTH_COLOUR = "cyan"   # the defect outline, visible on inferno and on most photographs
+NORMAL_COLOUR, ANOMALOUS_COLOUR = "C0", "C3"
+STRIP_MAX_IMAGES = 200         # above this a strip plot of every image is a blur
+
+
 def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.figure.Figure":
-    """Train and validation loss per epoch (and CPC's per-step accuracy when recorded)."""
+    """Is the model learning? Train and validation loss per epoch (and CPC's per-step accuracy)."""
     has_acc = "acc_per_step" in history[0]
     fig, axes = _figure(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.5), squeeze=False)
     epochs = [h["epoch"] for h in history]
@@ -2331,7 +2337,8 @@ def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.fi
 
 
 def plot_roc(curves: dict[str, tuple], title: str = "ROC") -> "matplotlib.figure.Figure":
-    """ROC curves: {name: (labels, scores)} on one axis, AUROC in the legend."""
+    """How do the detectors trade false alarms for misses? ROC curves {name: (labels, scores)}
+    on one axis, AUROC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
     fig, ax = _figure(figsize=(4.5, 4.5))
     for name, (y, s) in curves.items():
@@ -2344,71 +2351,341 @@ def plot_roc(curves: dict[str, tuple], title: str = "ROC") -> "matplotlib.figure
     return fig
 
 
-def plot_score_histogram(labels, scores, title: str = "image scores") -> "matplotlib.figure.Figure":
-    """Histograms of the image scores of normal and anomalous test images."""
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    fig, ax = _figure(figsize=(5, 3.5))
-    bins = np.histogram_bin_edges(scores, 20)
-    ax.hist(scores[labels == 0], bins, alpha=0.6, label="normal")
-    ax.hist(scores[labels == 1], bins, alpha=0.6, label="anomalous")
-    ax.set(xlabel="anomaly score", ylabel="images", title=title)
-    ax.legend()
-    fig.tight_layout()
+def _defect_order(defect_types: Sequence[str]) -> list[str]:
+    """"good" first, then the defect types alphabetically."""
+    return sorted(set(defect_types), key=lambda d: (d != "good", d))
+
+
+def plot_score_histogram(labels, scores, title: str = "image scores", threshold: float | None = None,
+                         defect_types: Sequence[str] | None = None) -> "matplotlib.figure.Figure":
+    """Do the image scores separate normal from anomalous test images?
+
+    Histograms of both classes over the same bin edges (so bar heights compare), the decision
+    `threshold` as a vertical line when given, and with `defect_types` (one per image) and at
+    most STRIP_MAX_IMAGES images a second panel: every image's score by defect type ("good"
+    first, jittered), which shows the defect types that overlap the normal images.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if defect_types is not None and len(defect_types) != len(scores):
+        raise ValueError(f"{len(defect_types)} defect types for {len(scores)} scores")
+    strip = defect_types is not None and len(scores) <= STRIP_MAX_IMAGES
+    n_types = len(set(defect_types)) if strip else 0
+    fig, axes = _figure(2 if strip else 1, 1, figsize=(6, 3.2 + (1 + 0.3 * n_types if strip else 0)),
+                        squeeze=False, sharex=True, layout="constrained",
+                        height_ratios=[3.2, 1 + 0.3 * n_types] if strip else None)
+    ax = axes[0, 0]
+    bins = np.histogram_bin_edges(scores, 20)  # one set of edges for both classes
+    for label, name, colour in ((0, "normal", NORMAL_COLOUR), (1, "anomalous", ANOMALOUS_COLOUR)):
+        ax.hist(scores[labels == label], bins, alpha=0.6, color=colour, label=f"{name} ({(labels == label).sum()})")
+    ax.set(ylabel="test images", title=title)
+    if strip:
+        _score_strip(axes[1, 0], scores, list(defect_types))
+    axes[-1, 0].set_xlabel("image anomaly score (higher: more anomalous)")
+    if threshold is not None:
+        for a in axes[:, 0]:
+            a.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
+    ax.legend(fontsize=8)
     return fig
+
+
+def _score_strip(ax, scores: np.ndarray, defect_types: list[str]) -> None:
+    """One row of jittered points per defect type, "good" on top."""
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(scores))  # own generator: global RNGs untouched
+    order = _defect_order(defect_types)
+    types = np.asarray(defect_types)
+    for y, d in enumerate(order):
+        ax.scatter(scores[types == d], y + jitter[types == d], s=14, alpha=0.8,
+                   color=NORMAL_COLOUR if d == "good" else ANOMALOUS_COLOUR)
+    ax.set_yticks(range(len(order)), [f"{d} ({(types == d).sum()})" for d in order])
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set(ylabel="defect type (images)")
 
 
 def plot_heatmaps(test: ImageSet, pixel_maps: torch.Tensor, index: Sequence[int],
-                  titles: Sequence[str] | None = None) -> "matplotlib.figure.Figure":
-    """One row per image: the image, its ground truth, and the heatmap over the image."""
-    vmin, vmax = float(pixel_maps.min()), float(pixel_maps.max())  # one scale for every row
-    fig, axes = _figure(len(index), 3, figsize=(9, 3 * len(index)), squeeze=False)
+                  titles: Sequence[str] | None = None, scores=None) -> "matplotlib.figure.Figure":
+    """Where does the detector see the anomaly, and is that where the defect is?
+
+    One row per image in `index`: the image and its anomaly map, with the ground-truth
+    defect outlined on the map. One colour scale (min..max of all `pixel_maps`) and one colour
+    bar for every row, so colours compare across rows. `titles`, one per row (default
+    "<defect type> #<index>"); with `scores` (N,) each title gets the image score.
+    """
+    maps = torch.as_tensor(pixel_maps).float()[:, 0].numpy()  # (N, H, W)
+    vmin, vmax = float(maps.min()), float(maps.max())
+    fig, axes = _figure(len(index), 2, figsize=(6.4, 0.8 + 2.9 * len(index)), squeeze=False, layout="constrained")
     for row, i in enumerate(index):
-        img = test.images[i].permute(1, 2, 0).numpy()
+        img, mask = test.images[i].permute(1, 2, 0).numpy(), test.masks[i, 0].numpy()
+        title = titles[row] if titles else f"{test.defect_types[i]} #{i}"
+        title += f", score {float(scores[i]):.3g}" if scores is not None else ""
         axes[row, 0].imshow(img)
-        axes[row, 0].set_title(titles[row] if titles else f"{test.defect_types[i]} #{i}", fontsize=9)
-        axes[row, 1].imshow(test.masks[i, 0].numpy(), cmap="gray")
-        axes[row, 1].set_title("ground truth", fontsize=9)
-        axes[row, 2].imshow(img)
-        axes[row, 2].imshow(pixel_maps[i, 0].numpy(), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
-        axes[row, 2].set_title("anomaly map", fontsize=9)
+        axes[row, 0].set_title(title, fontsize=9)
+        h, w = mask.shape  # a map of another size is stretched over the image
+        im = axes[row, 1].imshow(maps[i], cmap=HEATMAP_CMAP, vmin=vmin, vmax=vmax,
+                                 extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        axes[row, 1].set_title("anomaly map", fontsize=9)
+        if mask.any():  # on the map only: on the image an outline would hide a thin defect
+            axes[row, 1].contour(mask, levels=[0.5], colors=GROUND_TRUTH_COLOUR, linewidths=1.5)
         for ax in axes[row]:
-            ax.axis("off")
-    fig.tight_layout()
+            ax.set_axis_off()
+    fig.colorbar(im, ax=axes[:, 1].tolist(), label="pixel anomaly score (one scale for all rows)", shrink=0.9)
+    fig.suptitle(f"Where does the detector see the anomaly? Ground truth outlined in {GROUND_TRUTH_COLOUR}",
+                 fontsize=10)
     return fig
 
 
-def plot_comparison(rows: list[dict], metric: str = "image_auroc") -> "matplotlib.figure.Figure":
-    """`metric` against epochs per encoder, one panel per category (rows from `load_results`)."""
-    categories = sorted({r["category"] for r in rows})
-    fig, axes = _figure(1, len(categories), figsize=(4 * len(categories), 3.5), squeeze=False, sharey=True)
-    for ax, cat in zip(axes[0], categories):
-        for enc in sorted({r["encoder"] for r in rows if r["category"] == cat}):
-            by_epochs: dict[int, list[float]] = {}  # runs that share a point are averaged
-            for r in rows:
-                if r["category"] == cat and r["encoder"] == enc and r.get(metric) is not None:
-                    by_epochs.setdefault(r["epochs_trained"], []).append(r[metric])
-            epochs = sorted(by_epochs)
-            ax.plot(epochs, [np.mean(by_epochs[e]) for e in epochs], "o-", label=enc)
-        ax.set(title=cat, xlabel="epochs trained", ylabel=metric)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+def _budget(row: dict):
+    """The epochs a run was asked for (`epochs`), else the epochs it trained."""
+    return row.get("epochs", row.get("epochs_trained"))
+
+
+def _encoder_colours(encoders: Iterable[str]) -> dict[str, str]:
+    """A fixed colour per encoder, registry order first, so every figure agrees."""
+    names = list(ENCODERS) + sorted(set(encoders) - set(ENCODERS))
+    return {e: f"C{i % 10}" for i, e in enumerate(names)}
+
+
+def _metric_label(rows: list[dict], metric: str) -> str:
+    """The y label in words: "image AUROC (top10 of the patch map)", "pixel AUROC", ..."""
+    words = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO (to 30% FPR)",
+             "image_f1_max": "image F1-max"}.get(metric, metric)
+    reduces = sorted({r["image_reduce"] for r in rows if r.get("image_reduce")})
+    if metric.startswith("image_") and reduces:
+        words += f" ({' / '.join(reduces)} of the patch map)"
+    return words
+
+
+def _group(rows: list[dict], metric: str, key: Callable[[dict], object]) -> dict:
+    """{key(row): [row[metric], ...]} over the rows that have `metric`."""
+    out: dict = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            out.setdefault(key(r), []).append(r[metric])
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single run)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def _half_separators(ax, halves: list[str], label: bool) -> None:
+    """Dotted lines between the demo halves along x; with `label`, each half named above the axes."""
+    starts = [i for i, h in enumerate(halves) if i == 0 or h != halves[i - 1]] + [len(halves)]
+    if starts == [0, len(halves)] and not halves[0]:
+        return  # MVTec AD categories only: no halves
+    for a, b in zip(starts, starts[1:]):
+        if a:
+            ax.axvline(a - 0.5, color="gray", ls=":", lw=1)
+        if label:
+            ax.text((a + b - 1) / 2, 1.02, f"{halves[a]} half" if halves[a] else "other categories",
+                    transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9, color="dimgray")
+
+
+def plot_comparison(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc", "pixel_auroc")
+                    ) -> "matplotlib.figure.Figure":
+    """Which encoder detects anomalies best in each category, and does it beat the raw-pixel baseline?
+
+    Grouped bars (rows from `load_results`): one group per category (tuning half, then
+    confirmation half, then other categories), one bar per encoder (registry order), one panel
+    per metric; a black line over each group marks the raw-pixel baseline (`baseline_<metric>`),
+    a dashed line chance (0.5). Runs sharing a cell (seeds) are averaged, with a ± std error
+    bar. Where a (category, encoder) has several epoch budgets only the longest is drawn
+    (`plot_epochs` draws them all).
+    """
+    import matplotlib.ticker as mticker
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if not rows:
+        raise ValueError("no results to plot")
+    longest: dict[tuple, float] = {}
+    for r in rows:
+        key = (r["category"], r["encoder"])
+        longest[key] = max(longest.get(key, -1), _budget(r) or 0)
+    shown = [r for r in rows if (_budget(r) or 0) == longest[r["category"], r["encoder"]]]
+    categories = _category_order(shown)
+    halves = [_half(next(r for r in shown if r["category"] == c)) for c in categories]
+    encoders = _encoder_order(shown)
+    colour = _encoder_colours(encoders)
+    width = 0.8 / len(encoders)
+    fig, axes = _figure(len(metrics), 1, figsize=(max(6.5, 1.5 + 0.3 * len(categories) * (len(encoders) + 1)),
+                                                  1.2 + 3 * len(metrics)),
+                        squeeze=False, sharex=True, sharey=True, layout="constrained")
+    low = 0.4  # the y axis starts here, or lower to show every bar
+    has_base = False
+    for ax, metric in zip(axes[:, 0], metrics):
+        cells = _group(shown, metric, lambda r: (r["category"], r["encoder"]))
+        for j, enc in enumerate(encoders):
+            at = [i for i, c in enumerate(categories) if (c, enc) in cells]
+            mean, std = np.array([_mean_std(cells[categories[i], enc]) for i in at]).reshape(-1, 2).T
+            x = np.array(at) + (j - (len(encoders) - 1) / 2) * width
+            ax.bar(x, mean, width, color=colour[enc], label=enc)
+            if std.any():
+                ax.errorbar(x[std > 0], mean[std > 0], std[std > 0], fmt="none", ecolor="k", elinewidth=1, capsize=2)
+            low = min([low, *(mean - std - 0.05)])
+        base = _group(shown, f"baseline_{metric}", lambda r: r["category"])
+        if base:
+            at = np.array([i for i, c in enumerate(categories) if c in base])
+            y = [np.mean(base[categories[i]]) for i in at]
+            ax.hlines(y, at - 0.45, at + 0.45, colors="k", lw=2.5, label="raw-pixel baseline")
+            low, has_base = min(low, min(y) - 0.05), True
+        ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance (0.5)")
+        ax.set_ylabel(_metric_label(shown, metric))
+        ax.yaxis.set_major_locator(mticker.MultipleLocator(0.1))
+        _half_separators(ax, halves, label=ax is axes[0, 0])
+    axes[0, 0].set_ylim(max(0.0, np.floor(low * 20) / 20), 1.01)  # 1.01: a line at 1.0 stays visible
+    axes[-1, 0].set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 8 else 0)
+    axes[-1, 0].set_xlabel("category")
+    _figure_legend(fig, axes, encoders)
+    question = "Which encoder detects anomalies best" + (", and does it beat the raw-pixel baseline" if has_base else "")
+    fig.suptitle(f"{question}?\ntest AUROC by category and encoder{_run_description(shown)}", fontsize=11)
     return fig
+
+
+def _figure_legend(fig, axes, encoders: list[str]) -> None:
+    """One legend below all panels: the encoders in registry order, then the reference lines."""
+    handles = {}
+    for ax in axes.ravel():
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    order = [e for e in encoders if e in handles] + [k for k in handles if k not in encoders]
+    fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=min(len(order), 5), fontsize=9)
+
+
+def _run_description(rows: list[dict]) -> str:
+    """": detector cpcad_knn_ms, 40 epochs, mean ± std of 3 seeds" from what the rows share."""
+    parts = []
+    detectors = sorted({r["detector"] for r in rows if r.get("detector")})
+    if detectors:
+        parts.append("detector " + " / ".join(detectors))
+    budgets = sorted({_budget(r) for r in rows if _budget(r) is not None})
+    if budgets:
+        parts.append(f"{' / '.join(map(str, budgets))} epochs")
+    cells: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["category"], r["encoder"], _budget(r))
+        cells[key] = cells.get(key, 0) + 1
+    runs = max(cells.values())
+    if runs > 1:
+        parts.append(f"mean ± std of up to {runs} runs")
+    return ": " + ", ".join(parts) if parts else ""
+
+
+def has_epoch_series(rows: list[dict]) -> bool:
+    """Whether some (category, encoder) was run with several epoch budgets (`plot_epochs` applies)."""
+    budgets: dict[tuple, set] = {}
+    for r in rows:
+        budgets.setdefault((r["category"], r["encoder"]), set()).add(_budget(r))
+    return any(len(b) > 1 for b in budgets.values())
+
+
+def plot_epochs(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc", "pixel_auroc")
+                ) -> "matplotlib.figure.Figure":
+    """Does training longer help? `metrics` against the epoch budget, one line per encoder.
+
+    One panel per category that has several budgets (columns) and metric (rows); runs
+    sharing a point (seeds) are averaged, with a ± std error bar; the raw-pixel baseline,
+    which does not train, is a horizontal black line.
+    """
+    import matplotlib.ticker as mticker
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    series = [c for c in _category_order(rows) if has_epoch_series([r for r in rows if r["category"] == c])]
+    if not series:
+        raise ValueError("every (category, encoder) has one epoch budget: nothing to draw against epochs")
+    colour = _encoder_colours(r["encoder"] for r in rows)
+    fig, axes = _figure(len(metrics), len(series), figsize=(max(5.5, 1 + 3.2 * len(series)), 1.2 + 2.8 * len(metrics)),
+                        squeeze=False, sharex="col", sharey="row", layout="constrained")
+    for m, metric in enumerate(metrics):
+        for col, cat in enumerate(series):
+            ax, sel = axes[m, col], [r for r in rows if r["category"] == cat]
+            for enc in _encoder_order(sel):
+                points = _group([r for r in sel if r["encoder"] == enc], metric, _budget)
+                x = sorted(points)
+                mean, std = np.array([_mean_std(points[b]) for b in x]).reshape(-1, 2).T
+                ax.errorbar(x, mean, std if std.any() else None, fmt="o-", color=colour[enc], capsize=2, label=enc)
+            base = [r[f"baseline_{metric}"] for r in sel if r.get(f"baseline_{metric}") is not None]
+            if base:
+                ax.axhline(np.mean(base), color="k", lw=1.5, label="raw-pixel baseline")
+            ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+            if m == 0:
+                ax.set_title(f"{cat} ({_half(sel[0])} half)" if _half(sel[0]) else cat, fontsize=10)
+            if m == len(metrics) - 1:
+                ax.set_xlabel("training epochs (asked for)")
+            if col == 0:
+                ax.set_ylabel(_metric_label(sel, metric))
+    _figure_legend(fig, axes, _encoder_order(rows))
+    fig.suptitle("Does training longer help? Test AUROC against the training epochs", fontsize=11)
+    return fig
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    """Write `fig` as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+    save_atomic(fig, path, lambda f, out: f.savefig(out, format="png", dpi=100))
+    plt.close(fig)
 
 
 # ---- results -------------------------------------------------------------------------
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
-# results tree into the comparison table.
+# results tree into summary.md, summary.csv and the figures.
 
-SUMMARY_COLUMNS = ("category", "half", "encoder", "epochs_trained", "learned", "detector", "image_reduce",
+SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "detector", "image_reduce",
                    "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
                    "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
                    "image_f1_max", "train_seconds")
-TEXT_COLUMNS = ("category", "half", "encoder", "epochs_trained", "learned", "detector", "image_reduce")
+TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "detector", "image_reduce")
+COLUMN_LEGEND = {
+    "category": "the MVTec AD class (or demo category) trained on and tested",
+    "half": "demo half: `tuning` (the study made its choices looking at these categories, so their test "
+            "numbers are not independent of them) or `confirmation` (untouched); empty for MVTec AD",
+    "encoder": "the patch encoder (`cu.ENCODERS`), as the command line spells it",
+    "seed": "the run's seed (train/held-out split, initialisation, negatives)",
+    "epochs_trained": "epochs actually trained (early stopping can end a run before its `epochs`)",
+    "learned": "`learning_check`: ok, or `at_chance` (the loss stayed at chance: nothing learned) or "
+               "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
+    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `cpcad_knn_ms` "
+                "the standardised loss plus the standardised multi-scale distance to the nearest normal patch",
+    "image_reduce": "how a patch map becomes an image score: `mean` (the paper's), `max`, or `top10` "
+                    "(the mean of the highest 10% of patches)",
+    "image_auroc": "test image AUROC of the detector, image score = `image_reduce` of its patch map",
+    "pixel_auroc": "test pixel AUROC of the detector's pixel map against the ground-truth masks",
+    "aupro": "area under the per-region-overlap curve up to 30% false positive rate, divided by 0.3 (MVTec AD)",
+    "baseline_image_auroc": "the same as image_auroc for the raw-pixel baseline (each patch's distance to the "
+                            "nearest train patch in downsampled pixels; nothing learned), same reduction",
+    "baseline_pixel_auroc": "pixel AUROC of the raw-pixel baseline: a learned detector should beat it",
+    "cpcad_image_auroc": "pure CPC-AD, the paper's detector: the loss map with the `mean` reduction",
+    "cpcad_pixel_auroc": "pixel AUROC of pure CPC-AD",
+    "val_image_auroc": "image AUROC on the validation set: held-out train/good images with synthetic anomalies "
+                       "pasted in (never test images); choices are made on these numbers",
+    "val_pixel_auroc": "pixel AUROC on the validation set",
+    "image_f1_max": "test F1 at the best threshold of the image score (chosen on the test set: optimistic)",
+    "train_seconds": "seconds of training, all epochs (also those before a resume)",
+}
+SUMMARY_HIDDEN_PARAMETERS = ("category", "encoder", "output_dir", "data_root")  # per row, or where, not how
+HALVES = ("tuning", "confirmation", "")
 
 
 def demo_half(category: str) -> str:
     """"tuning" or "confirmation" for a demo category (see DEMO_TUNING), "" for any other."""
     return "tuning" if category in DEMO_TUNING else "confirmation" if category in DEMO_CONFIRMATION else ""
+
+
+def _half(row: dict) -> str:
+    return row.get("half") or demo_half(row["category"])
+
+
+def _half_rank(half: str) -> int:
+    return HALVES.index(half) if half in HALVES else len(HALVES)
+
+
+def _category_order(rows: list[dict]) -> list[str]:
+    """Categories of `rows`: the tuning half, the confirmation half, then any other, each A-Z."""
+    halves = {r["category"]: _half(r) for r in rows}
+    return sorted(halves, key=lambda c: (_half_rank(halves[c]), c))
+
+
+def _encoder_order(rows: list[dict]) -> list[str]:
+    """Encoders of `rows`: registry order (`ENCODERS`), then any other A-Z."""
+    present = {r["encoder"] for r in rows}
+    return [e for e in ENCODERS if e in present] + sorted(present - set(ENCODERS))
 
 
 def load_results(root: str | os.PathLike) -> list[dict]:
@@ -2425,58 +2702,156 @@ def load_results(root: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _summary_row(row: dict) -> dict:
+    """`row` with the derived columns: half, learned, seed (top-level or from config.parameters)."""
+    params = (row.get("config") or {}).get("parameters") or {}
+    return {**row, "half": _half(row), "learned": (row.get("learning") or {}).get("status", ""),
+            "seed": row.get("seed", params.get("seed"))}
+
+
+def _fmt(column: str, value) -> str:
+    """Two decimals for scores (reruns move AUROCs by about 0.02), whole seconds; text as is."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if column.endswith("seconds") else f"{value:.2f}"
+    return str(value)
+
+
 def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
     """A markdown table of `rows`, one line per run, plus a mean line per (half, encoder).
 
     "half" is the demo half of the category (tuning / confirmation; empty for MVTec AD): the
-    tuning half's test numbers are not independent of the choices the study made.
+    tuning half's test numbers are not independent of the choices the study made. Scores
+    have two decimals, seconds none (summary.csv keeps full precision).
     """
-    def fmt(v):
-        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    rows = [{**r, "half": r.get("half") or demo_half(r["category"]),
-             "learned": (r.get("learning") or {}).get("status", "")} for r in rows]
+    rows = [_summary_row(r) for r in rows]
     numeric = [c for c in columns if c not in TEXT_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in sorted(rows, key=lambda r: (r["half"] != "tuning", r["half"], r["category"], r["encoder"],
-                                         r.get("epochs_trained", 0))):
-        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
-    for half, enc in sorted({(r["half"], r["encoder"]) for r in rows}, key=lambda k: (k[0] != "tuning", k)):
+    order = {c: i for i, c in enumerate(_category_order(rows))}  # by half, then A-Z
+    for r in sorted(rows, key=lambda r: (order[r["category"]], r["encoder"], r.get("epochs_trained", 0),
+                                         r["seed"] if isinstance(r["seed"], int) else -1)):
+        lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |")
+    for half, enc in sorted({(r["half"], r["encoder"]) for r in rows}, key=lambda k: (_half_rank(k[0]), k)):
         sel = [r for r in rows if r["encoder"] == enc and r["half"] == half]
         mean = {c: float(np.mean([r[c] for r in sel])) for c in numeric
                 if all(isinstance(r.get(c), (int, float)) for r in sel)}
         text = {"category": "**mean**", "half": half, "encoder": enc}
-        lines.append("| " + " | ".join(text.get(c, "") if c in TEXT_COLUMNS else fmt(mean.get(c))
+        lines.append("| " + " | ".join(text.get(c, "") if c in TEXT_COLUMNS else _fmt(c, mean.get(c))
                                        for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-ENCODER_LABELS = {"resnet18v2": "ResNet18", "resnet50v2": "ResNet50", "densenet": "DenseNet"}
+def comparison_table(rows: list[dict], metric: str | Sequence[str] = "image_auroc") -> str:
+    """Markdown table Class | Epochs | resnet18v2 | resnet50v2 | densenet | baseline of `metric`.
 
-
-def comparison_table(rows: list[dict], metric: str = "image_auroc") -> str:
-    """Markdown table of `metric` laid out as Class | Epochs | ResNet18 | ResNet50 | DenseNet.
-
-    One line per (category, epochs asked for: `epochs`, else `epochs_trained`), one column
-    per encoder (registry order first), then a mean line per epochs; runs that share a cell
-    (repeated seeds, say) are averaged; missing runs show "-".
+    One line per (category, epochs asked for: `epochs`, else `epochs_trained`), categories by
+    demo half (tuning, confirmation, then others), one column per encoder (registry order, as
+    the command line spells them), a baseline column (the raw-pixel baseline, `baseline_<metric>`)
+    when the rows have it, and after each half a mean line per epochs: the mean over categories
+    of the per-cell means. With several metrics a cell reads "image / pixel". Runs that share a
+    cell (seeds) show mean ± std (when they differ); missing runs show "-". Two decimals.
     """
-    encoders = [e for e in ENCODERS if any(r["encoder"] == e for r in rows)]
-    encoders += sorted({r["encoder"] for r in rows} - set(encoders))
-    cell: dict[tuple, list[float]] = {}
+    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+    encoders = _encoder_order(rows)
+    has_base = any(r.get(f"baseline_{m}") is not None for r in rows for m in metrics)
+    columns = encoders + (["baseline"] if has_base else [])
+    cell: dict[tuple, list[list[float]]] = {}  # (category, epochs, column) -> values per metric
     for r in rows:
-        values = cell.setdefault((r["category"], r.get("epochs", r.get("epochs_trained")), r["encoder"]), [])
-        values += [r[metric]] if r.get(metric) is not None else []
-    keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0], k[1] or 0))
+        key = (r["category"], _budget(r))
+        for col, prefix in ((r["encoder"], ""), ("baseline", "baseline_")):
+            values = cell.setdefault(key + (col,), [[] for _ in metrics])
+            for v, m in zip(values, metrics):
+                v += [r[prefix + m]] if r.get(prefix + m) is not None else []
 
-    def fmt(values):
-        return f"{np.mean(values):.3f}" if values else "-"
-    lines = ["| Class | Epochs | " + " | ".join(ENCODER_LABELS.get(e, e) for e in encoders) + " |",
-             "|---|---|" + "---|" * len(encoders)]
-    lines += [f"| {c} | {n} | " + " | ".join(fmt(cell.get((c, n, e))) for e in encoders) + " |" for c, n in keys]
-    for n in sorted({k[1] for k in keys}, key=lambda n: n or 0):  # mean over categories of the per-cell means
-        means = [[float(np.mean(v)) for k, v in cell.items() if k[1] == n and k[2] == e and v] for e in encoders]
-        lines.append(f"| **mean** | {n} | " + " | ".join(fmt(m) for m in means) + " |")
+    def fmt(values: list[list[float]] | None, spread: bool = True) -> str:
+        if not values or not any(values):
+            return "-"
+        parts = []
+        for v in values:
+            mean, std = _mean_std(v) if v else (None, 0.0)
+            spread_text = f" ± {std:.2f}" if spread and len(set(v)) > 1 else ""
+            parts.append("-" if mean is None else f"{mean:.2f}{spread_text}")
+        return " / ".join(parts)
+
+    order = {c: i for i, c in enumerate(_category_order(rows))}
+    keys = sorted({k[:2] for k in cell}, key=lambda k: (order[k[0]], k[1] or 0))
+    halves = {r["category"]: _half(r) for r in rows}
+    lines = ["| Class | Epochs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for half in sorted(set(halves.values()), key=_half_rank):
+        mine = [k for k in keys if halves[k[0]] == half]
+        lines += [f"| {c} | {n} | " + " | ".join(fmt(cell.get((c, n, e))) for e in columns) + " |" for c, n in mine]
+        for n in sorted({k[1] for k in mine}, key=lambda n: n or 0):
+            per_column = [[cell[c, n, e] for c, n2 in mine if n2 == n and (c, n, e) in cell] for e in columns]
+            means = [[[float(np.mean(v[i])) for v in cells if v[i]] for i in range(len(metrics))]
+                     for cells in per_column]
+            label = f"**mean {half}**" if half else "**mean**"
+            lines.append(f"| {label} | {n} | " + " | ".join(fmt(m, spread=False) for m in means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _run_parameters(row: dict) -> dict:
+    """The notebook parameters of a run (config.parameters), a None replaced by the value it
+    resolved to (config.model / train / grid), minus those that differ by design."""
+    cfg = row.get("config") or {}
+    resolved = {k: v for part in ("grid", "train", "model") for k, v in (cfg.get(part) or {}).items()}
+    return {k: resolved.get(k) if v is None else v for k, v in (cfg.get("parameters") or {}).items()
+            if k not in SUMMARY_HIDDEN_PARAMETERS}
+
+
+def _value_order(text: str) -> tuple:
+    """Sort key of a JSON value: numbers by value, before any other value by its text."""
+    value = json.loads(text)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (not number, value if number else 0, text)
+
+
+def parameters_text(rows: list[dict]) -> str:
+    """Markdown lines: the parameters shared by every run, then those that differ between runs."""
+    params = [_run_parameters(r) for r in rows if (r.get("config") or {}).get("parameters")]
+    if not params:
+        return "The runs record no parameters (no `config.parameters` in their metrics.json).\n"
+    names = sorted(set().union(*params))
+    values = {k: sorted({json.dumps(p.get(k), default=str) for p in params}, key=_value_order) for k in names}
+    shared = [k for k in names if len(values[k]) == 1 and all(k in p for p in params)]
+    differ = [f"`{k}` ({', '.join('None' if v == 'null' else v for v in values[k])})" for k in names if k not in shared]
+    text = "**Parameters** of every run (notebook 02's; a `None` is shown as the default it resolved to): " \
+           + (", ".join(f"`{k}={params[0][k]}`" for k in shared) or "none shared") + ".\n"
+    if differ:
+        text += "\n**Parameters that differ between runs**: " + "; ".join(differ) + ".\n"
+    if len(params) < len(rows):
+        text += f"\n{len(rows) - len(params)} of {len(rows)} runs record no parameters.\n"
+    return text
+
+
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def summary_markdown(rows: list[dict], title: str, written: str = "", pairs: str = "") -> str:
+    """summary.md: title, what was run, its parameters, `pairs` (the sweep's `pair_status_table`),
+    the class x encoder table, the table of every run and a legend of its columns."""
+    categories, encoders = _category_order(rows), _encoder_order(rows)
+    per_half = {h: sum(_half(next(r for r in rows if r["category"] == c)) == h for c in categories) for h in HALVES}
+    halves = ", ".join(f"{n} {h or 'other'}" for h, n in per_half.items() if n)
+    reduces = sorted({r["image_reduce"] for r in rows if r.get("image_reduce")})
+    detectors = sorted({r["detector"] for r in rows if r.get("detector")})
+    how = f"detector {' / '.join(detectors)}, " if detectors else ""
+    how += f"image score: {' / '.join(reduces)} of the patch map; " if reduces else ""
+    parts = [f"# Results of `{title}`\n",
+             f"{_count(len(rows), 'run')} of notebook 02: {_count(len(categories), 'category', 'categories')} "
+             f"({halves}: {', '.join(categories)}) x {_count(len(encoders), 'encoder')} ({', '.join(encoders)})."
+             + (f" Summary written {written}." if written else "") + "\n",
+             parameters_text(rows), pairs,
+             "## Test AUROC by category and encoder\n",
+             f"Cells: image AUROC / pixel AUROC ({how}baseline: the raw-pixel baseline with the same reduction); "
+             "mean ± std where several runs share a cell; a mean line per demo half. Two decimals: reruns move "
+             "these by about 0.02 (summary.csv has every digit).\n",
+             comparison_table(rows, ("image_auroc", "pixel_auroc")),
+             "![test AUROC by category and encoder](comparison.png)\n",
+             "## Every run\n", summary_table(rows), "\nColumns:\n",
+             "\n".join(f"- `{c}`: {COLUMN_LEGEND[c]}" for c in SUMMARY_COLUMNS) + "\n"]
+    return "\n".join(p for p in parts if p)
 
 
 def pair_status_table(status: dict[str, str], failures: dict | None = None, others: Sequence[str] = ()) -> str:
@@ -2498,30 +2873,34 @@ def pair_status_table(status: dict[str, str], failures: dict | None = None, othe
 
 def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = None,
                   failures: dict | None = None) -> list[dict]:
-    """Write summary.md, summary.csv and comparison.png for a results tree; return its rows.
+    """Write summary.md, summary.csv, comparison.png (and epochs.png when some pair has several
+    epoch budgets) for a results tree; return its rows.
 
     status ({"category/encoder": "finished" | "failed" | "missing"}, from scripts/sweep.py) and
     failures add the pairs that have no current result. The "learned" column flags runs whose
     loss stayed at chance or diverged (`learning_check`).
     """
     import csv
+    import datetime
     import io
     run_dir = Path(run_dir)
     rows = load_results(run_dir)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
     others = {f"{r['category']}/{r['encoder']}" for r in rows} - set(status or {})
-    text = summary_table(rows) + (pair_status_table(status, failures, others) if status else "")
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = summary_markdown(rows, run_dir.name, written, pair_status_table(status, failures, others) if status else "")
     save_atomic(text.encode(), run_dir / "summary.md", lambda o, f: f.write(o))
     buf = io.StringIO()
     w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore")
     w.writeheader()
-    w.writerows({**r, "learned": (r.get("learning") or {}).get("status", "")} for r in rows)
+    w.writerows(_summary_row(r) for r in rows)
     save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
-    fig = plot_comparison(rows)
-    fig.savefig(run_dir / "comparison.png", dpi=100)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    _save_figure(plot_comparison(rows), run_dir / "comparison.png")
+    if has_epoch_series(rows):
+        _save_figure(plot_epochs(rows), run_dir / "epochs.png")
+    else:
+        (run_dir / "epochs.png").unlink(missing_ok=True)  # an earlier summary's, of runs no longer here
     return rows
 
 

@@ -177,9 +177,9 @@ def test_notebook03_compares_encoders(executed):
     # 6 rows read from the results tree + 3 trained here
     assert len(c["rows"]) == 9 and sum(r.get("source") == "notebook03" for r in c["rows"]) == 3
     table = (out / "table_image_auroc.md").read_text()
-    assert table.startswith("| Class | Epochs | ResNet18 | ResNet50 | DenseNet |")
-    assert "| brick | 2 | 0.500 | 0.600 | 0.700 |" in table and "| gravel | 1 |" in table
-    assert {"image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
+    assert table.startswith("| Class | Epochs | resnet18v2 | resnet50v2 | densenet |")
+    assert "| brick | 2 | 0.50 | 0.60 | 0.70 |" in table and "| gravel | 1 |" in table
+    assert {"comparison.png", "image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
     for enc in cu.ENCODERS:
         assert (out / "runs" / "gravel" / enc / "metrics.json").exists()
 
@@ -215,6 +215,6 @@ def test_comparison_table_layout_and_averaging():
             {"category": "brick", "encoder": "resnet18v2", "epochs": 8, "image_auroc": 0.7},   # a second seed
             {"category": "gravel", "encoder": "resnet18v2", "epochs_trained": 3, "image_auroc": 0.6}]
     assert cu.comparison_table(rows).splitlines() == [
-        "| Class | Epochs | ResNet18 | DenseNet |", "|---|---|---|---|",
-        "| brick | 8 | 0.800 | 0.800 |", "| gravel | 3 | 0.600 | - |",
-        "| **mean** | 3 | 0.600 | - |", "| **mean** | 8 | 0.800 | 0.800 |"]
+        "| Class | Epochs | resnet18v2 | densenet |", "|---|---|---|---|",
+        "| brick | 8 | 0.80 ± 0.14 | 0.80 |", "| gravel | 3 | 0.60 | - |",
+        "| **mean tuning** | 3 | 0.60 | - |", "| **mean tuning** | 8 | 0.80 | 0.80 |"]

@@ -1,10 +1,11 @@
 """Plots, results and command-line sections: every plot returns a Figure, a results tree
-becomes summary.md / summary.csv / comparison.png, `python -m cpc_utils demo-data` writes
+becomes summary.md / summary.csv / comparison.png (and epochs.png), `python -m cpc_utils demo-data` writes
 a readable tree, and importing the module changes no global state."""
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.figure import Figure
 
 import cpc_utils as cu
@@ -51,25 +53,75 @@ def test_plot_roc():
     assert len(fig.axes[0].get_lines()) == 3  # two curves and the chance diagonal
 
 
-def test_plot_score_histogram():
+def hist_edges(container) -> list[float]:
+    return [p.get_x() for p in container] + [container[-1].get_x() + container[-1].get_width()]
+
+
+def test_plot_score_histogram_shares_bin_edges():
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(10), np.ones(5)]
-    fig = cu.plot_score_histogram(labels, rng.random(15) + labels)
-    assert isinstance(fig, Figure)
+    fig = cu.plot_score_histogram(labels, rng.random(15) * 0.5 + 3 * labels)  # classes far apart
+    assert isinstance(fig, Figure) and len(fig.axes) == 1  # no defect types: no strip panel
     ax = fig.axes[0]
-    assert len(ax.patches) == 2 * 20
+    normal, anomalous = ax.containers
+    assert len(normal) == len(anomalous) == 20
+    assert np.allclose(hist_edges(normal), hist_edges(anomalous))  # the same edges, not each class's own
     assert sum(p.get_height() for p in ax.patches) == 15  # every image counted once
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["normal (10)", "anomalous (5)"]
+    assert ax.get_xlabel() and ax.get_ylabel() == "test images"
+    assert not [line for line in ax.get_lines() if line.get_xdata()[0] == line.get_xdata()[-1]]  # no threshold
+
+
+def test_plot_score_histogram_threshold_and_defect_types():
+    labels = np.r_[np.zeros(4), np.ones(5)]
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 0.6, 0.7, 0.8])
+    defects = ["good"] * 4 + ["scratch", "crack", "scratch", "crack", "scratch"]
+    fig = cu.plot_score_histogram(labels, scores, "brick", threshold=0.45, defect_types=defects)
+    hist, strip = fig.axes
+    for ax in (hist, strip):  # the threshold in both panels
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0.45, 0.45]]
+    assert "threshold 0.45" in [t.get_text() for t in hist.get_legend().get_texts()]
+    assert [t.get_text() for t in strip.get_yticklabels()] == ["good (4)", "crack (2)", "scratch (3)"]
+    points = np.concatenate([c.get_offsets() for c in strip.collections])
+    assert len(points) == 9 and sorted(points[:, 0]) == sorted(scores)
+    rows = {0: [0.1, 0.2, 0.3, 0.4], 1: [0.7, 0.9], 2: [0.5, 0.6, 0.8]}  # good on top, then A-Z
+    for y, xs in rows.items():
+        near = points[np.abs(points[:, 1] - y) < 0.3]
+        assert sorted(near[:, 0]) == xs and not np.all(near[:, 1] == y)  # jittered around the row
+    assert strip.get_xlabel() and strip.get_ylabel() and hist.get_shared_x_axes().joined(hist, strip)
+
+
+def test_plot_score_histogram_leaves_out_the_strip_for_a_large_test_set():
+    n = cu.STRIP_MAX_IMAGES + 1
+    labels = np.arange(n) % 2
+    defects = ["good" if y == 0 else "x" for y in labels]
+    fig = cu.plot_score_histogram(labels, labels + np.linspace(0, 1, n), defect_types=defects)
+    assert len(fig.axes) == 1
+    with pytest.raises(ValueError, match="2 defect types for 3 scores"):
+        cu.plot_score_histogram([0, 1, 1], [0.1, 0.2, 0.3], defect_types=["good", "x"])
 
 
 def test_plot_heatmaps(fake_widget):
     test = fake_widget["test"]
+    crack, good = test.defect_types.index("crack"), test.defect_types.index("good")
     pixel_maps = torch.rand(len(test), 1, 32, 32)
-    fig = cu.plot_heatmaps(test, pixel_maps, [0, 3])
-    assert isinstance(fig, Figure) and len(fig.axes) == 6
-    assert fig.axes[0].get_title() == "crack #0" and fig.axes[3].get_title() == "good #3"
-    assert len(fig.axes[2].get_images()) == 2  # the image and the map over it
-    fig = cu.plot_heatmaps(test, pixel_maps, [1], titles=["worst"])
-    assert fig.axes[0].get_title() == "worst"
+    pixel_maps[good] += 5  # the shared scale must reach this image's values in every row
+    fig = cu.plot_heatmaps(test, pixel_maps, [crack, good])
+    assert isinstance(fig, Figure)
+    *panels, colorbar = fig.axes
+    assert len(panels) == 4 and "one scale" in colorbar.get_ylabel()  # one colour bar for all rows
+    assert [ax.get_title() for ax in panels[::2]] == [f"crack #{crack}", f"good #{good}"]
+    maps = [panels[1].get_images()[0], panels[3].get_images()[0]]
+    assert all(im.get_cmap().name == "inferno" for im in maps)
+    lo, hi = float(pixel_maps.min()), float(pixel_maps.max())
+    assert all(np.allclose(im.get_clim(), (lo, hi)) for im in maps) and colorbar.get_ylim() == pytest.approx((lo, hi))
+    outline = panels[1].collections  # the ground truth drawn on the map as a contour
+    assert len(outline) == 1 and np.allclose(outline[0].get_edgecolor()[0], (0, 1, 1, 1))
+    box = outline[0].get_paths()[0].vertices  # (x = column, y = row)
+    assert 3 < box[:, 1].min() and box[:, 1].max() < 10 and 7 < box[:, 0].min() and box[:, 0].max() < 14  # the square
+    assert not panels[3].collections and not panels[0].collections  # no defect: no outline; the image stays clean
+    fig = cu.plot_heatmaps(test, pixel_maps, [crack], titles=["worst"], scores=torch.arange(len(test)) / 4)
+    assert fig.axes[0].get_title() == f"worst, score {crack / 4:.3g}"
 
 
 def result_row(category: str, encoder: str, epochs: int, auroc: float, **extra) -> dict:
@@ -80,13 +132,86 @@ def result_row(category: str, encoder: str, epochs: int, auroc: float, **extra) 
 ROWS = [result_row("brick", "resnet18v2", 2, 0.8), result_row("brick", "resnet18v2", 5, 0.9),
         result_row("brick", "densenet", 5, 0.7), result_row("gravel", "resnet18v2", 5, 0.6)]
 
+BASE = {"baseline_image_auroc": 0.75, "baseline_pixel_auroc": 0.85, "image_reduce": "top10", "detector": "cpcad_knn_ms"}
+COMPARED = [result_row("brick", "densenet", 5, 0.7, **BASE),
+            result_row("brick", "resnet18v2", 5, 0.8, **BASE, seed=0),
+            result_row("brick", "resnet18v2", 5, 0.9, **BASE, seed=1),     # a second seed: an error bar
+            result_row("brick", "resnet18v2", 2, 0.3, **BASE),              # a shorter budget: not a bar
+            result_row("tissue", "resnet18v2", 5, 0.55, **{**BASE, "baseline_image_auroc": 0.5}),
+            result_row("gravel", "densenet", 5, 0.6, **BASE)]
 
-def test_plot_comparison():
-    fig = cu.plot_comparison(ROWS)
-    assert isinstance(fig, Figure) and [ax.get_title() for ax in fig.axes] == ["brick", "gravel"]
-    brick = fig.axes[0]
-    assert line_labels(brick) == ["densenet", "resnet18v2"]
-    assert list(brick.get_lines()[1].get_xdata()) == [2, 5] and list(brick.get_lines()[1].get_ydata()) == [0.8, 0.9]
+
+def bars(ax) -> dict[str, list[tuple[float, float]]]:
+    """{encoder: [(bar centre, height), ...]} of a bar panel."""
+    return {c.get_label(): [(p.get_x() + p.get_width() / 2, p.get_height()) for p in c]
+            for c in ax.containers if isinstance(c, BarContainer)}
+
+
+def test_plot_comparison_grouped_bars():
+    fig = cu.plot_comparison(COMPARED)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    image, pixel = fig.axes
+    assert [t.get_text() for t in pixel.get_xticklabels()] == ["brick", "gravel", "tissue"]  # tuning, then confirmation
+    got = bars(image)
+    assert list(got) == ["resnet18v2", "densenet"]  # registry order, CLI names
+    assert [h for _, h in got["resnet18v2"]] == pytest.approx([0.85, 0.55])  # brick: the two seeds at 5 epochs
+    assert [h for _, h in got["densenet"]] == pytest.approx([0.7, 0.6])
+    assert [round(x) for x, _ in got["resnet18v2"]] == [0, 2] and [round(x) for x, _ in got["densenet"]] == [0, 1]
+    assert got["resnet18v2"][0][0] < got["densenet"][0][0]  # side by side within the group
+    assert [h for _, h in bars(pixel)["resnet18v2"]] == pytest.approx([0.75, 0.45])
+    errors = [c for c in image.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errors) == 1  # only the cell with two runs
+    (segment,) = errors[0].lines[2][0].get_segments()
+    assert segment[:, 1] == pytest.approx([0.85 - np.std([0.8, 0.9], ddof=1), 0.85 + np.std([0.8, 0.9], ddof=1)])
+    (baseline,) = [c for c in image.collections if c.get_label() == "raw-pixel baseline"]
+    assert [s[0, 1] for s in baseline.get_segments()] == pytest.approx([0.75, 0.75, 0.5])  # one per category
+    brick = baseline.get_segments()[0][:, 0]
+    assert brick[0] < got["resnet18v2"][0][0] < got["densenet"][0][0] < brick[1]  # over the whole brick group
+    chance = [line for line in image.get_lines() if list(line.get_ydata()) == [0.5, 0.5]]
+    assert len(chance) == 1 and chance[0].get_linestyle() == "--"
+    low, high = image.get_ylim()
+    assert low <= 0.4 and high == pytest.approx(1.01) and pixel.get_ylim() == (low, high)  # one shared range
+    assert image.get_ylabel() == "image AUROC (top10 of the patch map)" and pixel.get_ylabel() == "pixel AUROC"
+    texts = [t.get_text() for t in image.texts]
+    assert texts == ["tuning half", "confirmation half"]  # the demo halves, named once
+    assert [line.get_xdata()[0] for line in image.get_lines() if line.get_linestyle() == ":"] == [1.5]
+    assert len(fig.legends) == 1 and image.get_legend() is None and pixel.get_legend() is None
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["resnet18v2", "densenet", "raw-pixel baseline", "chance (0.5)"]
+    assert "raw-pixel baseline" in fig._suptitle.get_text() and "cpcad_knn_ms" in fig._suptitle.get_text()
+
+
+def test_plot_comparison_of_mvtec_rows_without_baseline():
+    rows = [result_row("carpet", "resnet50v2", 3, 0.2), result_row("zipper", "resnet50v2", 3, 0.95)]
+    fig = cu.plot_comparison(rows, "image_auroc")
+    (ax,) = fig.axes
+    assert [h for _, h in bars(ax)["resnet50v2"]] == pytest.approx([0.2, 0.95])
+    assert ax.get_ylim()[0] <= 0.15  # low enough for the lowest bar
+    assert not ax.texts and not ax.collections  # no halves, no baseline
+    assert "baseline" not in fig._suptitle.get_text()
+    assert ax.get_ylabel() == "image AUROC"
+    with pytest.raises(ValueError):
+        cu.plot_comparison([])
+
+
+def test_plot_epochs_only_for_several_budgets():
+    assert cu.has_epoch_series(ROWS) and not cu.has_epoch_series(ROWS[1:])
+    with pytest.raises(ValueError, match="one epoch budget"):
+        cu.plot_epochs(ROWS[1:])
+    fig = cu.plot_epochs(ROWS + [result_row("brick", "resnet18v2", 5, 0.7), {**ROWS[0], "baseline_image_auroc": 0.75}])
+    assert isinstance(fig, Figure) and len(fig.axes) == 2  # brick only (gravel has one budget) x two metrics
+    image, pixel = fig.axes
+    assert image.get_title() == "brick (tuning half)" and pixel.get_xlabel()
+    lines = {c.get_label(): c.lines[0] for c in image.containers}  # errorbar(): the label is the container's
+    assert list(lines) == ["resnet18v2", "densenet"]
+    assert list(lines["resnet18v2"].get_xdata()) == [2, 5]
+    assert list(lines["resnet18v2"].get_ydata()) == pytest.approx([0.8, 0.8])  # (0.9 + 0.7) / 2 at 5 epochs
+    assert image.containers[0].has_yerr and not image.containers[1].has_yerr  # two runs at 5 epochs: ± std
+    (baseline,) = [line for line in image.get_lines() if line.get_label() == "raw-pixel baseline"]
+    assert list(baseline.get_ydata()) == [0.75, 0.75]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["resnet18v2", "densenet", "raw-pixel baseline"]
+    assert len(fig.legends) == 1
+    assert len(cu.plot_epochs(ROWS, "image_auroc").axes) == 1
 
 
 # ---- results -------------------------------------------------------------------------
@@ -116,38 +241,103 @@ def test_load_results_invalid_json_names_the_file(results_tree):
 
 
 def test_summary_table():
-    table = cu.summary_table(ROWS + [result_row("tissue", "resnet18v2", 5, 0.5), result_row("cable", "densenet", 5, 0.4)])
+    table = cu.summary_table(ROWS + [result_row("tissue", "resnet18v2", 5, 0.5, seed=3),
+                                     result_row("cable", "densenet", 5, 0.4)])
     lines = table.strip().split("\n")
     assert lines[0] == "| " + " | ".join(cu.SUMMARY_COLUMNS) + " |"
+    assert lines[0].startswith("| category | half | encoder |")  # scripts/sweep.py's tests look for these cells
     # header, rule, one line per run, one mean line per (half, encoder): tuning x 2, confirmation, MVTec ("")
     assert len(lines) == 2 + len(ROWS) + 2 + 4
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [c[:4] for c in cells[:6]] == [["brick", "tuning", "densenet", "5"], ["brick", "tuning", "resnet18v2", "2"],
-                                          ["brick", "tuning", "resnet18v2", "5"], ["gravel", "tuning", "resnet18v2", "5"],
-                                          ["cable", "", "densenet", "5"], ["tissue", "confirmation", "resnet18v2", "5"]]
+    assert [c[:5] for c in cells[:6]] == [  # tuning half, confirmation half, then other categories
+        ["brick", "tuning", "densenet", "", "5"], ["brick", "tuning", "resnet18v2", "", "2"],
+        ["brick", "tuning", "resnet18v2", "", "5"], ["gravel", "tuning", "resnet18v2", "", "5"],
+        ["tissue", "confirmation", "resnet18v2", "3", "5"], ["cable", "", "densenet", "", "5"]]
     col = cu.SUMMARY_COLUMNS.index("image_auroc")
-    assert cells[1][col] == "0.800"
+    assert cells[1][col] == "0.80" and cells[1][cu.SUMMARY_COLUMNS.index("train_seconds")] == "12"  # no false digits
     means = {(c[1], c[2]): c for c in cells if c[0] == "**mean**"}
-    assert set(means) == {("tuning", "resnet18v2"), ("tuning", "densenet"), ("confirmation", "resnet18v2"), ("", "densenet")}
-    assert means["tuning", "resnet18v2"][col] == f"{np.mean([0.8, 0.9, 0.6]):.3f}"
-    assert means["tuning", "densenet"][col] == "0.700" and means["confirmation", "resnet18v2"][col] == "0.500"
+    assert list(means) == [("tuning", "densenet"), ("tuning", "resnet18v2"), ("confirmation", "resnet18v2"),
+                           ("", "densenet")]
+    assert means["tuning", "resnet18v2"][col] == f"{np.mean([0.8, 0.9, 0.6]):.2f}"
+    assert means["tuning", "densenet"][col] == "0.70" and means["confirmation", "resnet18v2"][col] == "0.50"
     assert means["tuning", "resnet18v2"][cu.SUMMARY_COLUMNS.index("baseline_image_auroc")] == ""  # absent: blank
 
 
-def test_write_summary(results_tree):
-    rows = cu.write_summary(results_tree)
-    assert len(rows) == len(ROWS)
-    assert (results_tree / "summary.md").read_text() == cu.summary_table(rows)
-    with open(results_tree / "summary.csv", newline="") as f:
+def test_every_summary_column_is_explained():
+    assert list(cu.COLUMN_LEGEND) == list(cu.SUMMARY_COLUMNS) and all(cu.COLUMN_LEGEND.values())
+
+
+def test_comparison_table_image_and_pixel_with_baseline_and_half_means():
+    table = cu.comparison_table(COMPARED + [result_row("cable", "resnet18v2", 5, 0.65)], ("image_auroc", "pixel_auroc"))
+    assert table.splitlines() == [
+        "| Class | Epochs | resnet18v2 | densenet | baseline |", "|---|---|---|---|---|",
+        "| brick | 2 | 0.30 / 0.20 | - | 0.75 / 0.85 |",
+        "| brick | 5 | 0.85 ± 0.07 / 0.75 ± 0.07 | 0.70 / 0.60 | 0.75 / 0.85 |",  # two seeds; equal baselines: no ±
+        "| gravel | 5 | - | 0.60 / 0.50 | 0.75 / 0.85 |",
+        "| **mean tuning** | 2 | 0.30 / 0.20 | - | 0.75 / 0.85 |",
+        "| **mean tuning** | 5 | 0.85 / 0.75 | 0.65 / 0.55 | 0.75 / 0.85 |",
+        "| tissue | 5 | 0.55 / 0.45 | - | 0.50 / 0.85 |",
+        "| **mean confirmation** | 5 | 0.55 / 0.45 | - | 0.50 / 0.85 |",
+        "| cable | 5 | 0.65 / 0.55 | - | - |",
+        "| **mean** | 5 | 0.65 / 0.55 | - | - |"]
+    assert cu.comparison_table(ROWS).splitlines()[0] == "| Class | Epochs | resnet18v2 | densenet |"  # no baseline
+
+
+def config(row: dict, **parameters) -> dict:
+    """`row` with a config as notebook 02 writes it: parameters, None where the default applies."""
+    params = {"category": row["category"], "encoder": row["encoder"], "output_dir": "/out", "data_root": "/data",
+              "epochs": row["epochs_trained"], "seed": row.get("seed", 0), "lr": None, **parameters}
+    return {**row, "config": {"parameters": params, "train": {"lr": 0.0002}, "model": {"encoder": row["encoder"]}}}
+
+
+def test_parameters_text():
+    rows = [config(r) for r in COMPARED]
+    text = cu.parameters_text(rows)
+    shared, differ = text.strip().split("\n\n")
+    assert "`lr=0.0002`" in shared  # None: the default it resolved to
+    assert "`epochs=" not in shared and not any(k in text for k in ("category", "encoder", "output_dir", "data_root"))
+    assert differ == "**Parameters that differ between runs**: `epochs` (2, 5); `seed` (0, 1)."
+    assert "1 of 7 runs record no parameters" in cu.parameters_text(rows + [ROWS[0]])
+    assert "record no parameters" in cu.parameters_text(ROWS)
+
+
+@pytest.fixture
+def summary_tree(tmp_path) -> Path:
+    """COMPARED, with configs and one score of many digits, as results/<run>/s<seed>e<epochs>/<category>/<encoder>/."""
+    run = tmp_path / "run"
+    for r in COMPARED:
+        r = config({**r, "image_auroc": 0.8123456789} if r["category"] == "gravel" else r, width=16)
+        folder = run / f"s{r.get('seed', 0)}e{r['epochs_trained']}" / r["category"] / r["encoder"]
+        cu.save_json(r, folder / "metrics.json")
+    return run
+
+
+def test_write_summary(summary_tree):
+    rows = cu.write_summary(summary_tree)
+    assert len(rows) == len(COMPARED)
+    text = (summary_tree / "summary.md").read_text()
+    assert text.startswith("# Results of `run`\n\n6 runs of notebook 02: 3 categories (2 tuning, 1 confirmation: "
+                           "brick, gravel, tissue) x 2 encoders (resnet18v2, densenet). Summary written ")
+    assert "`width=16`" in text and "`seed` (0, 1)" in text
+    parts = [text.index(t) for t in ("**Parameters**", "| Class | Epochs | resnet18v2 | densenet | baseline |",
+                                     "| category | half | encoder |", "- `category`:", "- `train_seconds`:")]
+    assert parts == sorted(parts)  # parameters, class x encoder table, every run, the legend of its columns
+    assert cu.comparison_table(rows, ("image_auroc", "pixel_auroc")) in text and cu.summary_table(rows) in text
+    assert all(f"- `{c}`: {cu.COLUMN_LEGEND[c]}" in text for c in cu.SUMMARY_COLUMNS)
+    assert "| gravel | tuning | densenet | 0 | 5 |" in text and "0.81 |" in text and "0.812" not in text
+    with open(summary_tree / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(cu.SUMMARY_COLUMNS)
-    assert sorted((r["category"], r["encoder"], r["epochs_trained"], float(r["image_auroc"])) for r in table) == \
-        sorted((r["category"], r["encoder"], str(r["epochs_trained"]), r["image_auroc"]) for r in ROWS)
-    png = (results_tree / "comparison.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    assert not list(results_tree.glob(".*.tmp"))
-    assert not plt.get_fignums()  # the figure was closed
-    assert len(cu.write_summary(results_tree)) == len(ROWS)  # its own outputs are not results
+    assert [r["image_auroc"] for r in table if r["category"] == "gravel"] == ["0.8123456789"]  # every digit
+    assert sorted(r["seed"] for r in table) == ["0", "0", "0", "0", "0", "1"]
+    for name in ("comparison.png", "epochs.png"):  # brick/resnet18v2 has two budgets: epochs.png too
+        png = (summary_tree / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert not list(summary_tree.glob(".*.tmp"))
+    assert not plt.get_fignums()  # the figures were closed
+    shutil.rmtree(summary_tree / "s0e2")
+    assert len(cu.write_summary(summary_tree)) == len(COMPARED) - 1  # its own outputs are not results
+    assert not (summary_tree / "epochs.png").exists()  # one budget each now: the old epochs.png is gone
 
 
 def test_write_summary_without_results(tmp_path):
