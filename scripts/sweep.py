@@ -12,8 +12,10 @@ grew), and the previous results stay in place until the new run has finished. An
 interrupted pair continues from its last checkpoint. A failing pair is recorded in
 results/<run>/failures.json (kept until that pair succeeds, also by sweeps over other pairs)
 and the sweep goes on; a full disk stops it cleanly. A lock keeps two sweeps out of one run
-folder. At the end cu.write_summary writes summary.md (with the finished, failed and missing
-pairs), summary.csv and comparison.png. Exits 1 if any pair failed or is missing.
+folder. At the end cu.write_summary writes summary.md (parameters, the class x encoder
+table, every run, the finished, failed and missing pairs), summary.csv, comparison.png (and
+epochs.png when a pair was run for several epoch counts). Exits 1 if any pair failed or is
+missing; `python -m cpc_utils summary results/<run>` rewrites the summary alone.
 
 Progress: each pair's epoch, losses, seconds per epoch and an estimate of the time left,
 read from the progress.json its notebook writes every epoch, then one line with its result.
