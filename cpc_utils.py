@@ -1620,6 +1620,8 @@ class TrainConfig:
     patience: int = 5             # epochs without a better validation loss before stopping
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"       # auto | bf16 | fp16 | fp32, see resolve_precision
+    time_budget: float | None = None  # seconds this call may train; stops at an epoch boundary before it
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience"):
@@ -1628,6 +1630,8 @@ class TrainConfig:
         check_param("weight_decay", self.weight_decay, "float", low=0)
         check_param("seed", self.seed, "int", low=0)
         check_param("device", self.device, "str")
+        check_param("precision", self.precision, "str", choices=PRECISIONS)
+        check_param("time_budget", self.time_budget, "float", low=0, open_low=True, optional=True)
 
 
 def make_config(cls: type, **overrides):
@@ -1653,12 +1657,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere, so the CPU path stays fp32."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """"auto" -> what the device runs fast: bf16 on CUDA compute capability >= 8.0 (A100, H100;
+    it has tensor cores for bf16 from there), fp16 with a gradient scaler on 7.x (V100, T4:
+    bf16 would be emulated, far slower), fp32 below 7.0 (P100: no fp16 tensor cores either)
+    and on CPU / MPS. An explicit bf16 or fp16 needs CUDA."""
+    check_param("precision", precision, "str", choices=PRECISIONS)
+    device = torch.device(device)
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ParameterError(f"precision={precision!r} needs a CUDA device, not {device}; use auto or fp32")
+        return "fp32"
+    if precision != "auto":
+        return precision
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Mixed-precision autocast for `precision` (see resolve_precision); fp32: a no-op."""
     import contextlib
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class TimeBudgetReached(RuntimeError):
+    """Training stopped at an epoch boundary because the next epoch would not fit in the time
+    budget (a Kaggle session's 12 hours, a cluster job's limit); the checkpoint is kept."""
+
+
+def parse_duration(value: str | float | int | None) -> float | None:
+    """Seconds from 3600, "90s", "30m", "11h" or "1h30m"; None stays None."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    import re
+    text = str(value).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or parts is None:
+        raise ParameterError(f"time_budget={value!r}: expected seconds or a duration such as 90s, 30m, 11h, 1h30m")
+    h, m, sec = (float(x) if x else 0.0 for x in parts.groups())
+    return h * 3600 + m * 60 + sec
 
 
 def save_atomic(obj, path: str | os.PathLike, writer: Callable = torch.save) -> None:
@@ -1709,7 +1752,7 @@ def _json_default(o):
 # A run's identity and folder: what determines its result is fingerprinted; a run writes into
 # a staging folder next to its output and replaces the previous run only once it succeeded.
 
-NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root")  # change nothing a run computes
+NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root", "time_budget")  # change nothing a run computes
 RESUMABLE_CHANGES = ("parameters.epochs", "parameters.patience")  # a resumed run may extend these
 
 
@@ -1843,13 +1886,13 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                    seed: int = 0) -> float:
+                    seed: int = 0, precision: str = "auto") -> float:
     """Mean training objective on held-out images, with a fixed negative sample (repeatable)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for idx in _batches(len(images), batch_size, None):
-        with autocast(device):
+        with autocast(device, precision):
             total += model.loss(to_float(images[idx].to(device, non_blocking=True)), g)["loss"].item() * len(idx)
         n += len(idx)
     return total / n
@@ -1880,13 +1923,22 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     validation anomalies, to study how long to train). `fingerprint` (`run_fingerprint`) is
     stored in the checkpoint; resuming from one whose fingerprint differs (other than in
     `epochs`) is an error naming the differing fields.
+
+    Precision: `cfg.precision` (resolve_precision: "auto" picks bf16, fp16 or fp32 by device);
+    fp16 trains with a gradient scaler (torch.amp.GradScaler), whose state is checkpointed and
+    restored on resume. Each epoch's record names the precision used. `cfg.time_budget`: before
+    each epoch, if the slowest epoch so far would overrun the budget, the last checkpoint is
+    kept and TimeBudgetReached is raised; resume=True continues from there.
     """
+    t_start = time.perf_counter()
     _check_negatives(model, cfg.batch_size, len(train))
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
     history, best, bad_epochs, start = [], float("inf"), 0, 0
     best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
@@ -1903,6 +1955,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"]
     images = train.images.to(device)  # decoded once; one host->device copy for the whole run
     val_images = val.images.to(device) if val is not None and len(val) else None
@@ -1910,28 +1964,35 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     for epoch in bar:
         if bad_epochs >= cfg.patience:
             break
+        slowest = max((h["seconds"] for h in history[start:] if "seconds" in h), default=0.0)
+        if cfg.time_budget is not None and epoch > start and time.perf_counter() - t_start + slowest > cfg.time_budget:
+            bar.close()
+            raise TimeBudgetReached(f"stopped after epoch {epoch} of {cfg.epochs}: another epoch (up to "
+                                    f"{slowest:.0f} s) would overrun time_budget={cfg.time_budget:.0f} s"
+                                    f"{_kept(ckpt)}; run again with resume=True to continue")
         t0, model_losses, extras = time.perf_counter(), [], {}
         model.train()
         for step, idx in enumerate(_batches(len(images), cfg.batch_size, g)):
-            with autocast(device):
+            with autocast(device, precision):
                 out = model.loss(to_float(images[idx.to(device)]), g)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
                                          f"{_kept(ckpt)}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # with fp16: skipped when the scaled gradients overflowed
+            scaler.update()
             model_losses.append(loss.item())
             for key, v in out.items():
                 if key != "loss":
                     extras.setdefault(key, []).append(v.detach().float().cpu())
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
             raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{_kept(ckpt)}")
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)),
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)), "precision": precision,
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
         if val_images is not None:
-            record["val_loss"] = validation_loss(model, val_images, cfg.batch_size, device, cfg.seed + 1)
+            record["val_loss"] = validation_loss(model, val_images, cfg.batch_size, device, cfg.seed + 1, precision)
             if record["val_loss"] < best:
                 best, bad_epochs = record["val_loss"], 0
                 if ckpt:
@@ -1948,7 +2009,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if ckpt:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                         "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                         "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
                          "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
                          "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
                         ckpt / "last.pt")
@@ -2017,7 +2078,7 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
     now_model = json.loads(json.dumps(now["model"], default=list))
     diff = [k for k in now_model if saved_model.get(k) != now_model[k]]
     diff += [f"train.{k}" for k in now["train"]
-             if k not in ("epochs", "patience") and saved.get("train", {}).get(k) != now["train"][k]]
+             if k not in ("epochs", "patience", "time_budget") and saved.get("train", {}).get(k) != now["train"][k]]
     if fingerprint is not None and state.get("fingerprint") is not None:
         diff += fingerprint_diff(state["fingerprint"], fingerprint, ignore=RESUMABLE_CHANGES)
     if diff:

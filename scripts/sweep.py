@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
 
 NOTEBOOK = ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb"
-ENCODERS = ("resnet18v2", "resnet50v2", "densenet")  # cu.ENCODERS, spelled out: --help must not import torch
+ENCODERS = ("resnet18v2", "resnet50v2", "densenet")
+MIN_PAIR_SECONDS = 120  # with --time-budget: less than this left, no new pair is started  # cu.ENCODERS, spelled out: --help must not import torch
 
 
 def notebook_parameters(notebook: Path) -> dict:
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
     parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="any other notebook parameter, e.g. width=32 lr=1e-3")
+    parser.add_argument("--shard", metavar="I/N", help="run only share I of N (1 <= I <= N) of the pairs, e.g. one "
+                        "machine of a SLURM job array; all shards can write into one results folder")
+    parser.add_argument("--time-budget", metavar="DURATION", help="stop before this much time has passed "
+                        "(e.g. 11h on a 12-hour Kaggle session), at an epoch boundary with a checkpoint; "
+                        "the same command resumes")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the arguments, list each pair and what a run would do with it, and stop")
     parser.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
@@ -233,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"available: {', '.join(available)}")
     run_dir = Path(args.results).resolve() / args.run
     pairs = [(c, e) for c in categories for e in args.encoders]
+    shard = parse_shard(args.shard)
+    if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
+        pairs = pairs[shard[0] - 1::shard[1]]
+    budget = cu.parse_duration(args.time_budget)
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
@@ -248,25 +258,40 @@ def main(argv: list[str] | None = None) -> int:
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
             print(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
         return 0
+    suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
+    lock = run_dir / f".sweep{suffix}.lock"
     try:
-        cu.acquire_lock(run_dir / ".sweep.lock")
+        cu.acquire_lock(lock)
     except RuntimeError as e:
         raise SystemExit(f"sweep: {e}")
     try:
-        return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume)
+        return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
+                     run_dir / f"failures{suffix}.json", budget)
     except KeyboardInterrupt:
         print("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
               "an interrupted one continues from its last checkpoint.", flush=True)
         return 130
     finally:
-        (run_dir / ".sweep.lock").unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"2/4" -> (2, 4); None -> None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes I/N, e.g. 1/4, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise SystemExit(f"--shard {text}: need 1 <= I <= N")
+    return i, n
 
 
 def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
-          resume: bool) -> int:
+          resume: bool, failures_file: Path, budget: float | None = None) -> int:
     """Run every (category, encoder) pair not finished with these parameters; write the summary."""
     import cpc_utils as cu
-    failures_file = run_dir / "failures.json"
     failures = json.loads(failures_file.read_text()) if failures_file.exists() else {}
     t_start, status, done, skipped = time.perf_counter(), {}, 0, 0
     for n, (category, encoder) in enumerate(pairs, 1):
@@ -287,7 +312,14 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                "partial": "continuing an interrupted run" if continues else
                           f"an interrupted run with other {', '.join(diff)} is discarded; running",
                "new": "running"}[state]
+        left = None if budget is None else budget - (time.perf_counter() - t_start)
+        if left is not None and left < MIN_PAIR_SECONDS:
+            print(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
+                  "Run the same command again (in the next session) to resume.", flush=True)
+            break
         print(f"{tag}: {why} ...", flush=True)
+        if left is not None and "time_budget" in params:
+            run_params["time_budget"] = left  # training stops at an epoch boundary before it runs out
         t0, progress = time.perf_counter(), Progress(out, tag)
         progress.start()
         try:
@@ -296,6 +328,10 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             progress.finish()
             if error_message(e).startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
                 raise KeyboardInterrupt from e
+            if error_message(e).startswith("TimeBudgetReached"):  # not a failure: resumable
+                print(f"{tag}: {error_message(e)}\nsweep: time budget reached; stopping. Run the same command "
+                      "again (in the next session) to resume.", flush=True)
+                break
             failures[key] = {"category": category, "encoder": encoder, "error": error_message(e),
                              "output_dir": str(out), "notebook": str(failed_notebook(out))}
             status[key] = "failed"
@@ -333,8 +369,9 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
     print(f"\n{done} run, {skipped} skipped, {sum(v == 'failed' for v in status.values())} failed, "
           f"{len(missing)} missing in {fmt_time(time.perf_counter() - t_start)}")
     if any(run_dir.rglob("metrics.json")):
-        try:
-            cu.write_summary(run_dir, status, failures)
+        try:  # with shards: every shard's failures, so the summary covers the whole folder
+            every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in json.loads(f.read_text()).items()}
+            cu.write_summary(run_dir, status, every_failure)
         except OSError as e:
             print(f"sweep: cannot write the summary: {e}")
             return 2

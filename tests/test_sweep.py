@@ -38,10 +38,10 @@ def load_sweep():
 
 
 def sweep(data_root: Path, results: Path, *encoders: str, epochs: int = 1, params: tuple = (),
-          run: str = "t", categories: tuple = ("brick",)) -> subprocess.CompletedProcess:
+          run: str = "t", categories: tuple = ("brick",), extra: tuple = ()) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--categories", *categories,
                            "--encoders", *encoders, "--epochs", str(epochs), "--run", run, "--results", str(results),
-                           "--param", *TINY, *params], capture_output=True, text=True, timeout=900,
+                           *extra, "--param", *TINY, *params], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
 
 
@@ -225,3 +225,26 @@ def test_a_stopped_sweep_ends_cleanly_and_says_how_to_resume(tmp_path):
     pair = tmp_path / "r" / "t" / "brick"
     assert (pair / ".resnet18v2.partial" / "checkpoints" / "last.pt").exists()
     assert not (tmp_path / "r" / "t" / ".sweep.lock").exists()
+
+
+def test_shards_split_the_pairs_deterministically(tmp_path):
+    """Three machines, four pairs: every pair in exactly one share, the same on every call."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick", "gravel"], n_train=8, n_test_good=2,
+                                n_per_defect=1, image_size=64)
+    shares = []
+    for i in (1, 2, 3):
+        proc = sweep(root, tmp_path / "r", "resnet18v2", "densenet", categories=("brick", "gravel"),
+                     extra=("--shard", f"{i}/3", "--dry-run"))
+        assert proc.returncode == 0, proc.stderr
+        shares.append([line.split("] ")[1].split(": would")[0] for line in proc.stdout.splitlines() if ": would " in line])
+    assert shares == [["brick/resnet18v2", "gravel/densenet"], ["brick/densenet"], ["gravel/resnet18v2"]]
+    bad = sweep(root, tmp_path / "r", "resnet18v2", extra=("--shard", "4/3", "--dry-run"))
+    assert bad.returncode != 0 and "need 1 <= I <= N" in bad.stderr
+
+
+def test_time_budget_too_small_starts_nothing(tmp_path):
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", extra=("--time-budget", "30s"))
+    assert "too little to start brick/resnet18v2; stopping" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "0 run, 0 skipped, 0 failed, 1 missing" in proc.stdout

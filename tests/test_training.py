@@ -54,7 +54,7 @@ def without_seconds(history: list[dict]) -> list[dict]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in ("last.pt", "best.pt"))
+    return sorted(p.name for p in folder.iterdir() if p.name not in ("last.pt", "best.pt", "progress.json"))
 
 
 # ---- the loop ------------------------------------------------------------------------
@@ -550,3 +550,69 @@ def test_unwritable_folder_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         cu.save_json({"a": 1}, tmp_path / "metrics.json")
     assert str(e.value) == f"[Errno 13] cannot write {tmp_path / 'metrics.json'}: Permission denied"
+
+
+# ---- precision by device, time budgets ----
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
+                                                  ((7, 0), "fp16"), ((6, 0), "fp32")])
+def test_auto_precision_follows_the_compute_capability(capability, expected, monkeypatch):
+    """H100/A100 -> bf16; T4/V100 -> fp16 with a scaler; P100 -> fp32 (stubbed, no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert cu.resolve_precision("auto", torch.device("cuda")) == expected
+    assert cu.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert cu.resolve_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+def test_precision_on_cpu():
+    assert cu.resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(cu.ParameterError, match="precision='fp16' needs a CUDA device"):
+        cu.resolve_precision("fp16", "cpu")
+    with pytest.raises(cu.ParameterError, match="precision='fp8'"):
+        cu.TrainConfig(precision="fp8")
+
+
+def test_training_records_its_precision_and_scaler(sets, tmp_path):
+    train, val = sets
+    history = cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
+    assert history[0]["precision"] == "fp32"
+    assert "scaler" in torch.load(tmp_path / "last.pt", weights_only=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_training_step_with_a_gradient_scaler(sets, tmp_path):
+    train, val = sets
+    history = cu.train_model(build("cpcad", 0), train, val, config(2, device="cuda", precision="fp16"), tmp_path,
+                             progress=False)
+    assert history[-1]["precision"] == "fp16" and math.isfinite(history[-1]["train_loss"])
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("text, seconds", [(3600, 3600.0), ("90s", 90.0), ("30m", 1800.0), ("11h", 39600.0),
+                                           ("1h30m", 5400.0), (None, None)])
+def test_parse_duration(text, seconds):
+    assert cu.parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_nonsense():
+    with pytest.raises(cu.ParameterError, match="time_budget='soon'"):
+        cu.parse_duration("soon")
+
+
+def test_time_budget_stops_at_an_epoch_boundary_and_resumes(sets, tmp_path, monkeypatch):
+    """A budget of one epoch: the second would overrun, so training stops with a checkpoint;
+    resuming without a budget ends where an uninterrupted run does."""
+    train, val = sets
+    clock = {"t": 0.0}
+    monkeypatch.setattr(cu.time, "perf_counter", lambda: clock.__setitem__("t", clock["t"] + 1.0) or clock["t"])
+    with pytest.raises(cu.TimeBudgetReached, match=r"stopped after epoch [12] of 3.*resume=True") as e:
+        cu.train_model(build("cpcad", 0), train, val, config(3, time_budget=5.0), tmp_path / "a", progress=False)
+    assert str(tmp_path / "a" / "last.pt") in str(e.value)
+    stopped = int(str(e.value).split("epoch ")[1].split(" ")[0])
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=False)["epoch"] == stopped
+    progress = json.loads((tmp_path / "a" / "progress.json").read_text())
+    assert progress["epoch"] == stopped and progress["epochs"] == 3
+    monkeypatch.undo()
+    resumed = cu.train_model(build("cpcad", 7), train, val, config(3), tmp_path / "a", resume=True, progress=False)
+    straight = cu.train_model(build("cpcad", 0), train, val, config(3), tmp_path / "b", progress=False)
+    assert [h["train_loss"] for h in resumed] == [h["train_loss"] for h in straight]
