@@ -1752,7 +1752,8 @@ def _json_default(o):
 # A run's identity and folder: what determines its result is fingerprinted; a run writes into
 # a staging folder next to its output and replaces the previous run only once it succeeded.
 
-NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root", "time_budget")  # change nothing a run computes
+# where and how long a run computes, not what: a pair finished on cuda:1 is not rerun on cuda:0
+NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root", "time_budget", "device")
 RESUMABLE_CHANGES = ("parameters.epochs", "parameters.patience")  # a resumed run may extend these
 
 

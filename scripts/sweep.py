@@ -21,6 +21,12 @@ Progress: each pair's epoch, losses, seconds per epoch and an estimate of the ti
 read from the progress.json its notebook writes every epoch, then one line with its result.
 Ctrl-C (or SIGTERM) stops the sweep and its kernel; the same command resumes it.
 
+Parallel and long sweeps: --devices runs one pair per device at once (auto: every GPU;
+cpu,cpu: two pairs sharing the CPU cores); --shard I/N gives machine I of N its share of
+the pairs, all writing into one results folder (a SLURM job array: --shard
+$((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT); --time-budget 11h stops before 11 hours
+at an epoch boundary, with checkpoints, so the next session resumes.
+
 Defaults are the notebook's own parameters (its `parameters` cell): `make demo` runs every demo
 category with them and resnet18v2.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import signal
 import sys
 import threading
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
     parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="any other notebook parameter, e.g. width=32 lr=1e-3")
+    parser.add_argument("--devices", metavar="LIST", help="run one pair per device at once: auto (every CUDA "
+                        "device, else the CPU) or a list such as cuda:0,cuda:1 or cpu,cpu (default: one at a time "
+                        "on the notebook's device)")
     parser.add_argument("--shard", metavar="I/N", help="run only share I of N (1 <= I <= N) of the pairs, e.g. one "
                         "machine of a SLURM job array; all shards can write into one results folder")
     parser.add_argument("--time-budget", metavar="DURATION", help="stop before this much time has passed "
@@ -243,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
         pairs = pairs[shard[0] - 1::shard[1]]
     budget = cu.parse_duration(args.time_budget)
+    devices = parse_devices(args.devices)
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
@@ -266,13 +277,34 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"sweep: {e}")
     try:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
-                     run_dir / f"failures{suffix}.json", budget)
+                     run_dir / f"failures{suffix}.json", budget, devices)
     except KeyboardInterrupt:
         print("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
               "an interrupted one continues from its last checkpoint.", flush=True)
         return 130
     finally:
         lock.unlink(missing_ok=True)
+
+
+def parse_devices(text: str | None) -> list[str] | None:
+    """"auto" -> every CUDA device (else ["cpu"]); "cuda:0,cuda:1" -> that list; None -> None.
+
+    Several CPU entries share the cores: each kernel is given an equal share of threads
+    (OMP_NUM_THREADS, unless set), so two pairs at once do not fight over every core.
+    """
+    if text is None:
+        return None
+    if text == "auto":
+        import torch
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    else:
+        devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or any(not (d == "cpu" or d == "mps" or d.startswith("cuda")) for d in devices):
+        raise SystemExit(f"--devices {text!r}: expected auto or a list of cpu, mps, cuda, cuda:N")
+    n_cpu = sum(d == "cpu" for d in devices)
+    if n_cpu > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_cpu))  # inherited by the kernels
+    return devices
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -289,23 +321,29 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
-          resume: bool, failures_file: Path, budget: float | None = None) -> int:
-    """Run every (category, encoder) pair not finished with these parameters; write the summary."""
+          resume: bool, failures_file: Path, budget: float | None = None, devices: list[str] | None = None) -> int:
+    """Run every (category, encoder) pair not finished with these parameters; write the summary.
+
+    With several `devices`, as many pairs run at once, each pinned to its own device.
+    """
     import cpc_utils as cu
     failures = json.loads(failures_file.read_text()) if failures_file.exists() else {}
-    t_start, status, done, skipped = time.perf_counter(), {}, 0, 0
-    for n, (category, encoder) in enumerate(pairs, 1):
+    t_start, status, counts = time.perf_counter(), {}, {"done": 0, "skipped": 0}
+    guard, stop = threading.Lock(), threading.Event()  # shared state of the workers; stop: start no new pair
+
+    def run(n: int, category: str, encoder: str, device: str | None) -> None:
         out = run_dir / category / encoder
         key, tag = f"{category}/{encoder}", f"[{n}/{len(pairs)}] {category}/{encoder}"
         run_params = {**params, "data_root": str(root), "category": category, "encoder": encoder,
-                      "output_dir": str(out)}
+                      "output_dir": str(out), **({"device": device} if device else {})}
         state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
         if state == "finished":
-            skipped += 1
-            status[key] = "finished"
-            failures.pop(key, None)
+            with guard:
+                counts["skipped"] += 1
+                status[key] = "finished"
+                failures.pop(key, None)
             print(f"{tag}: finished before with these parameters, skipped", flush=True)
-            continue
+            return
         continues = resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
         why = {"changed": f"finished before with other {', '.join(diff)}: running again"
                           + (" (continuing its training)" if continues else " (its results stay until this run finishes)"),
@@ -316,8 +354,9 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         if left is not None and left < MIN_PAIR_SECONDS:
             print(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
                   "Run the same command again (in the next session) to resume.", flush=True)
-            break
-        print(f"{tag}: {why} ...", flush=True)
+            stop.set()
+            return
+        print(f"{tag}: {why}{f' on {device}' if device else ''} ...", flush=True)
         if left is not None and "time_budget" in params:
             run_params["time_budget"] = left  # training stops at an epoch boundary before it runs out
         t0, progress = time.perf_counter(), Progress(out, tag)
@@ -326,32 +365,61 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             run_pair(notebook, out, {**run_params, "resume": bool(continues or (resume and state == "new"))})
         except Exception as e:  # one bad pair must not stop the sweep: record it and go on
             progress.finish()
-            if error_message(e).startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
+            message = error_message(e)
+            if message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
                 raise KeyboardInterrupt from e
-            if error_message(e).startswith("TimeBudgetReached"):  # not a failure: resumable
-                print(f"{tag}: {error_message(e)}\nsweep: time budget reached; stopping. Run the same command "
+            if message.startswith("TimeBudgetReached"):  # not a failure: resumable
+                print(f"{tag}: {message}\nsweep: time budget reached; stopping. Run the same command "
                       "again (in the next session) to resume.", flush=True)
-                break
-            failures[key] = {"category": category, "encoder": encoder, "error": error_message(e),
-                             "output_dir": str(out), "notebook": str(failed_notebook(out))}
-            status[key] = "failed"
-            print(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {error_message(e)}", flush=True)
-            if "No space left on device" in error_message(e) or "disk is full" in error_message(e):
+                stop.set()
+                return
+            with guard:
+                failures[key] = {"category": category, "encoder": encoder, "error": message,
+                                 "output_dir": str(out), "notebook": str(failed_notebook(out))}
+                status[key] = "failed"
+            print(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {message}", flush=True)
+            if "No space left on device" in message or "disk is full" in message:
                 print("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
-                break
-            continue
+                stop.set()
+            return
         finally:
             progress.finish()
-        done += 1
-        status[key] = "finished"
-        failures.pop(key, None)
         m = json.loads((out / "metrics.json").read_text())
+        with guard:
+            counts["done"] += 1
+            status[key] = "finished"
+            failures.pop(key, None)
         learned = m.get("learning", {}).get("status", "ok")
         print(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
               f"{m.get('detector', 'cpcad')}: image AUROC ({m.get('image_reduce', 'mean')}) {m['image_auroc']:.3f} "
               f"(baseline {m['baseline_image_auroc']:.3f}), pixel AUROC {m['pixel_auroc']:.3f} "
               f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs"
               + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"), flush=True)
+
+    todo = list(enumerate(pairs, 1))
+    def worker(device: str | None) -> None:
+        while not stop.is_set():
+            with guard:
+                if not todo:
+                    return
+                n, (category, encoder) = todo.pop(0)
+            run(n, category, encoder, device)
+
+    if not devices or len(devices) == 1:
+        worker(devices[0] if devices else None)
+    else:  # one thread per device; Ctrl-C arrives in this (main) thread, which then stops the kernels
+        threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in devices]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            stop.set()
+            stop_children()
+            raise
+    done, skipped = counts["done"], counts["skipped"]
     for category, encoder in pairs:
         status.setdefault(f"{category}/{encoder}", "missing")  # not reached: the sweep stopped early
     for key in failures:

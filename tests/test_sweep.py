@@ -248,3 +248,19 @@ def test_time_budget_too_small_starts_nothing(tmp_path):
     proc = sweep(root, tmp_path / "r", "resnet18v2", extra=("--time-budget", "30s"))
     assert "too little to start brick/resnet18v2; stopping" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 1 and "0 run, 0 skipped, 0 failed, 1 missing" in proc.stdout
+
+
+def test_two_pairs_at_once_on_two_cpu_devices(tmp_path):
+    """--devices cpu,cpu: both pairs run (overlapping in time), each on its device, with the
+    usual summary; OMP threads split between the kernels."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick", "gravel"], n_train=8, n_test_good=2,
+                                n_per_defect=1, image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", categories=("brick", "gravel"), extra=("--devices", "cpu,cpu"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 run, 0 skipped, 0 failed, 0 missing" in proc.stdout
+    starts = [i for i, line in enumerate(proc.stdout.splitlines()) if "running on cpu" in line]
+    dones = [i for i, line in enumerate(proc.stdout.splitlines()) if ": done in" in line]
+    assert len(starts) == 2 and max(starts) < min(dones)  # the second started before the first finished
+    for cat in ("brick", "gravel"):
+        m = json.loads((tmp_path / "r" / "t" / cat / "resnet18v2" / "metrics.json").read_text())
+        assert m["device"] == "cpu"
