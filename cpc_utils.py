@@ -1360,6 +1360,9 @@ class CPC(nn.Module):
         self.context = PixelCNNContext(D, cfg.context_dim, cfg.context_layers)
         self.W = nn.ModuleList(nn.Linear(cfg.context_dim, D, bias=False) for _ in range(cfg.pred_steps))
 
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.loss(x, generator)  # what DistributedDataParallel wraps: the training objective
+
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """InfoNCE over every (context row, step k) pair, negatives drawn from the whole batch.
 
@@ -1579,6 +1582,9 @@ class CPCAD(nn.Module):
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Training objective: the mean per-patch loss with in-batch negatives."""
         return {"loss": self.patch_losses(self.encode(x), generator=generator).mean()}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.loss(x, generator)  # what DistributedDataParallel wraps: the training objective
 
     @torch.no_grad()
     def build_bank(self, images: torch.Tensor, size: int | None = None, seed: int = 0,
@@ -1930,10 +1936,20 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     restored on resume. Each epoch's record names the precision used. `cfg.time_budget`: before
     each epoch, if the slowest epoch so far would overrun the budget, the last checkpoint is
     kept and TimeBudgetReached is raised; resume=True continues from there.
+
+    Under torchrun (torch.distributed initialised, see `init_distributed`): each of the N
+    processes trains on its share of every batch (images i, i + N, ...; negatives come from
+    that share), DistributedDataParallel all-reduces the gradients, the logged losses are
+    averaged over processes, and rank 0 alone writes checkpoints. A global batch smaller than
+    N is skipped. Resume works with another N: the checkpoint holds the model, the optimizer
+    and the batch-order generator, none of which depends on N (the negatives drawn do).
     """
     t_start = time.perf_counter()
-    _check_negatives(model, cfg.batch_size, len(train))
+    rank, world = _distributed()
+    _check_negatives(model, cfg.batch_size // world, len(train))
     device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1944,7 +1960,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     history, best, bad_epochs, start = [], float("inf"), 0, 0
     best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt and not (resume and (ckpt / "last.pt").exists()):
+    if ckpt and rank == 0 and not (resume and (ckpt / "last.pt").exists()):
         for stale in ("last.pt", "best.pt"):  # a fresh run must not end on an older run's weights
             (ckpt / stale).unlink(missing_ok=True)
     if resume and ckpt and (ckpt / "last.pt").exists():
@@ -1959,6 +1975,11 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"]
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writes = ckpt if rank == 0 else None  # only rank 0 writes files
     images = train.images.to(device)  # decoded once; one host->device copy for the whole run
     val_images = val.images.to(device) if val is not None and len(val) else None
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, initial=start, total=cfg.epochs)
@@ -1966,7 +1987,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         if bad_epochs >= cfg.patience:
             break
         slowest = max((h["seconds"] for h in history[start:] if "seconds" in h), default=0.0)
-        if cfg.time_budget is not None and epoch > start and time.perf_counter() - t_start + slowest > cfg.time_budget:
+        over = cfg.time_budget is not None and epoch > start and time.perf_counter() - t_start + slowest > cfg.time_budget
+        if _any_rank(over, world, device):  # every process stops at the same epoch
             bar.close()
             raise TimeBudgetReached(f"stopped after epoch {epoch} of {cfg.epochs}: another epoch (up to "
                                     f"{slowest:.0f} s) would overrun time_budget={cfg.time_budget:.0f} s"
@@ -1974,8 +1996,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         t0, model_losses, extras = time.perf_counter(), [], {}
         model.train()
         for step, idx in enumerate(_batches(len(images), cfg.batch_size, g)):
+            if len(idx) < world:
+                continue  # a last batch too small to give every process an image
             with autocast(device, precision):
-                out = model.loss(to_float(images[idx.to(device)]), g)
+                out = net(to_float(images[idx[rank::world].to(device)]), g)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
@@ -1990,15 +2014,16 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                     extras.setdefault(key, []).append(v.detach().float().cpu())
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
             raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{_kept(ckpt)}")
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(model_losses)), "precision": precision,
+        record = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(float(np.mean(model_losses)), world, device),
+                  "precision": precision,
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
         if val_images is not None:
             record["val_loss"] = validation_loss(model, val_images, cfg.batch_size, device, cfg.seed + 1, precision)
             if record["val_loss"] < best:
                 best, bad_epochs = record["val_loss"], 0
-                if ckpt:
+                if writes:
                     save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, ckpt / "best.pt")
-                else:
+                elif not ckpt:
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
@@ -2008,7 +2033,7 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        if ckpt:
+        if writes:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                          "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
                          "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
@@ -2017,12 +2042,44 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
             save_json({"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": record["train_loss"],
                        "val_loss": record.get("val_loss"), "seconds": record["seconds"]},
                       ckpt / "progress.json")  # for whoever watches the run from outside (scripts/sweep.py)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's best.pt is complete before anyone reads it
     if ckpt and (ckpt / "best.pt").exists():
         model.load_state_dict(load_checkpoint(ckpt / "best.pt", device)["model"])
     elif best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (env RANK, WORLD_SIZE, MASTER_ADDR...): NCCL on
+    CUDA, gloo on CPU. Returns (rank, world size); (0, 1) when not launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _distributed()
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)  # NCCL reduces CUDA tensors only
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
 
 
 def _kept(ckpt: Path | None) -> str:
