@@ -2361,7 +2361,7 @@ def normal_threshold(scores: torch.Tensor | np.ndarray, target_fpr: float = 0.01
              median, a reference for colour scales).
     """
     check_param("target_fpr", target_fpr, "float", low=0, high=0.5, open_low=True)
-    s = np.sort(np.asarray(torch.as_tensor(scores).float().flatten(), dtype=np.float64))[::-1]  # highest first
+    s = np.sort(np.asarray(torch.as_tensor(scores).double().flatten()))[::-1]  # highest first; float32 scores stay exact
     if not len(s) or not np.isfinite(s).all():
         raise ValueError(f"a threshold needs finite normal {what}, got {len(s)} values"
                          + ("" if np.isfinite(s).all() else " with NaN or infinity"))
@@ -2382,7 +2382,7 @@ def threshold_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | 
     (image scores or pixel maps). A rate with an empty denominator is None.
     """
     y = np.asarray(torch.as_tensor(labels)).astype(bool).ravel()
-    pred = np.asarray(torch.as_tensor(scores).float()).ravel() > threshold
+    pred = np.asarray(torch.as_tensor(scores).double()).ravel() > threshold
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     rate = lambda a, b: a / b if b else None  # noqa: E731
     return {"precision": rate(tp, tp + fp), "recall": rate(tp, int(y.sum())), "fpr": rate(fp, int((~y).sum())),
