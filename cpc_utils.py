@@ -6,8 +6,9 @@ anomalies) -> demo data (8 categories in the MVTec AD layout) -> parameter check
 (`check_param`, run by every config) and patch grids -> encoders (pre-activation ResNet v2,
 DenseNet) -> CPC and CPC-AD heads and the InfoNCE loss -> one resumable training loop, with
 run fingerprints, staged run folders and locks, so no run loses or misreports another's
-results -> scoring (CPC-AD loss, kNN typicality, calibration, named detectors), metrics and
-the pixel baseline -> plots and results files.
+results -> scoring (CPC-AD loss, kNN typicality, calibration, named detectors), metrics, decision
+thresholds from normal data and the pixel baseline -> plots and results files -> the model
+bundle (one file with all scoring needs) and scoring new images with it.
 
 Model selection never looks at test/: every choice is made on held-out train/good images
 with synthetic anomalies pasted in (`make_validation_set`); see scripts/study.py.
@@ -20,7 +21,8 @@ Papers:
             arXiv:2107.07820.
 
 Use it as `import cpc_utils as cu` after `pip install -e .`, or upload this file as a
-Kaggle utility script. `python -m cpc_utils demo-data OUT` writes the demo dataset.
+Kaggle utility script. `python -m cpc_utils demo-data OUT` writes the demo dataset;
+`python -m cpc_utils score MODEL.pt IMAGES --out DIR` scores new images with a trained model.
 """
 from __future__ import annotations
 
@@ -56,6 +58,20 @@ def cli_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", help="summarise a results folder: summary.md, .csv, comparison.png",
                              description="Summarise every metrics.json under a results folder (e.g. results/demo).")
     summary.add_argument("run_dir", help="a results folder, e.g. results/demo")
+    score = sub.add_parser("score", help="score new images with a trained model bundle: verdicts, heatmaps, masks",
+                           description="Score images with a model bundle (model.pt, written by notebook 02): "
+                                       "writes OUT/scores.csv, OUT/heatmaps/*.png and OUT/masks/*.png. Exit "
+                                       "status 1 when an image could not be read (listed in the CSV).")
+    score.add_argument("bundle", help="a model bundle, e.g. results/notebook02/brick/resnet18v2/model.pt")
+    score.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="an image file, a folder (searched recursively) or a glob (quote it)")
+    score.add_argument("--out", required=True, help="output folder")
+    score.add_argument("--threshold", type=float, default=None,
+                       help="image threshold (default: the bundle's, chosen on validation normals)")
+    score.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold for the masks "
+                       "(default: the bundle's)")
+    score.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ... (default auto)")
+    score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     return parser
 
 
@@ -173,13 +189,23 @@ def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     8 bit as value / 257 (65535 -> 255) and float ("F") as value * 255 when it lies in [0, 1],
     else clipped to [0, 255]; PIL's own `.convert("RGB")` would clip 16-bit data to white.
     """
-    from PIL import Image
     try:
-        with Image.open(path) as im:
-            im = _to_8bit(im).convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        return _resized_tensor(_open_rgb(path), image_size)
     except Exception as e:  # PIL raises many types; the user needs the file name
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _resized_tensor(im: "PIL.Image.Image", image_size: int) -> torch.Tensor:
+    """An RGB PIL image resized bilinearly to (3, S, S) uint8."""
+    from PIL import Image
+    return torch.from_numpy(np.asarray(im.resize((image_size, image_size), Image.BILINEAR)).copy()).permute(2, 0, 1)
+
+
+def _open_rgb(path: str | os.PathLike) -> "PIL.Image.Image":
+    """Decode an image at its own size as 8-bit RGB (see `read_image` for channels and depth)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return _to_8bit(im).convert("RGB")  # convert() loads the pixels: the file can close
 
 
 def _to_8bit(im):
@@ -2270,6 +2296,14 @@ class ScoreCalibration:
     def __call__(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.float() - self.mean[k]) / self.std[k] for k, v in raw.items() if k in self.mean}
 
+    def to_dict(self) -> dict:
+        """Plain tensors and floats (what `torch.load(weights_only=True)` reads back)."""
+        return {"mean": {k: v.cpu() for k, v in self.mean.items()}, "std": dict(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoreCalibration":
+        return cls({k: v.float() for k, v in d["mean"].items()}, {k: float(v) for k, v in d["std"].items()})
+
 
 DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     # name: (raw maps, calibrated maps) -> patch anomaly maps, (N, n_sub, G, G)
@@ -2283,6 +2317,11 @@ DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
 }
 
 
+def detector_references(detector: str) -> str | None:
+    """The kNN references a detector reads ("knn" or "knn_ms"), None for the loss alone."""
+    return "knn_ms" if detector.endswith("knn_ms") else "knn" if detector.endswith("knn") else None
+
+
 def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | None,
                   detector: str) -> torch.Tensor:
     """Patch anomaly maps of one named detector from raw `score_patches` output."""
@@ -2290,7 +2329,7 @@ def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | 
         raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
     if detector != "cpcad" and calibration is None:
         raise ValueError(f"detector {detector!r} needs a ScoreCalibration fitted on normal images")
-    kind = "knn_ms" if detector.endswith("knn_ms") else "knn" if detector.endswith("knn") else None
+    kind = detector_references(detector)
     if kind and kind not in raw:
         raise ValueError(f"detector {detector!r} needs {kind} scores: pass references to score_patches")
     return DETECTORS[detector](raw, calibration(raw) if calibration is not None else {})
@@ -2418,6 +2457,55 @@ def per_defect_auroc(labels_defects: Sequence[str], scores: torch.Tensor) -> dic
     return {d: float(roc_auc_score(np.r_[np.zeros(good.sum()), np.ones((defects == d).sum())],
                                    np.r_[s[good], s[defects == d]]))
             for d in sorted(set(defects) - {"good"})}
+
+
+def normal_threshold(scores: torch.Tensor | np.ndarray, target_fpr: float = 0.01, what: str = "scores") -> dict:
+    """A decision threshold from normal data alone: at most `target_fpr` of `scores` lie above it.
+
+    `scores` are those of held-out normal images (validation normals: neither trained on nor
+    used to calibrate) or their pixels; the verdict is "anomalous" when a score is > the
+    threshold. With n scores it is the (m+1)-th highest, m = floor(target_fpr * n) (the
+    conservative "higher" quantile), so the FPR on these normals is m / n <= target_fpr.
+    On *new* normal images the expected FPR is (m + 1) / (n + 1) (a new normal image is equally
+    likely to rank anywhere among the n + 1): with fewer than 1 / target_fpr normals (the demo
+    holds out about 8) the threshold is the highest normal score and the expected FPR is
+    1 / (n + 1), not target_fpr. The returned rule says so ("expected_fpr"); no margin is
+    added, as any margin would be a guess: hold out more normals to reach a low FPR.
+
+    For pixels (a pixel map's values) the same rule holds over all normal pixels; they are
+    not independent draws (neighbours share patches), so read their expected_fpr as rough.
+
+    Returns {"rule", "target_fpr", "value", "n_normals" (how many normal scores: images or
+             pixels), "fpr_on_normals", "expected_fpr", "median"} ("median": the normals'
+             median, a reference for colour scales).
+    """
+    check_param("target_fpr", target_fpr, "float", low=0, high=0.5, open_low=True)
+    s = np.sort(np.asarray(torch.as_tensor(scores).double().flatten()))[::-1]  # highest first; float32 scores stay exact
+    if not len(s) or not np.isfinite(s).all():
+        raise ValueError(f"a threshold needs finite normal {what}, got {len(s)} values"
+                         + ("" if np.isfinite(s).all() else " with NaN or infinity"))
+    m = int(math.floor(target_fpr * len(s) + 1e-9))
+    m = min(m, len(s) - 1)
+    value = float(s[m])
+    return {"rule": f"the (m+1)-th highest of the validation normals' {what}, m = floor(target_fpr * n): "
+                    "anomalous when above", "target_fpr": float(target_fpr), "value": value, "n_normals": len(s),
+            "fpr_on_normals": float((s > value).mean()), "expected_fpr": (m + 1) / (len(s) + 1),
+            "median": float(np.median(s))}
+
+
+def threshold_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,
+                      threshold: float) -> dict[str, float]:
+    """Precision, recall and false-positive rate of the verdict `score > threshold`.
+
+    Args: labels (N,) or masks (N, 1, H, W), 1 / True = anomalous; scores of the same shape
+    (image scores or pixel maps). A rate with an empty denominator is None.
+    """
+    y = np.asarray(torch.as_tensor(labels)).astype(bool).ravel()
+    pred = np.asarray(torch.as_tensor(scores).double()).ravel() > threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    rate = lambda a, b: a / b if b else None  # noqa: E731
+    return {"precision": rate(tp, tp + fp), "recall": rate(tp, int(y.sum())), "fpr": rate(fp, int((~y).sum())),
+            "true_positives": tp, "false_positives": fp}
 
 
 # ---- plots ---------------------------------------------------------------------------
@@ -3023,6 +3111,290 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     return rows
 
 
+# ---- model bundle --------------------------------------------------------------------
+# A trained model as a tool: one file with everything scoring needs (weights, grid, negative
+# bank, kNN references, calibration, thresholds); `python -m cpc_utils score` on new images.
+
+BUNDLE_FORMAT = "cpc_utils.bundle"
+BUNDLE_VERSION = 1  # raise it when a bundle's contents change meaning; load_bundle refuses others
+IMAGE_HANDLING = ("8-bit RGB: grayscale replicated to 3 equal channels, 16-bit scaled to 8 bit (read_image); "
+                  "resized bilinearly to image_size x image_size")
+MASK_COLOUR = "lime"  # the predicted mask's outline on an overlay (cyan is the ground truth's)
+
+
+def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold: dict, pixel_threshold: dict,
+                data: dict | None = None) -> Path:
+    """Write a self-contained model bundle, all `load_bundle` needs to score new images.
+
+    It holds the weights, the CPCADConfig and PatchGrid (as dicts), the negative bank, the kNN
+    references the configured detector reads (only those), the score calibration, the image
+    size and handling, the image and pixel thresholds with their rules (`normal_threshold`),
+    the bundle format version, `code_version()` and the training data's fingerprint (`data`,
+    e.g. `data_fingerprint(root, category)`). Tensors are moved to the CPU and everything is
+    plain tensors and Python values, so a bundle trained on a GPU loads on any machine, with
+    `torch.load(weights_only=True)`. Written atomically.
+
+    Args:
+        scoring: `prepare_scoring`'s {"bank", "references", "calibration"}.
+        threshold, pixel_threshold: `normal_threshold` of the validation normals' image scores
+            and pixel scores.
+    """
+    kind = detector_references(model.cfg.detector)
+    calibration = scoring["calibration"]
+    bundle = {
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": dataclasses.asdict(model.cfg), "grid": dataclasses.asdict(model.grid),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "bank": scoring["bank"].detach().cpu(),
+        "references": {kind: scoring["references"][kind].detach().cpu()} if kind else {},
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "image_size": model.grid.image_size, "image_handling": IMAGE_HANDLING,
+        "threshold": dict(threshold), "pixel_threshold": dict(pixel_threshold), "data": data,
+    }
+    save_atomic(bundle, path)
+    return Path(path)
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle (`load_bundle`): scores new images with its detector and reduce.
+
+    threshold_rule / pixel_threshold_rule: `normal_threshold`'s dicts; info: format_version,
+    code_version, created, data (the training data's fingerprint), image_handling, path.
+    """
+    model: CPCAD
+    bank: torch.Tensor
+    references: dict[str, torch.Tensor]
+    calibration: ScoreCalibration | None
+    threshold_rule: dict
+    pixel_threshold_rule: dict
+    info: dict
+    device: torch.device
+
+    @property
+    def threshold(self) -> float:
+        """Image threshold: an image scoring above it is anomalous."""
+        return float(self.threshold_rule["value"])
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Pixel threshold: the binary mask marks the pixels above it."""
+        return float(self.pixel_threshold_rule["value"])
+
+    @property
+    def image_size(self) -> int:
+        return self.model.grid.image_size
+
+    def score(self, images: torch.Tensor, batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Score uint8 images (N, 3, S, S), S = `image_size` (as `read_image(path, S)` gives them).
+
+        Returns {"scores": (N,) image scores, "anomalous": (N,) bool at `threshold`,
+                 "pixel_maps": (N, 1, S, S), "patch_maps": (N, n_sub, G, G)}, on the CPU.
+        """
+        S = self.image_size
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"the bundle scores uint8 images (N, 3, {S}, {S}), got {images.dtype} "
+                             f"{tuple(images.shape)}: read them with read_image(path, {S})")
+        raw = score_patches(self.model, images, self.bank, self.references or None, batch_size, self.device, progress)
+        maps = detector_maps(raw, self.calibration, self.model.cfg.detector)  # (N, n_sub, G, G)
+        scores = image_scores(maps, self.model.cfg.reduce)
+        return {"scores": scores, "anomalous": scores > self.threshold,
+                "pixel_maps": patches_to_pixels(maps, self.model.grid), "patch_maps": maps}
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
+    """Read a bundle written by `save_bundle`, onto `device` (any device, whatever it was trained on).
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the path, for a corrupt
+    or truncated file, a file that is not a bundle (a training checkpoint) and a bundle of
+    another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model bundle at {path}" + (
+            " (a folder: the bundle is the model.pt that notebook 02 writes next to metrics.json)"
+            if path.is_dir() else ""))
+    try:
+        b = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and EOF errors for a truncated or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read model bundle {path}: {first} (truncated, corrupt, or not a bundle)") from e
+    if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} is not a model bundle (a training checkpoint?); notebook 02 writes the bundle "
+                         "as model.pt next to metrics.json")
+    if b.get("format_version") != BUNDLE_VERSION:
+        raise ValueError(f"model bundle {path} has format version {b.get('format_version')} (code "
+                         f"{b.get('code_version')}), this cpc_utils ({code_version()}) reads version "
+                         f"{BUNDLE_VERSION}: write it again with notebook 02 and this cpc_utils")
+    device = resolve_device(device)
+    try:
+        cfg = CPCADConfig(**{**b["config"], "directions": tuple(b["config"]["directions"])})
+        model = CPCAD(cfg, PatchGrid(**b["grid"]))
+        model.load_state_dict(b["state_dict"])
+        calibration = ScoreCalibration.from_dict(b["calibration"]) if b["calibration"] is not None else None
+        info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling")}
+        return Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
+                      calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"model bundle {path} is inconsistent: {str(e).splitlines()[0]}") from e
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files that `inputs` name: files, folders (searched recursively) or globs.
+
+    In folders and glob matches, files with an image extension (IMAGE_EXTENSIONS, any case),
+    without macOS metadata (._*, __MACOSX); a file named directly is taken as it is (an
+    unreadable one is reported when read). Each file once, in the order named, folders sorted.
+    Raises FileNotFoundError for an input that names nothing, ValueError when no image is found.
+    """
+    import glob
+
+    def is_image(p: Path, base: Path) -> bool:
+        return (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(_is_macos_metadata(part) for part in p.relative_to(base).parts))
+
+    found: list[Path] = []
+    for inp in map(str, inputs):
+        p = Path(inp)
+        if p.is_file():
+            found.append(p)
+            continue
+        matches = [p] if p.is_dir() else [Path(m) for m in sorted(glob.glob(inp, recursive=True))]
+        if not matches:
+            raise FileNotFoundError(f"{inp}: no such file or folder, and no file matches it as a glob")
+        for m in matches:
+            found += sorted(f for f in m.rglob("*") if is_image(f, m)) if m.is_dir() else \
+                [m] if is_image(m, m.parent) else []
+    unique = list({str(p.resolve()): p for p in found}.values())
+    if not unique:
+        raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}, any case) in {' '.join(map(str, inputs))}")
+    return unique
+
+
+def _output_names(paths: Sequence[Path]) -> list[Path]:
+    """One relative .png name per image, mirroring the images' folders below their common folder."""
+    full = [p.resolve() for p in paths]
+    base = Path(os.path.commonpath([str(p.parent) for p in full]))
+    names, used = [], set()
+    for p in full:
+        rel = p.relative_to(base)
+        name = rel.with_suffix(".png")
+        if name in used:  # 000.jpg beside 000.png
+            name = rel.with_name(f"{rel.stem}_{rel.suffix.lstrip('.').lower()}.png")
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def overlay_heatmap(image: np.ndarray, pixel_map: np.ndarray, vmin: float, vmax: float,
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """The image (H, W, 3) uint8 with its anomaly map (H, W) blended over it at half opacity
+    (HEATMAP_CMAP from vmin to vmax) and `mask` (H, W) bool outlined in MASK_COLOUR: (H, W, 3) uint8."""
+    import matplotlib
+    t = np.clip((pixel_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    out = 0.5 * image.astype(np.float64) + 0.5 * 255 * matplotlib.colormaps[HEATMAP_CMAP](t)[..., :3]
+    if mask is not None and mask.any():
+        m = np.pad(mask, 1)
+        inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]  # eroded by one pixel
+        out[mask & ~inner] = np.array(matplotlib.colors.to_rgb(MASK_COLOUR)) * 255
+    return np.rint(out).astype(np.uint8)
+
+
+def _colour_scale(pixel_rule: dict, pixel_threshold: float) -> tuple[float, float]:
+    """One colour scale for every overlay: dark at the validation normals' median pixel score,
+    the pixel threshold three quarters of the way up, brightest above it."""
+    low = float(pixel_rule.get("median", pixel_threshold))
+    span = pixel_threshold - low if pixel_threshold > low else max(abs(pixel_threshold), 1.0)
+    return low, pixel_threshold + span / 3
+
+
+SCORE_COLUMNS = ("path", "image_score", "verdict", "threshold", "max_pixel_x", "max_pixel_y", "max_pixel_score",
+                 "width", "height", "heatmap", "mask", "error")
+
+
+def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                threshold: float | None = None, pixel_threshold: float | None = None,
+                device: str | torch.device = "auto", batch_size: int = 16, progress: bool = True) -> dict:
+    """Score image files with a bundle: `python -m cpc_utils score`.
+
+    Writes `out`/scores.csv (SCORE_COLUMNS, one row per image, in `find_images` order),
+    `out`/heatmaps/<name>.png (the map over the image, one colour scale for all, the mask
+    outlined) and `out`/masks/<name>.png (0 / 255, pixels above the pixel threshold), both
+    at each image's own size, <name> mirroring the input folders. Images are read and resized
+    as in training (`read_image`); an unreadable one gets a row with its error and the others
+    are still scored. Max-pixel x, y are column and row in the image's own pixels.
+
+    Returns {"images", "scored", "failed", "anomalous", "resized", "csv", "seconds"}.
+    """
+    from PIL import Image
+    t0 = time.perf_counter()
+    bundle = load_bundle(bundle_path, device)
+    check_param("batch_size", batch_size, "int", low=1)
+    paths = find_images(inputs)
+    names = _output_names(paths)
+    S, out = bundle.image_size, Path(out)
+    thr = bundle.threshold if threshold is None else float(threshold)
+    pthr = bundle.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
+    vmin, vmax = _colour_scale(bundle.pixel_threshold_rule, pthr)
+    png = lambda a, f: Image.fromarray(a).save(f, format="PNG")  # noqa: E731
+    rows: list[dict] = []
+    resized = 0
+    with tqdm(total=len(paths), desc="score", unit="image", disable=not progress) as bar:
+        for lo in range(0, len(paths), batch_size):
+            originals, xs, index = [], [], []
+            for i in range(lo, min(lo + batch_size, len(paths))):
+                try:
+                    im = _open_rgb(paths[i])
+                except Exception as e:  # PIL raises many types: record it and go on
+                    rows.append({"path": str(paths[i]), "error": f"cannot read image: {e}"})
+                    continue
+                if im.size != (S, S) and not resized:
+                    tqdm.write(f"images that are not {S}x{S} px are resized to {S}x{S} as in training "
+                               f"(first: {paths[i]}, {im.size[0]}x{im.size[1]}); heatmaps and masks are "
+                               "written at each image's own size")
+                resized += im.size != (S, S)
+                originals.append(np.asarray(im))
+                xs.append(_resized_tensor(im, S))  # as read_image does
+                index.append(i)
+            if xs:
+                result = bundle.score(torch.stack(xs), batch_size)
+                for j, i in enumerate(index):
+                    h, w = originals[j].shape[:2]
+                    m = F.interpolate(result["pixel_maps"][j:j + 1], size=(h, w), mode="bilinear",
+                                      align_corners=False)[0, 0].numpy()  # (h, w): the image's own pixels
+                    mask = m > pthr
+                    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+                    score = float(result["scores"][j])
+                    save_atomic(overlay_heatmap(originals[j], m, vmin, vmax, mask), out / "heatmaps" / names[i], png)
+                    save_atomic(mask.astype(np.uint8) * 255, out / "masks" / names[i], png)
+                    rows.append({"path": str(paths[i]), "image_score": f"{score:.9g}",
+                                 "verdict": "anomalous" if score > thr else "normal", "threshold": f"{thr:.9g}",
+                                 "max_pixel_x": int(x), "max_pixel_y": int(y), "max_pixel_score": f"{m[y, x]:.9g}",
+                                 "width": w, "height": h, "heatmap": str(Path("heatmaps") / names[i]),
+                                 "mask": str(Path("masks") / names[i]), "error": ""})
+            bar.update(min(lo + batch_size, len(paths)) - lo)
+    order = {str(p): k for k, p in enumerate(paths)}
+    rows.sort(key=lambda r: order[r["path"]])
+    _write_csv(rows, out / "scores.csv")
+    scored = [r for r in rows if not r.get("error")]
+    return {"images": len(rows), "scored": len(scored), "failed": len(rows) - len(scored),
+            "anomalous": sum(r["verdict"] == "anomalous" for r in scored), "resized": resized,
+            "threshold": thr, "pixel_threshold": pthr, "csv": out / "scores.csv",
+            "seconds": time.perf_counter() - t0}
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+    import io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SCORE_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    save_atomic(text.getvalue(), path, lambda s, f: f.write(s.encode()))
+
+
+
 # ---- command line --------------------------------------------------------------------
 # `python -m cpc_utils <command>`; the parser is built at the top of the file (`cli_parser`),
 # so that --help answers before torch is imported.
@@ -3045,6 +3417,15 @@ def _run_command(args: argparse.Namespace) -> None:
         rows = write_summary(args.run_dir)
         print((Path(args.run_dir) / "summary.md").read_text())
         print(f"{len(rows)} runs summarised in {args.run_dir} (summary.md, summary.csv, comparison.png)")
+    elif args.command == "score":
+        r = score_files(args.bundle, args.inputs, args.out, args.threshold, args.pixel_threshold, args.device,
+                        args.batch_size)
+        print(f"{r['scored']} of {r['images']} images scored in {r['seconds']:.1f} s, {r['anomalous']} anomalous "
+              f"at threshold {r['threshold']:.4g}" + (f", {r['resized']} resized" if r["resized"] else "")
+              + f"; wrote {r['csv']}, heatmaps/ and masks/ in {args.out}")
+        if r["failed"]:
+            raise SystemExit(f"python -m cpc_utils score: {r['failed']} of {r['images']} images could not be read; "
+                             f"see the error column of {r['csv']}")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ def test_help_lists_every_command_without_importing_torch():
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'heavy import before --help'")
     proc = run(code=code)
     assert proc.returncode == 0, proc.stderr
-    for command in ("demo-data", "summary"):
+    for command in ("demo-data", "summary", "score"):
         assert command in proc.stdout
-    assert set(cu.cli_parser()._subparsers._group_actions[0].choices) == {"demo-data", "summary"}
+    assert set(cu.cli_parser()._subparsers._group_actions[0].choices) == {"demo-data", "summary", "score"}
 
 
 def test_summary_command(tmp_path):

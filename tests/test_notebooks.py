@@ -28,7 +28,8 @@ NB02_REQUIRED = ("data_root", "category", "encoder", "epochs", "image_size", "pa
 NB02_METRICS = ("category", "encoder", "epochs_trained", "image_auroc", "image_auroc_max", "image_f1_max",
                 "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc", "baseline_aupro",
                 "per_defect_auroc", "train_seconds", "final_train_loss", "final_val_loss", "chance_loss",
-                "device", "config")
+                "device", "config", "threshold", "threshold_rule", "val_fpr_at_threshold", "test_precision_at_threshold",
+                "test_recall_at_threshold", "test_fpr_at_threshold", "pixel_threshold", "test_pixel_fpr_at_threshold")
 UNIT_METRICS = ("image_auroc", "image_auroc_max", "image_f1_max", "pixel_auroc", "aupro", "baseline_image_auroc",
                 "baseline_pixel_auroc", "baseline_aupro")
 
@@ -150,6 +151,11 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert m["config"]["grid"]["image_size"] == 64 and m["config"]["train"]["epochs"] == 1
     assert {"training_curves.png", "roc.png", "score_histogram.png", "heatmaps.png"} <= {p.name for p in out.glob("*.png")}
     assert (out / "checkpoints" / "last.pt").exists()
+    # the model bundle: its threshold keeps the validation normals at or below the target FPR
+    bundle = cu.load_bundle(out / "model.pt")
+    assert bundle.threshold == m["threshold"] and bundle.threshold_rule["target_fpr"] == m["config"]["parameters"]["target_fpr"]
+    assert m["val_fpr_at_threshold"] <= m["threshold_rule"]["target_fpr"] and 0 <= m["test_fpr_at_threshold"] <= 1
+    assert bundle.info["data"] == m["fingerprint"]["data"]
     assert m["learning"]["status"] in ("ok", "at_chance", "diverged") and "chance" in m["learning"]["message"]
     assert m["fingerprint"] == cu.run_fingerprint(m["config"]["parameters"], tiny_root, "brick")
     assert not list(out.parent.glob(f".{out.name}*"))  # no staging folder or lock left behind

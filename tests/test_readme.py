@@ -2,8 +2,9 @@
 
 Every command in the README (its code blocks and its inline `code`) is found here and run:
 `make` targets as a dry run (`make -n`), the demo-data command for real into a temporary
-folder, and every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
-categories checked, nothing trained) against a tiny tree standing in for its data. A command
+folder, every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
+categories checked, nothing trained) against a tiny tree standing in for its data, and the
+score command for real with an untrained model's bundle standing in for a trained one. A command
 that is neither is an error, so a new README command must be covered here.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cpc_utils as cu
@@ -45,6 +47,7 @@ COMMANDS = readme_commands()
 def test_the_readme_has_its_commands():
     assert "make demo" in COMMANDS and "make test" in COMMANDS and "python -m cpc_utils demo-data data/demo" in COMMANDS
     assert sum("scripts/sweep.py" in c for c in COMMANDS) >= 3
+    assert any(c.startswith("python -m cpc_utils score ") for c in COMMANDS)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,13 @@ def trees(tmp_path_factory) -> dict[str, Path]:
     mvtec = make_fake_mvtec(tmp / "mvtec", {c: "rgb" for c in ("bottle", "carpet", "cable")})
     demo = cu.make_demo_dataset(tmp / "demo", cu.DEMO_CATEGORIES, n_train=4, n_test_good=2, n_per_defect=1,
                                 image_size=32)
-    return {"mvtec": mvtec, "demo": demo, "tmp": tmp}
+    grid = cu.PatchGrid(32, 16, 8)
+    model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, test_negatives=32, knn_bank=64), grid)
+    train = cu.load_category(demo, "brick", 32)["train"]
+    rule = cu.normal_threshold(np.zeros(8), 0.01)
+    bundle = cu.save_bundle(tmp / "model.pt", model, cu.prepare_scoring(model, train.images, train.images, device="cpu"),
+                            rule, rule)
+    return {"mvtec": mvtec, "demo": demo, "tmp": tmp, "bundle": bundle}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -68,7 +77,19 @@ def test_readme_command_runs_as_written(command, trees, tmp_path):
         assert proc.returncode == 0, proc.stderr
         return
     assert words[0] in ("python", ".venv/bin/python"), f"README command not covered by this test: {command}"
-    args = [a.replace("data/demo", str(trees["demo"] if "sweep.py" in command else tmp_path / "demo")) for a in words[1:]]
+    stand_in = "sweep.py" in command or words[1:4] == ["-m", "cpc_utils", "score"]  # read the demo data
+    args = [a.replace("data/demo", str(trees["demo"] if stand_in else tmp_path / "demo")) for a in words[1:]]
+    if args[:3] == ["-m", "cpc_utils", "score"]:  # a stand-in bundle; results go to tmp_path
+        args = [str(trees["bundle"]) if a.endswith("model.pt") else a.replace("results/", f"{tmp_path}/results/")
+                for a in args]
+        proc = subprocess.run([sys.executable, *args, "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        out = Path(args[args.index("--out") + 1])
+        rows = (out / "scores.csv").read_text().splitlines()
+        assert len(rows) == 1 + len(cu.find_images([trees["demo"] / "brick" / "test"])), rows
+        assert len(list((out / "masks").rglob("*.png"))) == len(rows) - 1
+        return
     if args[:3] == ["-m", "cpc_utils", "demo-data"]:
         proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,205 @@
+"""The model bundle: thresholds from normal data, save_bundle / load_bundle, and the
+`python -m cpc_utils score` command, on a tiny model trained for one epoch on demo data."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cpc_utils as cu
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_FPR = 0.01
+
+
+@pytest.fixture(scope="module")
+def brick(tmp_path_factory) -> Path:
+    """One demo category in miniature: 8 train, 2 good + 1 image per defect type, 64 px."""
+    return cu.make_demo_dataset(tmp_path_factory.mktemp("data"), ["brick"], n_train=8, n_test_good=2,
+                                n_per_defect=1, image_size=64)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["shared_encoder", "one_encoder_per_direction"])
+def trained(request, brick, tmp_path_factory) -> dict:
+    """A one-epoch model, its bundle, and the scores notebook 02 would compute in-process."""
+    torch.manual_seed(0)
+    data = cu.load_category(brick, "brick", 64)
+    train, calib, normals = cu.split_held_out(data["train"], 0.5, 0)
+    val = cu.make_validation_set(normals, 0)
+    grid = cu.PatchGrid(64, 16, 8)
+    model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, test_negatives=64, knn_bank=256,
+                                     shared_encoder=request.param), grid)
+    cu.train_model(model, train, calib, cu.TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)
+    scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
+    maps = {}
+    for name, images in (("test", data["test"].images), ("val", val.images)):
+        raw = cu.score_patches(model, images, scoring["bank"], scoring["references"], 16, "cpu")
+        maps[name] = cu.detector_maps(raw, scoring["calibration"], model.cfg.detector)
+    normal = val.labels == 0
+    val_scores = cu.image_scores(maps["val"], model.cfg.reduce)
+    threshold = cu.normal_threshold(val_scores[normal], TARGET_FPR, "image scores")
+    pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], grid)[normal], TARGET_FPR, "pixel scores")
+    path = tmp_path_factory.mktemp("bundle") / "model.pt"
+    cu.save_bundle(path, model, scoring, threshold, pixel_threshold, cu.data_fingerprint(brick, "brick"))
+    return {"path": path, "test": data["test"], "val": val, "val_scores": val_scores, "threshold": threshold,
+            "scores": cu.image_scores(maps["test"], model.cfg.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], grid),
+            "shared_encoder": request.param}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def score_error(*argv: str) -> str:
+    """Run the score command in-process; return its one-line error (it must fail)."""
+    with pytest.raises(SystemExit) as e:
+        cu.main(["score", *map(str, argv), "--device", "cpu"])
+    message = str(e.value)
+    assert message.startswith("python -m cpc_utils score: ") and "\n" not in message, message
+    return message
+
+
+# ---- thresholds ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, target", [(200, 0.01), (200, 0.05), (37, 0.1), (8, 0.01)])
+def test_threshold_is_the_tightest_with_at_most_the_target_fpr(n, target):
+    scores = np.random.default_rng(n).normal(size=n)
+    rule = cu.normal_threshold(scores, target)
+    assert (scores > rule["value"]).mean() <= target and rule["fpr_on_normals"] <= target
+    lower = np.sort(scores)[np.sort(scores) < rule["value"]]
+    assert not len(lower) or (scores > lower[-1]).mean() > target  # one notch lower breaks the target
+    assert rule["n_normals"] == n and rule["target_fpr"] == target
+
+
+def test_threshold_with_few_normals_is_their_max_and_says_its_expected_fpr():
+    rule = cu.normal_threshold(torch.tensor([1.0, 3.0, 2.0]), 0.01)
+    assert rule["value"] == 3.0 and rule["fpr_on_normals"] == 0 and rule["expected_fpr"] == 0.25
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")]])
+def test_threshold_needs_finite_scores(bad):
+    with pytest.raises(ValueError, match="finite"):
+        cu.normal_threshold(np.array(bad), 0.01)
+
+
+def test_threshold_metrics():
+    m = cu.threshold_metrics(np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.6, 0.2, 0.9, 0.3]), 0.5)
+    assert m == {"precision": 0.5, "recall": 0.5, "fpr": 1 / 3, "true_positives": 1, "false_positives": 1}
+    assert cu.threshold_metrics(np.zeros(2), np.zeros(2), 0.5)["precision"] is None  # nothing flagged
+
+
+# ---- the bundle ------------------------------------------------------------------------
+
+def test_bundle_scores_as_the_notebook_and_holds_its_provenance(trained, brick):
+    bundle = cu.load_bundle(trained["path"])
+    result = bundle.score(trained["test"].images)
+    torch.testing.assert_close(result["scores"], trained["scores"])
+    torch.testing.assert_close(result["pixel_maps"], trained["pixel_maps"])
+    assert torch.equal(result["anomalous"], trained["scores"] > bundle.threshold)
+    assert bundle.model.cfg.shared_encoder is trained["shared_encoder"] and bundle.image_size == 64
+    assert bundle.threshold_rule == trained["threshold"] and bundle.threshold_rule["target_fpr"] == TARGET_FPR
+    assert set(bundle.references) == {"knn_ms"}  # only what the detector reads
+    assert bundle.info["format_version"] == cu.BUNDLE_VERSION and bundle.info["code_version"] == cu.code_version()
+    assert bundle.info["data"] == cu.data_fingerprint(brick, "brick")
+    # the threshold keeps validation normals' false-positive rate at or below the target
+    normal = trained["val"].labels == 0
+    assert cu.threshold_metrics(trained["val"].labels[normal], trained["val_scores"][normal],
+                                bundle.threshold)["fpr"] <= TARGET_FPR
+    with pytest.raises(ValueError, match=r"uint8 images \(N, 3, 64, 64\)"):
+        bundle.score(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_score_command_in_a_fresh_process_matches_in_process_scores(trained, tmp_path):
+    test, out = trained["test"], tmp_path / "out"
+    folder = Path(test.paths[0]).parent.parent  # <category>/test
+    proc = subprocess.run([sys.executable, "-m", "cpc_utils", "score", str(trained["path"]), str(folder),
+                           "--out", str(out), "--device", "cpu", "--batch-size", "3"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(test)} of {len(test)} images scored" in proc.stdout
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == len(test) and all(not r["error"] for r in rows)
+    expected = {str(Path(p).resolve()): float(s) for p, s in zip(test.paths, trained["scores"])}
+    got = {str(Path(r["path"]).resolve()): float(r["image_score"]) for r in rows}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
+    for r in rows:
+        assert r["verdict"] == ("anomalous" if float(r["image_score"]) > float(r["threshold"]) else "normal")
+        mask = np.asarray(Image.open(out / r["mask"]))
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+        assert Image.open(out / r["heatmap"]).size == (64, 64)
+        assert 0 <= int(r["max_pixel_x"]) < 64 and 0 <= int(r["max_pixel_y"]) < 64
+
+
+def test_threshold_override_changes_the_verdicts(trained, tmp_path):
+    image = Path(trained["test"].paths[0])
+    cu.main(["score", str(trained["path"]), str(image), "--out", str(tmp_path), "--device", "cpu",
+             "--threshold=-1e9", "--pixel-threshold", "1e9"])
+    (row,) = read_csv(tmp_path / "scores.csv")
+    assert row["verdict"] == "anomalous" and float(row["threshold"]) == -1e9
+    assert not np.asarray(Image.open(tmp_path / row["mask"])).any()
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+def test_unreadable_image_is_listed_and_the_others_scored(trained, tmp_path, capsys):
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    good = Path(trained["test"].paths[0])
+    (folder / "a.png").write_bytes(good.read_bytes())
+    Image.open(good).convert("L").resize((80, 48)).save(folder / "sub" / "b.JPG")  # grayscale, another size
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "._a.png").write_bytes(b"macOS metadata")  # skipped, not an error
+    (folder / "notes.txt").write_text("not an image either")  # skipped: not an image extension
+    message = score_error(trained["path"], folder, "--out", tmp_path / "out")
+    assert "1 of 3 images could not be read" in message
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "out" / "scores.csv")}
+    assert set(rows) == {"a.png", "b.JPG", "broken.png"}
+    assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["image_score"] == ""
+    assert not rows["a.png"]["error"] and not rows["b.JPG"]["error"]
+    assert (rows["b.JPG"]["width"], rows["b.JPG"]["height"]) == ("80", "48")
+    assert np.asarray(Image.open(tmp_path / "out" / rows["b.JPG"]["mask"])).shape == (48, 80)
+    assert "resized to 64x64 as in training" in capsys.readouterr().out
+
+
+def test_bundle_errors_are_one_line(trained, tmp_path):
+    image = trained["test"].paths[0]
+    out = tmp_path / "out"
+    assert "no model bundle at /no/such/model.pt" in score_error("/no/such/model.pt", image, "--out", out)
+    data = trained["path"].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert f"cannot read model bundle {truncated}" in score_error(truncated, image, "--out", out)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    assert f"cannot read model bundle {garbage}" in score_error(garbage, image, "--out", out)
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": {}, "epoch": 1}, checkpoint)
+    assert f"{checkpoint} is not a model bundle" in score_error(checkpoint, image, "--out", out)
+    bundle = torch.load(trained["path"], weights_only=True)
+    newer = tmp_path / "newer.pt"
+    torch.save({**bundle, "format_version": 99}, newer)
+    assert f"model bundle {newer} has format version 99" in score_error(newer, image, "--out", out)
+    assert not out.exists()
+
+
+def test_input_errors_are_one_line(trained, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "._x.png").write_bytes(b"")
+    assert "no images" in score_error(trained["path"], tmp_path / "empty", "--out", tmp_path / "out")
+    assert "no such file or folder" in score_error(trained["path"], tmp_path / "nothing*.png", "--out", tmp_path / "o")
+
+
+def test_find_images_reads_files_folders_and_globs(tmp_path):
+    for name in ("a/1.png", "a/2.TIFF", "a/b/3.jpg", "a/__MACOSX/4.png", "a/._5.png", "a/6.txt", "c/7.bmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = cu.find_images([tmp_path / "a", str(tmp_path / "c" / "*.bmp"), tmp_path / "a" / "1.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/2.TIFF", "a/b/3.jpg", "c/7.bmp"]
