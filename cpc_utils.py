@@ -1873,11 +1873,16 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     fails (a bad parameter, a crash, Ctrl-C) loses no model and leaves no results that claim
     to be its own. The staging folder is `out`'s hidden sibling `.<name>.partial`; its
     run.json records the fingerprint and status. resume=True continues an unfinished staging
-    run, or else a copy of `out`'s checkpoints (to train a finished run further).
+    run, or else a copy of `out`'s checkpoints (to train a finished run further). Under
+    torchrun only rank 0 prepares the folder; the others wait for it and get its path.
     """
     import shutil
     out = Path(out)
     work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    rank, world = _distributed()
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 has prepared `work`
+        return work
     acquire_lock(out.parent / f".{out.name}.lock")
     if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
         old.rename(out)
@@ -1888,6 +1893,8 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     work.mkdir(parents=True, exist_ok=True)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "output_dir": str(out), "fingerprint": fingerprint}, work / "run.json")
+    if world > 1:
+        torch.distributed.barrier()
     return work
 
 

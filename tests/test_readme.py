@@ -54,7 +54,7 @@ def test_the_readme_has_its_commands():
 def trees(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("readme")
     mvtec = make_fake_mvtec(tmp / "mvtec", {c: "rgb" for c in ("bottle", "carpet", "cable")})
-    demo = cu.make_demo_dataset(tmp / "demo", cu.DEMO_CATEGORIES, n_train=4, n_test_good=2, n_per_defect=1,
+    demo = cu.make_demo_dataset(tmp / "demo", cu.DEMO_CATEGORIES, n_train=8, n_test_good=2, n_per_defect=1,
                                 image_size=32)
     grid = cu.PatchGrid(32, 16, 8)
     model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, test_negatives=32, knn_bank=64), grid)
@@ -76,7 +76,18 @@ def test_readme_command_runs_as_written(command, trees, tmp_path):
         proc = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return
+    if words[0] == "torchrun":  # the same launcher, as a module of this Python
+        words = ["python", "-m", "torch.distributed.run", *words[1:]]
     assert words[0] in ("python", ".venv/bin/python"), f"README command not covered by this test: {command}"
+    if "scripts/train.py" in words:  # for real, with tiny settings after the README's own (the last wins)
+        args = [str(trees["demo"]) if a == "data/demo" else str(tmp_path / a) if a.startswith("results/") else a
+                for a in words[1:]]
+        tiny = ["--image_size", "64", "--width", "8", "--epochs", "1", "--test_negatives", "64", "--val_fraction", "0.5"]
+        proc = subprocess.run([sys.executable, *args, *tiny], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**env, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert list(tmp_path.rglob("metrics.json")), proc.stdout[-2000:]
+        return
     stand_in = "sweep.py" in command or words[1:4] == ["-m", "cpc_utils", "score"]  # read the demo data
     args = [a.replace("data/demo", str(trees["demo"] if stand_in else tmp_path / "demo")) for a in words[1:]]
     if args[:3] == ["-m", "cpc_utils", "score"]:  # a stand-in bundle; results go to tmp_path

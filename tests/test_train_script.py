@@ -1,0 +1,47 @@
+"""scripts/train.py: notebook 02 as a command, with or without torchrun (2 gloo processes on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cpc_utils as cu
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--image_size", "64", "--width", "8", "--epochs", "3", "--test_negatives", "128", "--category", "brick",
+        "--val_fraction", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return cu.make_demo_dataset(tmp_path_factory.mktemp("train") / "data", ["brick"], n_train=16, n_test_good=2,
+                                n_per_defect=1, image_size=64)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_train_script_writes_what_the_notebook_writes(processes, root, tmp_path):
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    out = tmp_path / "out"
+    proc = subprocess.run([*launcher, str(ROOT / "scripts" / "train.py"), "--data_root", str(root), *TINY,
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["category"] == "brick" and m["epochs_trained"] == 3 and m["config"]["model"]["width"] == 8
+    assert {"model.pt", "roc.png", "heatmaps.png", "checkpoints"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder or lock left
+    assert proc.stdout.count("wrote ") == 1  # one process speaks
+
+
+def test_train_script_help_and_bad_values(tmp_path):
+    help_ = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True,
+                           text=True, timeout=60)
+    assert help_.returncode == 0 and "--category VALUE" in help_.stdout and "torchrun" in help_.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "0"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode != 0 and bad.stderr.strip() == "train.py: ParameterError: epochs=0: must be >= 1"
