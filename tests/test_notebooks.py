@@ -224,3 +224,13 @@ def test_comparison_table_layout_and_averaging():
         "| Class | Epochs | resnet18v2 | densenet |", "|---|---|---|---|",
         "| brick | 8 | 0.80 ± 0.14 | 0.80 |", "| gravel | 3 | 0.60 | - |",
         "| **mean tuning** | 3 | 0.60 | - |", "| **mean tuning** | 8 | 0.80 | 0.80 |"]
+
+
+@pytest.mark.parametrize("key", sorted(NOTEBOOKS))
+def test_papermill_reads_every_parameter(key):
+    """papermill silently drops a parameter line it cannot parse (an `=` or `>` in its comment,
+    say); the sweep and scripts/train.py would then not know that parameter."""
+    nb = nbformat.read(NOTEBOOKS[key], as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [stmt.targets[0].id for stmt in ast.parse(cell.source).body]
+    assert list(pm.inspect_notebook(str(NOTEBOOKS[key]))) == names
