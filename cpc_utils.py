@@ -189,8 +189,14 @@ def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     8 bit as value / 257 (65535 -> 255) and float ("F") as value * 255 when it lies in [0, 1],
     else clipped to [0, 255]; PIL's own `.convert("RGB")` would clip 16-bit data to white.
     """
+    return _read_image_sized(path, image_size)[0]
+
+
+def _read_image_sized(path: str | os.PathLike, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`read_image` and the image's own (width, height), from one decode."""
     try:
-        return _resized_tensor(_open_rgb(path), image_size)
+        im = _open_rgb(path)
+        return _resized_tensor(im, image_size), im.size
     except Exception as e:  # PIL raises many types; the user needs the file name
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -223,22 +229,32 @@ def _to_8bit(im):
     return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
 
 
-def read_mask(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+def read_mask(path: str | os.PathLike, image_size: int,
+              image: tuple[Path, tuple[int, int]] | None = None) -> torch.Tensor:
     """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour.
 
     Every non-zero pixel is defect: MVTec AD writes 0/255, other tools 0/1, which a `> 127`
     threshold would read as empty. Grayscale of any depth is tested on its raw values, a
     colour or palette mask on every channel (a dark colour still marks a defect).
+    `image` = (its image's path, (width, height)): a mask of another size is a ValueError
+    naming both, since resizing both to S x S would silently misalign the defect region.
     """
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)  # the header only, until the pixels are needed
+    except Exception as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from e
+    with im:
+        if image and im.size != image[1]:
+            raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} px but its image {image[0]} is "
+                             f"{image[1][0]}x{image[1][1]} px (width x height); they must match")
+        try:
             if not (im.mode in ("1", "L", "F") or im.mode.startswith("I")):
                 im = im.convert("RGB")
             m = np.asarray(im.resize((image_size, image_size), Image.NEAREST)) > 0  # (S, S) or (S, S, 3)
             return torch.from_numpy(m.any(-1) if m.ndim == 3 else m)[None]
-    except Exception as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"cannot read mask {path}: {e}") from e
 
 
 def _is_macos_metadata(name: str) -> bool:
@@ -271,16 +287,6 @@ def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
             return masks[ext]
     raise FileNotFoundError(
         f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
-
-
-def _check_mask_size(image: Path, mask: Path) -> None:
-    """Raise ValueError unless mask and image have the same size: resizing both to S x S
-    would silently misalign the defect region."""
-    from PIL import Image
-    with Image.open(image) as a, Image.open(mask) as b:  # lazy: reads the headers only
-        if a.size != b.size:
-            raise ValueError(f"mask {mask} is {b.size[0]}x{b.size[1]} px but its image {image} is "
-                             f"{a.size[0]}x{a.size[1]} px (width x height); they must match")
 
 
 def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
@@ -321,12 +327,10 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
 
     def decode(item):
         f, defect, mask = item
-        x = read_image(f, image_size)
+        x, size = _read_image_sized(f, image_size)
         if mask is None:
             return x, torch.zeros(1, image_size, image_size, dtype=torch.bool), defect, str(f)
-        m = read_mask(mask, image_size)
-        _check_mask_size(f, mask)
-        return x, m, defect, str(f)
+        return x, read_mask(mask, image_size, (f, size)), defect, str(f)
 
     with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
         train = list(pool.map(decode, [(f, "good", None) for f in train_files]))
@@ -1789,7 +1793,8 @@ def _json_default(o):
 
 # where and how long a run computes, not what: a pair finished on cuda:1 is not rerun on cuda:0
 NOT_IDENTITY = ("resume", "output_dir", "num_heatmaps", "data_root", "time_budget", "device")
-RESUMABLE_CHANGES = ("parameters.epochs", "parameters.patience")  # a resumed run may extend these
+RESUMABLE_TRAIN = ("epochs", "patience", "time_budget")  # what a resumed run may change
+RESUMABLE_CHANGES = tuple(f"parameters.{k}" for k in RESUMABLE_TRAIN)
 
 
 def code_version() -> str:
@@ -1801,7 +1806,7 @@ def data_fingerprint(root: str | os.PathLike, category: str) -> dict:
     """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes)."""
     cat_dir = Path(root).resolve() / category
     files = sorted(p for p in cat_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not p.name.startswith("._") and "__MACOSX" not in p.parts)
+                   and not any(map(_is_macos_metadata, p.relative_to(cat_dir).parts)))
     listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {p.stat().st_size}" for p in files)
     return {"root": str(cat_dir.parent), "category": category, "files": len(files),
             "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
@@ -2172,7 +2177,7 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
     now_model = json.loads(json.dumps(now["model"], default=list))
     diff = [k for k in now_model if saved_model.get(k) != now_model[k]]
     diff += [f"train.{k}" for k in now["train"]
-             if k not in ("epochs", "patience", "time_budget") and saved.get("train", {}).get(k) != now["train"][k]]
+             if k not in RESUMABLE_TRAIN and saved.get("train", {}).get(k) != now["train"][k]]
     if fingerprint is not None and state.get("fingerprint") is not None:
         diff += fingerprint_diff(state["fingerprint"], fingerprint, ignore=RESUMABLE_CHANGES)
     if diff:

@@ -173,6 +173,11 @@ class Progress(threading.Thread):
             print(flush=True)
 
 
+def pair_parameters(params: dict, root: Path, category: str, encoder: str, out: Path) -> dict:
+    """The notebook's parameters for one pair: the sweep's, plus what the sweep sets itself."""
+    return {**params, "data_root": str(root), "category": category, "encoder": encoder, "output_dir": str(out)}
+
+
 def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     """("finished" | "changed" | "partial" | "new", fields that differ from `fingerprint`).
 
@@ -261,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for n, (category, encoder) in enumerate(pairs, 1):
             out = run_dir / category / encoder
-            fingerprint = cu.run_fingerprint({**defaults, **params, "data_root": str(root), "category": category,
-                                              "encoder": encoder, "output_dir": str(out)}, root, category)
-            state, diff = pair_state(out, fingerprint)
+            state, diff = pair_state(out, cu.run_fingerprint(pair_parameters({**defaults, **params}, root, category,
+                                                                              encoder, out), root, category))
             what = {"finished": "skip (finished with these parameters)", "new": "run",
                     "changed": f"run again (finished with other {', '.join(diff)})",
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
@@ -334,8 +338,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
     def run(n: int, category: str, encoder: str, device: str | None) -> None:
         out = run_dir / category / encoder
         key, tag = f"{category}/{encoder}", f"[{n}/{len(pairs)}] {category}/{encoder}"
-        run_params = {**params, "data_root": str(root), "category": category, "encoder": encoder,
-                      "output_dir": str(out), **({"device": device} if device else {})}
+        run_params = {**pair_parameters(params, root, category, encoder, out), **({"device": device} if device else {})}
         state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
         if state == "finished":
             with guard:
