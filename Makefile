@@ -26,11 +26,12 @@ demo: env
 
 # the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds;
 # the chosen setting, the paper preset and the first defaults on both halves, the rejected
-# variants on the tuning half only
+# variants on the tuning half only (the small stem with one seed)
 study: env
 	$(PY) -m cpc_utils demo-data data/demo
 	$(PY) scripts/study.py --jobs 2 --settings fast patch16 patch16_refs16k paper
-	$(PY) scripts/study.py --jobs 2 --settings stem_norm offset1 --categories brick gravel bottle screw
+	$(PY) scripts/study.py --jobs 2 --settings stem_norm offset1 width32 densenet resnet50v2 --categories brick gravel bottle screw
+	$(PY) scripts/study.py --jobs 2 --settings stem_small --seeds 0 --categories brick gravel bottle screw
 
 test: env
 	$(PY) -m pytest -q tests
