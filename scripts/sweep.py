@@ -160,17 +160,17 @@ class Progress(threading.Thread):
                     f"{p['seconds']:.1f} s/epoch, " + (f"about {fmt_time(left)} of training left" if left
                                                         else "training done, scoring"))
             if self.tty:
-                print(f"\r{line:<120}", end="", flush=True)
+                say(f"\r{line:<120}", end="")
                 self.shown = True
             elif printed is None or p["epoch"] // step > printed // step or p["epoch"] == p["epochs"]:
-                print(line, flush=True)  # the first, then one per tenth of the epochs, and the last
+                say(line)  # the first, then one per tenth of the epochs, and the last
                 printed = p["epoch"]
 
     def finish(self) -> None:
         self.stop.set()
         self.join()
         if self.shown:
-            print(flush=True)
+            say()
 
 
 def pair_parameters(params: dict, root: Path, category: str, encoder: str, out: Path) -> dict:
@@ -200,6 +200,17 @@ def error_message(e: BaseException) -> str:
     if type(e).__name__ == "PapermillExecutionError":
         return f"{e.ename}: {e.evalue}"
     return f"{type(e).__name__}: {e}"
+
+
+_PRINT_LOCK = threading.Lock()
+
+
+def say(*args, **kwargs) -> None:
+    """print, flushed, one whole line at a time: with --devices, pairs and their progress print
+    from threads of their own, and print writes the text and its newline separately, so two
+    unlocked lines could run together."""
+    with _PRINT_LOCK:
+        print(*args, **kwargs, flush=True)
 
 
 def fmt_time(seconds: float) -> str:
@@ -260,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = cu.parse_duration(args.time_budget)
     devices = parse_devices(args.devices)
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
-    print(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
-          f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}", flush=True)
+    say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
+          f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")
 
     if args.dry_run:
         for n, (category, encoder) in enumerate(pairs, 1):
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             what = {"finished": "skip (finished with these parameters)", "new": "run",
                     "changed": f"run again (finished with other {', '.join(diff)})",
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
-            print(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
+            say(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
         return 0
     suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
     lock = run_dir / f".sweep{suffix}.lock"
@@ -283,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
                      run_dir / f"failures{suffix}.json", budget, devices)
     except KeyboardInterrupt:
-        print("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
-              "an interrupted one continues from its last checkpoint.", flush=True)
+        say("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
+              "an interrupted one continues from its last checkpoint.")
         return 130
     finally:
         lock.unlink(missing_ok=True)
@@ -345,7 +356,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 counts["skipped"] += 1
                 status[key] = "finished"
                 failures.pop(key, None)
-            print(f"{tag}: finished before with these parameters, skipped", flush=True)
+            say(f"{tag}: finished before with these parameters, skipped")
             return
         continues = resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
         why = {"changed": f"finished before with other {', '.join(diff)}: running again"
@@ -355,11 +366,11 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                "new": "running"}[state]
         left = None if budget is None else budget - (time.perf_counter() - t_start)
         if left is not None and left < MIN_PAIR_SECONDS:
-            print(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
-                  "Run the same command again (in the next session) to resume.", flush=True)
+            say(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
+                  "Run the same command again (in the next session) to resume.")
             stop.set()
             return
-        print(f"{tag}: {why}{f' on {device}' if device else ''} ...", flush=True)
+        say(f"{tag}: {why}{f' on {device}' if device else ''} ...")
         if left is not None and "time_budget" in params:
             run_params["time_budget"] = left  # training stops at an epoch boundary before it runs out
         t0, progress = time.perf_counter(), Progress(out, tag)
@@ -372,17 +383,17 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             if message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
                 raise KeyboardInterrupt from e
             if message.startswith("TimeBudgetReached"):  # not a failure: resumable
-                print(f"{tag}: {message}\nsweep: time budget reached; stopping. Run the same command "
-                      "again (in the next session) to resume.", flush=True)
+                say(f"{tag}: {message}\nsweep: time budget reached; stopping. Run the same command "
+                      "again (in the next session) to resume.")
                 stop.set()
                 return
             with guard:
                 failures[key] = {"category": category, "encoder": encoder, "error": message,
                                  "output_dir": str(out), "notebook": str(failed_notebook(out))}
                 status[key] = "failed"
-            print(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {message}", flush=True)
+            say(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {message}")
             if "No space left on device" in message or "disk is full" in message:
-                print("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
+                say("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
                 stop.set()
             return
         finally:
@@ -393,11 +404,11 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             status[key] = "finished"
             failures.pop(key, None)
         learned = m.get("learning", {}).get("status", "ok")
-        print(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
+        say(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
               f"{m.get('detector', 'cpcad')}: image AUROC ({m.get('image_reduce', 'mean')}) {m['image_auroc']:.3f} "
               f"(baseline {m['baseline_image_auroc']:.3f}), pixel AUROC {m['pixel_auroc']:.3f} "
               f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs"
-              + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"), flush=True)
+              + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"))
 
     todo = list(enumerate(pairs, 1))
     def worker(device: str | None) -> None:
@@ -434,24 +445,24 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         else:
             failures_file.unlink(missing_ok=True)
     except OSError as e:
-        print(f"sweep: cannot record the failures: {e}")
+        say(f"sweep: cannot record the failures: {e}")
         return 2
     missing = [k for k, v in status.items() if v == "missing"]
-    print(f"\n{done} run, {skipped} skipped, {sum(v == 'failed' for v in status.values())} failed, "
+    say(f"\n{done} run, {skipped} skipped, {sum(v == 'failed' for v in status.values())} failed, "
           f"{len(missing)} missing in {fmt_time(time.perf_counter() - t_start)}")
     if any(run_dir.rglob("metrics.json")):
         try:  # with shards: every shard's failures, so the summary covers the whole folder
             every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in json.loads(f.read_text()).items()}
             cu.write_summary(run_dir, status, every_failure)
         except OSError as e:
-            print(f"sweep: cannot write the summary: {e}")
+            say(f"sweep: cannot write the summary: {e}")
             return 2
-        print((run_dir / "summary.md").read_text())
-        print(f"results in {run_dir} (summary.md, summary.csv, comparison.png, <category>/<encoder>/)")
+        say((run_dir / "summary.md").read_text())
+        say(f"results in {run_dir} (summary.md, summary.csv, comparison.png, <category>/<encoder>/)")
     if failures:
-        print(f"failures recorded in {failures_file}:")
+        say(f"failures recorded in {failures_file}:")
         for pair, f in failures.items():
-            print(f"  {pair}: {f['error'].splitlines()[0] if f['error'] else ''}")
+            say(f"  {pair}: {f['error'].splitlines()[0] if f['error'] else ''}")
     return 1 if failures or missing else 0
 
 
