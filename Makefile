@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test` (plus `make bench`).
+# The two commands of the README: `make demo` and `make test` (plus `make cpc`, `make study`, `make bench`).
 # Each builds the virtual environment from requirements.txt on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: env demo study test unit notebooks bench clean
+.PHONY: env demo cpc study test unit notebooks bench clean
 
 env: $(VENV)/.installed
 
@@ -23,6 +23,19 @@ demo: env
 	$(PY) -m cpc_utils demo-data data/demo
 	$(PY) scripts/sweep.py --data-root data/demo --run demo --encoders resnet18v2
 	@echo "==> results in results/demo/ (summary.md, comparison.png, <category>/<encoder>/)"
+
+# notebook 01 (CPC) at its defaults on every demo category, 3 seeds each, then one table;
+# a failing category does not stop the others, and makes the target fail at the end
+cpc: env
+	$(PY) -m cpc_utils demo-data data/demo
+	@failed=""; for c in brick gravel bottle screw grass tissue capsule nut; do \
+	  echo "==> notebook 01 on $$c"; mkdir -p results/notebook01/$$c; \
+	  $(VENV)/bin/papermill notebooks/01_cpc_pixelcnn.ipynb results/notebook01/$$c/resnet18v2.ipynb \
+	    -p category $$c -p data_root data/demo --no-progress-bar -k python3 || failed="$$failed $$c"; \
+	done; \
+	$(PY) scripts/cpc_summary.py results/notebook01 --out results/notebook01/summary.md; \
+	cat results/notebook01/summary.md; \
+	if [ -n "$$failed" ]; then echo "==> failed:$$failed"; exit 1; fi
 
 # the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds;
 # the chosen setting, the paper preset and the first defaults on both halves, the rejected

@@ -1274,7 +1274,8 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
             neither wins nor adds to the softmax. pos_index still keeps the positive itself out
             of the draw, so without copies every row has num_negatives real negatives.
     Returns:
-        loss (N,) and correct (N,) bool: the positive scored above every negative.
+        loss (N,) and correct (N,) bool: the positive scored above every negative (a tie within
+        float rounding, as between identical patches, is a miss).
     """
     N, M = pred.shape[0], candidates.shape[0]
     pred, positive, candidates = (_for_similarity(t, similarity) for t in (pred, positive, candidates))
@@ -1296,7 +1297,8 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
             neg = neg.masked_fill(cand_key[idx] == pos_key[:, None], float("-inf"))
     logits = torch.cat([pos, neg], dim=1)      # positive in column 0; finite, so -inf columns give no NaN
     loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
-    return loss, logits.argmax(1) == 0
+    pos = logits[:, 0]  # a hit beats every negative by more than float rounding (the two are summed differently):
+    return loss, pos > logits[:, 1:].max(1).values + 1e-5 * (1 + pos.abs())  # identical patches tie, no hit
 
 
 def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid,
@@ -1393,35 +1395,48 @@ class CPC(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return self.loss(x, generator)  # what DistributedDataParallel wraps: the training objective
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """InfoNCE over every (context row, step k) pair, negatives drawn from the whole batch.
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
+             negatives: str = "batch") -> dict[str, torch.Tensor]:
+        """InfoNCE over every (context row, step k) pair.
 
+        negatives="batch" (training): `num_negatives` drawn from every patch of the batch, so
+        most come from other images, and a model that only recognises which image a patch
+        belongs to already does well. negatives="image" (evaluation): every other patch of the
+        *same* image and none else, the spatial question "which of this image's patches lies
+        k rows below?"; deterministic, chance log(patches per image).
         Returns loss (scalar), loss_per_step (K,) and acc_per_step (K,).
         """
-        z = encode_grid(self.encoder, x, self.grid)               # (B, D, G, G)
-        c = self.context(z)                                       # (B, Dc, G, G)
+        if negatives not in ("batch", "image"):
+            raise ValueError(f"negatives must be 'batch' or 'image', got {negatives!r}")
+        z = encode_grid(self.encoder, x, self.grid)               # (B', D, G, G), B' = B * n_sub
+        c = self.context(z)                                       # (B', Dc, G, G)
         B, D, G, _ = z.shape
-        candidates = z.permute(0, 2, 3, 1).reshape(B * G * G, D)  # (B*G*G, D), index b*G*G + i*G + j
+        candidates = z.permute(0, 2, 3, 1).reshape(B * G * G, D)  # (B'*G*G, D), index b*G*G + i*G + j
         ids = torch.arange(B * G * G, device=z.device).view(B, G, G)
-        keys = patch_positions(len(x), self.grid, z.device)      # (B*G*G,): copies of a patch share a key
+        keys = patch_positions(len(x), self.grid, z.device)      # (B'*G*G,): copies of a patch share a key
+        per_image = B * G * G // len(x)                           # candidates of one image (all its sub-images)
         losses, accs = [], []
         for k, W_k in enumerate(self.W, start=1):
             rows = G - self.offset - k
-            pred = W_k(c[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, c.shape[1]))   # (B*rows*G, D)
+            pred = W_k(c[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, c.shape[1]))   # (B'*rows*G, D)
             pos_index = ids[:, self.offset + k:].reshape(-1)
-            loss, correct = info_nce(pred, candidates[pos_index], candidates, self.cfg.num_negatives,
-                                     pos_index, generator, self.cfg.similarity, self.cfg.temperature,
-                                     pos_key=keys[pos_index], cand_key=keys)
+            if negatives == "batch":
+                loss, correct = info_nce(pred, candidates[pos_index], candidates, self.cfg.num_negatives,
+                                         pos_index, generator, self.cfg.similarity, self.cfg.temperature,
+                                         pos_key=keys[pos_index], cand_key=keys)
+            else:  # one image at a time: its predictions against its own patches only
+                parts = []
+                for b in range(len(x)):
+                    rows_b, own = pos_index // per_image == b, slice(b * per_image, (b + 1) * per_image)
+                    pos_b = pos_index[rows_b]
+                    parts.append(info_nce(pred[rows_b], candidates[pos_b], candidates[own], None, pos_b - own.start,
+                                          None, self.cfg.similarity, self.cfg.temperature, pos_key=keys[pos_b],
+                                          cand_key=keys[own]))
+                loss, correct = (torch.cat(t) for t in zip(*parts))
             losses.append(loss.mean())
             accs.append(correct.float().mean())
         per_step = torch.stack(losses)
         return {"loss": per_step.mean(), "loss_per_step": per_step.detach(), "acc_per_step": torch.stack(accs)}
-
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image-level representation: mean of the patch embeddings, (B, D)."""
-        z = encode_grid(self.encoder, x, self.grid)
-        return z.reshape(x.shape[0], -1, *z.shape[1:]).mean(dim=(1, 3, 4))
 
 
 DIRECTIONS = ("top_down", "bottom_up", "left_right", "right_left")
@@ -1894,9 +1909,10 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     acquire_lock(out.parent / f".{out.name}.lock")
     if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
         old.rename(out)
-    if not resume or not (work / "checkpoints" / "last.pt").exists():
+    has_checkpoint = lambda run: any((run / "checkpoints").rglob("last.pt"))  # noqa: E731 (notebook 01: one per seed)
+    if not resume or not has_checkpoint(work):
         shutil.rmtree(work, ignore_errors=True)
-        if resume and (out / "checkpoints" / "last.pt").exists():
+        if resume and has_checkpoint(out):
             shutil.copytree(out / "checkpoints", work / "checkpoints")
     work.mkdir(parents=True, exist_ok=True)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -2523,6 +2539,164 @@ def threshold_metrics(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | 
             "true_positives": tp, "false_positives": fp}
 
 
+# ---- what CPC learned (notebook 01) -------------------------------------------------
+# CPC's training loss flatters it: most in-batch negatives come from other images, so a model
+# that only knows which image a patch came from already beats chance. `prediction_metrics`
+# asks the spatial question with the image's own patches as the only negatives, and the
+# patch probes ask whether frozen embeddings find defects, always beside the same network
+# untrained and beside raw pixels.
+
+PROBE_MIN_FRACTION = 0.1   # a patch is a defect patch when at least this fraction of its pixels is
+PROBE_MAX_REFERENCES = 16384  # normal patches the kNN probe compares against (a seeded sample beyond)
+
+
+@torch.no_grad()
+def prediction_metrics(model: CPC, images: torch.Tensor, negatives: str = "image", batch_size: int = 16,
+                       device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """CPC's loss and accuracy per step k on held-out images (see `CPC.loss`).
+
+    negatives="image": every other patch of the same image, nothing else (chance: one in the
+    number of distinct patch positions of an image). negatives="batch": the training objective,
+    `num_negatives` drawn from the whole batch of `batch_size` images with a fixed seed.
+    Returns {"loss_per_step": [K], "acc_per_step": [K], "chance_loss", "chance_accuracy"}.
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    g = torch.Generator().manual_seed(seed)
+    loss = acc = 0
+    for idx in _batches(len(images), batch_size, None):
+        out = model.loss(to_float(images[idx].to(device)), g, negatives)
+        loss = loss + out["loss_per_step"].float().cpu() * len(idx)
+        acc = acc + out["acc_per_step"].float().cpu() * len(idx)
+    candidates = (len(torch.unique(patch_positions(1, model.grid))) if negatives == "image"
+                  else model.cfg.num_negatives + 1)
+    return {"loss_per_step": (loss / len(images)).tolist(), "acc_per_step": (acc / len(images)).tolist(),
+            "chance_loss": math.log(candidates), "chance_accuracy": 1 / candidates}
+
+
+@torch.no_grad()
+def patch_embeddings(encoder: nn.Module, images: torch.Tensor, grid: PatchGrid, batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen embeddings z of every grid patch: (N, n_sub * G * G, D) float32, on the CPU."""
+    encoder.eval().to(device)
+    out = []
+    for x in images.split(batch_size):
+        z = encode_grid(encoder, to_float(x.to(device)), grid)           # (b * n_sub, D, G, G)
+        out.append(z.float().permute(0, 2, 3, 1).reshape(len(x), -1, z.shape[1]).cpu())
+    return torch.cat(out)
+
+
+def pixel_patch_features(images: torch.Tensor, grid: PatchGrid, size: int = 4) -> torch.Tensor:
+    """The raw-pixel reference: every grid patch average-pooled to size x size pixels,
+    (N, n_sub * G * G, 3 * size * size)."""
+    out = []
+    for x in images.split(32):
+        p = extract_patches(to_float(x), grid)                            # (b * n_sub, G, G, C, P, P)
+        q = F.adaptive_avg_pool2d(p.reshape(-1, *p.shape[3:]), size)
+        out.append(q.reshape(len(x), -1, q[0].numel()))
+    return torch.cat(out)
+
+
+def patch_defect_fraction(masks: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """The fraction of each grid patch's pixels inside the defect mask: (N, n_sub * G * G)."""
+    return torch.cat([extract_patches(m.float(), grid).mean(dim=(3, 4, 5)).reshape(len(m), -1)
+                      for m in masks.split(32)])
+
+
+def patch_probes(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                 normal: torch.Tensor, min_fraction: float = PROBE_MIN_FRACTION, seed: int = 0) -> dict:
+    """Can these frozen patch features find defects? Two probes, scored by AUROC on test patches.
+
+    * linear: a logistic regression on standardised features, fit to tell defect patches from
+      normal ones in `fit` (synthetic anomalies pasted into held-out normals, never test/) and
+      scored on `test`'s patches (the real defects): CPC's linear evaluation, per patch.
+    * knn (no labels): each test patch's Euclidean distance, after standardising by the normal
+      patches' mean and spread, to its nearest normal patch; AUROC over patches, and over
+      images with each image's largest distance.
+    A patch counts as a defect when at least `min_fraction` of its pixels are; patches with a
+    smaller, non-zero share are neither clearly normal nor defective and are left out.
+
+    Args:
+        fit, test: (features (N, n, F), defect fraction (N, n)) as from `patch_embeddings` (or
+            `pixel_patch_features`) and `patch_defect_fraction`.
+        normal: (M, n, F) features of normal images (the training images), for the kNN.
+    Returns {"linear_auroc", "knn_auroc", "knn_image_auroc"}.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def labelled(features, fraction):
+        keep = ((fraction == 0) | (fraction >= min_fraction)).reshape(-1)
+        return features.reshape(-1, features.shape[-1])[keep].numpy(), (fraction.reshape(-1)[keep] > 0).numpy(), keep
+
+    x_fit, y_fit, _ = labelled(*fit)
+    x_test, y_test, keep = labelled(*test)
+    for what, y in (("fit", y_fit), ("test", y_test)):
+        if y.all() or not y.any():
+            raise ValueError(f"the {what} patches need both defect and normal patches (defect: at least "
+                             f"{min_fraction:.0%} of the pixels); got {int(y.sum())} of {len(y)} defective")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight="balanced"))
+    linear = roc_auc_score(y_test, clf.fit(x_fit, y_fit).decision_function(x_test))
+
+    ref = normal.reshape(-1, normal.shape[-1])
+    if len(ref) > PROBE_MAX_REFERENCES:
+        ref = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))[:PROBE_MAX_REFERENCES]]
+    mu, sd = ref.mean(0), ref.std(0) + 1e-6
+    ref, query = (ref - mu) / sd, ((test[0] - mu) / sd).reshape(-1, ref.shape[-1])
+    distance = torch.cat([torch.cdist(q, ref).min(1).values for q in query.split(4096)]).view(test[1].shape)
+    image_labels = (test[1] > 0).any(1).numpy()
+    return {"linear_auroc": float(linear),
+            "knn_auroc": float(roc_auc_score(y_test, distance.reshape(-1)[keep].numpy())),
+            "knn_image_auroc": float(roc_auc_score(image_labels, distance.max(1).values.numpy()))}
+
+
+PROBE_FEATURES = ("trained", "random", "pixel")
+PROBE_METRICS = {"knn_auroc": "kNN, patch AUROC", "knn_image_auroc": "kNN, image AUROC",
+                 "linear_auroc": "linear probe, patch AUROC"}  # the first is notebook 01's headline
+
+
+def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet, fit: ImageSet, test: ImageSet,
+                          grid: PatchGrid, device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """`patch_probes` of three representations: the CPC-trained encoder, the same encoder at
+    its random initialisation, and raw pixels. fit: normals with synthetic anomalies (for the
+    linear probe), train: the normal images the kNN compares against, test: real defects.
+    Returns {"trained" | "random" | "pixel": {"linear_auroc", "knn_auroc", "knn_image_auroc"}}."""
+    features = {"trained": lambda s: patch_embeddings(trained, s.images, grid, device=device),
+                "random": lambda s: patch_embeddings(random, s.images, grid, device=device),
+                "pixel": lambda s: pixel_patch_features(s.images, grid)}
+    fit_fraction, test_fraction = patch_defect_fraction(fit.masks, grid), patch_defect_fraction(test.masks, grid)
+    return {name: patch_probes((f(fit), fit_fraction), (f(test), test_fraction), f(train), seed=seed)
+            for name, f in features.items()}
+
+
+def _pm(values: Sequence[float], digits: int = 3) -> str:
+    m, sd = _mean_std(list(values))
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def probe_table(runs: list[dict]) -> str:
+    """Markdown: one row per representation, mean ± std over the seeds' `probe_representations`."""
+    lines = ["| features | " + " | ".join(PROBE_METRICS.values()) + " |", "|---" * (len(PROBE_METRICS) + 1) + "|"]
+    names = {"trained": "CPC-trained encoder", "random": "same encoder, random init", "pixel": "raw pixels"}
+    for f in PROBE_FEATURES:
+        lines.append(f"| {names[f]} | " + " | ".join(_pm([r[f][m] for r in runs]) for m in PROBE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def prediction_table(runs: list[dict]) -> str:
+    """Markdown: CPC's loss and accuracy per step k, negatives from the batch and from the same
+    image only, mean ± std over seeds. runs: [{"batch": prediction_metrics, "image": ...}]."""
+    lines = ["| k | batch negatives: loss | accuracy | same-image negatives: loss | accuracy |", "|---" * 5 + "|"]
+    for k in range(len(runs[0]["image"]["acc_per_step"])):
+        lines.append(f"| {k + 1} | " + " | ".join(_pm([r[n][m][k] for r in runs]) for n in ("batch", "image")
+                                                    for m in ("loss_per_step", "acc_per_step")) + " |")
+    lines.append("| chance | " + " | ".join(f"{runs[0][n][c]:.3f}" for n in ("batch", "image")
+                                              for c in ("chance_loss", "chance_accuracy")) + " |")
+    return "\n".join(lines)
+
+
 # ---- plots ---------------------------------------------------------------------------
 # Each returns a matplotlib Figure, so notebooks show it and scripts save it.
 
@@ -2554,6 +2728,45 @@ def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.fi
             axes[0, 1].plot(epochs, acc[:, k], "o-", label=f"k = {k + 1}")
         axes[0, 1].set(xlabel="epoch", ylabel="accuracy (positive ranked first)", ylim=(0, 1))
         axes[0, 1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_prediction_accuracy(runs: list[dict], title: str = "") -> "matplotlib.figure.Figure":
+    """Does CPC predict *where*, or only *which image*? Accuracy per step k with negatives from
+    the batch and from the same image only (and, where the runs have it, the same-image accuracy
+    at random initialisation), mean and std over seeds, each with its chance."""
+    fig, ax = _figure(figsize=(5, 3.5))
+    for name, label, colour in (("batch", "negatives from the batch", "tab:blue"),
+                                ("image", "negatives from the same image only", "tab:red"),
+                                ("image_random_init", "same image, random init", "tab:gray")):
+        if name not in runs[0]:
+            continue
+        acc = np.array([r[name]["acc_per_step"] for r in runs])          # (seeds, K)
+        k = np.arange(1, acc.shape[1] + 1)
+        ax.errorbar(k, acc.mean(0), yerr=acc.std(0, ddof=1) if len(acc) > 1 else None, fmt="o-", color=colour,
+                    capsize=3, label=label)
+        ax.axhline(runs[0][name]["chance_accuracy"], color=colour, ls=":", lw=1)
+    ax.set(xlabel="step k (rows below the skipped ones)", ylabel="accuracy (dotted: chance)", ylim=(0, 1),
+           xticks=k, title=title or "CPC prediction accuracy, held-out images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_probes(runs: list[dict], title: str = "") -> "matplotlib.figure.Figure":
+    """Did training help? The patch probes' AUROC for the trained encoder, the same encoder at
+    random initialisation and raw pixels, mean and std over seeds; 0.5 is chance."""
+    fig, ax = _figure(figsize=(7, 3.5))
+    x, w = np.arange(len(PROBE_METRICS)), 0.8 / len(PROBE_FEATURES)
+    for i, (f, colour) in enumerate(zip(PROBE_FEATURES, ("tab:blue", "tab:gray", "tab:orange"))):
+        values = np.array([[r[f][m] for m in PROBE_METRICS] for r in runs])   # (seeds, metrics)
+        ax.bar(x + (i - 1) * w, values.mean(0), w, yerr=values.std(0, ddof=1) if len(values) > 1 else None,
+               capsize=3, color=colour, label={"trained": "CPC-trained", "random": "random init"}.get(f, "raw pixels"))
+    ax.axhline(0.5, color="black", ls=":", lw=1)
+    ax.set(xticks=x, xticklabels=[v.replace(", ", "\n") for v in PROBE_METRICS.values()], ylim=(0, 1), ylabel="AUROC",
+           title=title or f"frozen features, {len(runs)} seed(s)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))  # beside the bars, never over them
     fig.tight_layout()
     return fig
 

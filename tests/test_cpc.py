@@ -31,7 +31,7 @@ def loop_info_nce(pred, positive, candidates, negatives, similarity="dot", tempe
         s_neg = [score(pred[n], candidates[j]) for j in negatives[n]]
         top = max([s_pos] + s_neg)
         losses.append(top + math.log(sum(math.exp(s - top) for s in [s_pos] + s_neg)) - s_pos)
-        correct.append(s_pos >= max(s_neg))
+        correct.append(s_pos > max(s_neg))
     return torch.tensor(losses, dtype=torch.float64), torch.tensor(correct)
 
 
@@ -85,13 +85,25 @@ def test_info_nce_never_samples_the_positive_as_a_negative():
 
 
 def test_info_nce_draws_every_other_candidate():
-    """Negatives are uniform over the candidates other than the positive (every one is hit)."""
-    M = 5
-    pos_index = torch.full((1,), 2)
-    g = torch.Generator().manual_seed(0)
-    draws = torch.randint(0, M - 1, (1, 400), generator=g)
-    hit = set((draws + (draws >= pos_index[:, None]).long()).flatten().tolist())
-    assert hit == {0, 1, 3, 4}
+    """Which negative cu.info_nce drew can be read off its loss: with one negative per row and
+    candidate j scoring j + 1 against a positive scoring 0, the loss is log(1 + e^(j + 1)).
+    Every candidate but the positive (index 2) must be drawn, about equally often."""
+    M, N = 5, 4000
+    candidates = torch.arange(1, M + 1, dtype=torch.float32)[:, None]  # score j + 1 against pred = 1
+    loss, _ = cu.info_nce(torch.ones(N, 1), torch.zeros(N, 1), candidates, 1, torch.full((N,), 2),
+                          torch.Generator().manual_seed(0))
+    drawn = (torch.log(torch.expm1(loss.double())) - 1).round().long()  # invert log(1 + e^s)
+    counts = torch.bincount(drawn, minlength=M)
+    assert counts[2] == 0 and (counts[[0, 1, 3, 4]] > 0.2 * N).all(), counts  # uniform: N / 4 each
+
+
+def test_info_nce_counts_ties_as_misses():
+    """A model that maps every patch of an image to the same embedding ties the positive with
+    its negatives: that is no correct prediction, and the loss is log(number of candidates)."""
+    z = torch.ones(6, 4)
+    loss, correct = cu.info_nce(z, z, z, None, torch.arange(6))
+    assert not correct.any()
+    assert torch.allclose(loss, torch.full((6,), math.log(6)))
 
 
 def test_info_nce_perfect_predictions_give_zero_loss():
@@ -239,22 +251,58 @@ def test_cpc_targets_skip_overlapping_rows(grid, monkeypatch):
         assert call["num_negatives"] == 8
 
 
+def test_cpc_same_image_negatives_stay_inside_each_image():
+    """negatives="image": each image's predictions meet its own patches only, so a batch scores
+    exactly as its images one by one, and every other patch of the image is a negative."""
+    grid = cu.PatchGrid(64, 16, 8)
+    model = tiny_cpc(grid, pred_steps=2).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = model.loss(x, negatives="image")
+        alone = [model.loss(x[i:i + 1], negatives="image") for i in range(3)]
+        assert torch.allclose(batch["loss_per_step"], torch.stack([a["loss_per_step"] for a in alone]).mean(0))
+        z = cu.encode_grid(model.encoder, x[:1], grid)                         # (1, D, 7, 7)
+        c = model.context(z)
+        pred = model.W[0](c[0, :, :5].permute(1, 2, 0).reshape(-1, c.shape[1]))  # rows 0..4 predict rows 2..6
+    flat = z[0].permute(1, 2, 0).reshape(-1, z.shape[1])                       # (49, D)
+    pos = (torch.arange(2, 7)[:, None] * 7 + torch.arange(7)).reshape(-1)
+    ref, _ = loop_info_nce(pred, flat[pos], flat, [[j for j in range(49) if j != p] for p in pos.tolist()])
+    assert alone[0]["loss_per_step"][0].item() == pytest.approx(ref.mean().item(), abs=1e-4)
+    with pytest.raises(ValueError, match="negatives"):
+        model.loss(x, negatives="other")
+
+
+def test_same_image_negatives_defeat_a_source_image_recogniser():
+    """Uniform images: every patch of an image looks the same, so knowing the image is all a
+    model can know. With batch negatives (other colours) it still scores hits; with same-image
+    negatives it is at chance exactly: loss log(49), no hit."""
+    grid = cu.PatchGrid(64, 16, 8)
+    model = tiny_cpc(grid, pred_steps=2).eval()
+    x = (torch.rand(8, 3, 1, 1) * 255).to(torch.uint8).expand(8, 3, 64, 64).contiguous()
+    image = cu.prediction_metrics(model, x, "image", batch_size=8)
+    batch = cu.prediction_metrics(model, x, "batch", batch_size=8)
+    assert image["chance_loss"] == pytest.approx(math.log(49)) and image["chance_accuracy"] == pytest.approx(1 / 49)
+    assert image["loss_per_step"] == pytest.approx([math.log(49)] * 2, abs=1e-3)
+    assert image["acc_per_step"] == [0.0, 0.0]
+    assert batch["chance_loss"] == pytest.approx(math.log(9))
+    assert all(a > 0 for a in batch["acc_per_step"])  # other images' patches are told apart
+
+
+def test_prediction_metrics_chance_counts_distinct_positions():
+    """Overlapping sub-images repeat windows: chance is one in the image's distinct positions."""
+    grid = cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)   # 4 sub-images of 7x7, 11x11 positions
+    model = tiny_cpc(grid, pred_steps=2)
+    m = cu.prediction_metrics(model, (torch.rand(2, 3, 96, 96) * 255).to(torch.uint8), "image")
+    assert m["chance_accuracy"] == pytest.approx(1 / 121)
+    assert len(m["acc_per_step"]) == 2 and all(0 <= a <= 1 for a in m["acc_per_step"])
+
+
 def test_cpc_without_context_raises():
     with pytest.raises(ValueError, match="no context"):
         tiny_cpc(cu.PatchGrid(32, 16, 8), pred_steps=2)   # 3 rows - 1 overlap - 2 steps = 0
     tiny_cpc(cu.PatchGrid(32, 16, 8), pred_steps=1)
     with pytest.raises(ValueError):
         tiny_cpc(cu.PatchGrid(64, 16, 8), pred_steps=6)
-
-
-def test_cpc_embed():
-    model = tiny_cpc(cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32)).eval()
-    x = torch.randn(2, 3, 96, 96)
-    e = model.embed(x)
-    assert e.shape == (2, model.encoder.out_dim)
-    with torch.no_grad():
-        z = cu.encode_grid(model.encoder, x, model.grid)                  # (2 * 4, D, 7, 7)
-    assert torch.allclose(e, z.view(2, 4, -1, 7, 7).mean(dim=(1, 3, 4)), atol=1e-5)
 
 
 # ---- CPC-AD: directions --------------------------------------------------------------

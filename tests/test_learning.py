@@ -2,6 +2,7 @@
 detect the synthetic defects well above 0.5 AUROC. The thresholds leave a margin under
 the values measured when they were set (noted beside each), so a regression that stops
 the models from learning fails here, while seed-to-seed noise does not."""
+import copy
 import math
 
 import pytest
@@ -17,12 +18,12 @@ def brick(tmp_path_factory):
     root = cu.make_demo_dataset(tmp_path_factory.mktemp("demo"), ["brick"], n_train=48,
                                 n_test_good=8, n_per_defect=4, image_size=128)
     data = cu.load_category(root, "brick", GRID.image_size)
-    train, calib, _ = cu.split_held_out(data["train"], 0.25, seed=0)
-    return train, calib, data["test"]
+    train, calib, normals = cu.split_held_out(data["train"], 0.25, seed=0)
+    return train, calib, data["test"], normals
 
 
 def test_cpcad_learns_and_detects(brick):
-    train, calib, test = brick
+    train, calib, test, _ = brick
     torch.manual_seed(0)
     cfg = cu.CPCADConfig(width=16, num_negatives=31, test_negatives=512, detector="cpcad_knn")
     model = cu.CPCAD(cfg, GRID)
@@ -43,13 +44,26 @@ def test_cpcad_learns_and_detects(brick):
 
 
 def test_cpc_learns(brick):
-    train, val, _ = brick  # the calibration normals serve as CPC's validation images
+    """Below chance with batch negatives, and, what a model that only recognises the source
+    image of a patch cannot do, well above chance with negatives from the same image only;
+    its frozen encoder finds defect patches better than at its random initialisation."""
+    train, val, test, normals = brick  # the calibration normals serve as CPC's validation images
     torch.manual_seed(0)
     cfg = cu.CPCConfig(width=16, pred_steps=2, num_negatives=15, context_dim=64, context_layers=2)
     model = cu.CPC(cfg, GRID)
+    initial = copy.deepcopy(model)
     history = cu.train_model(model, train, val, cu.TrainConfig(epochs=15, batch_size=8, lr=2e-4, seed=0,
                              patience=15), progress=False)
     chance = math.log(cfg.num_negatives + 1)                                     # 2.77
-    assert history[-1]["val_loss"] < chance - 0.6, (history[-1], chance)       # measured: 1.66
-    accuracy = history[-1]["acc_per_step"][0]
-    assert accuracy > 4 / (cfg.num_negatives + 1), history[-1]                  # measured: 0.50 (chance 0.06)
+    assert history[-1]["val_loss"] < chance - 0.6, (history[-1], chance)       # measured: 1.72
+    same_image = cu.prediction_metrics(model, val.images, "image", batch_size=8)
+    untrained = cu.prediction_metrics(initial, val.images, "image", batch_size=8)
+    assert same_image["chance_accuracy"] == pytest.approx(1 / 49)
+    assert same_image["acc_per_step"][0] > 4 * same_image["chance_accuracy"], same_image  # measured: 0.157
+    assert same_image["loss_per_step"][0] < same_image["chance_loss"] - 0.8, same_image  # measured: 2.76 (chance 3.89)
+    assert untrained["acc_per_step"][0] < 2 * untrained["chance_accuracy"], untrained  # measured: 0.014
+    probes = cu.probe_representations(model.encoder, initial.encoder, train, cu.make_validation_set(normals, 0),
+                                      test, GRID)
+    assert probes["trained"]["knn_auroc"] > 0.78, probes                      # measured: 0.819
+    assert probes["trained"]["knn_auroc"] > probes["random"]["knn_auroc"], probes  # measured: 0.802 (3 seeds: +0.06)
+    assert probes["trained"]["linear_auroc"] > 0.70, probes                   # measured: 0.765 (random 0.746)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import papermill as pm
 import pytest
 
@@ -65,7 +67,7 @@ def fake_results(tmp_path_factory) -> Path:
 def small_parameters(key: str, tiny_root: Path, out: Path, fake_results: Path) -> dict:
     """The tiny parameters of notebook `key` ("01", "02", "03"), writing into `out`."""
     if key == "01":
-        return {**TINY, "data_root": str(tiny_root), "context_dim": 32, "output_dir": str(out)}
+        return {**TINY, "data_root": str(tiny_root), "context_dim": 32, "val_fraction": 0.5, "output_dir": str(out)}
     if key == "02":
         return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128, "val_fraction": 0.5,
                 "output_dir": str(out)}
@@ -124,14 +126,62 @@ def executed(tiny_root, fake_results, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_notebook01_trains_cpc_and_probes(executed):
+    """One category, three seeds: every seed trained and probed, the headline numbers are the
+    seeds' means, and the chance levels are those of a 7x7 grid (1 epoch learns nothing, so
+    the values themselves are checked by tests/test_learning.py)."""
     out = executed["01"]
     m = json.loads((out / "metrics.json").read_text())
-    assert {"training_curves.png", "patch_grid.png"} <= {p.name for p in out.glob("*.png")}
-    assert m["epochs_trained"] == 1 and m["category"] == "all" and len(m["trained_on"]) == 3
-    for key in ("probe_accuracy", "probe_accuracy_random"):
-        assert 0 <= m[key] <= 1
-    assert len(m["acc_per_step"]) == m["config"]["model"]["pred_steps"]
-    assert all(0 <= a <= 1 for a in m["acc_per_step"])
+    assert {"training_curves.png", "patch_grid.png", "prediction_accuracy.png", "probes.png"} <= {
+        p.name for p in out.glob("*.png")}
+    assert m["category"] == "brick" and m["trained_on"] == ["brick"] and m["seeds"] == [0, 1, 2]
+    assert m["epochs_trained"] == [1, 1, 1] and len(m["runs"]) == 3
+    assert {f"seed{s}" for s in m["seeds"]} == {p.name for p in (out / "checkpoints").iterdir()}
+    for name, metric in (("probe", "knn_auroc"), ("linear", "linear_auroc")):
+        for f in cu.PROBE_FEATURES:
+            assert m[f"{name}_{f}"] == pytest.approx(np.mean([r["probes"][f][metric] for r in m["runs"]]))
+        gains = [r["probes"]["trained"][metric] - r["probes"]["random"][metric] for r in m["runs"]]
+        verdict = m["probe_trained_beats_random" if name == "probe" else "linear_trained_beats_random"]
+        assert verdict == (m[f"{name}_trained"] - m[f"{name}_random"] >= m["probe_margin"] and min(gains) > 0)
+    K = m["config"]["model"]["pred_steps"]
+    for key, name in (("same_image_accuracy", "image"), ("batch_accuracy", "batch")):
+        assert m[key] == pytest.approx(np.mean([r[name]["acc_per_step"] for r in m["runs"]], axis=0).tolist())
+        assert len(m[key]) == K
+    assert m["same_image_chance_accuracy"] == pytest.approx(1 / 49)
+    assert m["same_image_chance_loss"] == pytest.approx(math.log(49))
+    assert m["chance_loss"] == pytest.approx(math.log(m["config"]["model"]["num_negatives"] + 1))
+
+
+def test_notebook01_resumes_every_seed(executed, tiny_root, fake_results, tmp_path):
+    """resume=True with more epochs continues each seed's model from its own checkpoint."""
+    import shutil
+    first = json.loads((executed["01"] / "metrics.json").read_text())
+    out = tmp_path / "out"
+    shutil.copytree(executed["01"], out)
+    params = {**small_parameters("01", tiny_root, out, fake_results), "epochs": 2, "resume": True}
+    pm.execute_notebook(str(NOTEBOOKS["01"]), str(tmp_path / "resumed.ipynb"), parameters=params, cwd=str(tmp_path),
+                        progress_bar=False, kernel_name="python3")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_trained"] == [2, 2, 2]
+    assert m["history"][0] == first["history"][0]  # the first epoch is the earlier run's, not a new one
+
+
+def test_cpc_summary_tabulates_notebook01_runs(executed, tmp_path):
+    """scripts/cpc_summary.py: one row per run, the seeds' mean ± std, the verdict."""
+    import shutil
+    m = json.loads((executed["01"] / "metrics.json").read_text())
+    (tmp_path / "brick" / "resnet18v2").mkdir(parents=True)
+    shutil.copy(executed["01"] / "metrics.json", tmp_path / "brick" / "resnet18v2" / "metrics.json")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpc_summary.py"), str(tmp_path), "--out",
+                          str(tmp_path / "summary.md")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    row = (tmp_path / "summary.md").read_text().splitlines()[2].split(" | ")
+    assert row[0] == "| brick" and row[1] == "tuning" and row[3] == "3"
+    knn = [r["probes"]["trained"]["knn_auroc"] for r in m["runs"]]
+    assert f"{np.mean(knn):.2f} ± {np.std(knn, ddof=1):.2f}" in row
+    assert row[-1].rstrip(" |") == ("yes" if m["probe_trained_beats_random"] else "**no**")
+    empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpc_summary.py"), str(tmp_path / "brick")],
+                           capture_output=True, text=True)
+    assert empty.returncode != 0 and "no <category>/<encoder>/metrics.json" in empty.stderr
 
 
 def test_notebook02_writes_metrics_and_figures(executed, tiny_root):

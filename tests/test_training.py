@@ -499,18 +499,19 @@ def test_a_failed_run_keeps_the_previous_one(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["resnet18v2"]  # no staging, old copy or lock left
 
 
-def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path):
+@pytest.mark.parametrize("folder", ["checkpoints", "checkpoints/seed1"], ids=["one model", "one per seed"])
+def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path, folder):
     out = tmp_path / "run"
     work = cu.begin_run(out, {})
-    (work / "checkpoints").mkdir()
-    (work / "checkpoints" / "last.pt").write_bytes(b"epoch 3")
+    (work / folder).mkdir(parents=True)
+    (work / folder / "last.pt").write_bytes(b"epoch 3")
     cu.finish_run(out, work, {})
     work = cu.begin_run(out, {}, resume=True)  # train a finished run further: on a copy
-    assert (work / "checkpoints" / "last.pt").read_bytes() == b"epoch 3"
-    (work / "checkpoints" / "last.pt").write_bytes(b"epoch 4")
-    assert (out / "checkpoints" / "last.pt").read_bytes() == b"epoch 3"
+    assert (work / folder / "last.pt").read_bytes() == b"epoch 3"
+    (work / folder / "last.pt").write_bytes(b"epoch 4")
+    assert (out / folder / "last.pt").read_bytes() == b"epoch 3"
     work = cu.begin_run(out, {}, resume=True)  # interrupted: the staged run continues
-    assert (work / "checkpoints" / "last.pt").read_bytes() == b"epoch 4"
+    assert (work / folder / "last.pt").read_bytes() == b"epoch 4"
 
 
 def test_an_interrupted_switch_over_is_undone(tmp_path):
