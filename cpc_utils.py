@@ -2652,7 +2652,7 @@ def patch_probes(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tenso
             "knn_image_auroc": float(roc_auc_score(image_labels, distance.max(1).values.numpy()))}
 
 
-PROBE_FEATURES = ("trained", "random", "pixel")
+PROBE_FEATURES = {"trained": "CPC-trained encoder", "random": "same encoder, random init", "pixel": "raw pixels"}
 PROBE_METRICS = {"knn_auroc": "kNN, patch AUROC", "knn_image_auroc": "kNN, image AUROC",
                  "linear_auroc": "linear probe, patch AUROC"}  # the first is notebook 01's headline
 
@@ -2679,9 +2679,8 @@ def _pm(values: Sequence[float], digits: int = 3) -> str:
 def probe_table(runs: list[dict]) -> str:
     """Markdown: one row per representation, mean ± std over the seeds' `probe_representations`."""
     lines = ["| features | " + " | ".join(PROBE_METRICS.values()) + " |", "|---" * (len(PROBE_METRICS) + 1) + "|"]
-    names = {"trained": "CPC-trained encoder", "random": "same encoder, random init", "pixel": "raw pixels"}
-    for f in PROBE_FEATURES:
-        lines.append(f"| {names[f]} | " + " | ".join(_pm([r[f][m] for r in runs]) for m in PROBE_METRICS) + " |")
+    for f, name in PROBE_FEATURES.items():
+        lines.append(f"| {name} | " + " | ".join(_pm([r[f][m] for r in runs]) for m in PROBE_METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -2726,7 +2725,7 @@ def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.fi
         acc = np.array([h["acc_per_step"] for h in history])
         for k in range(acc.shape[1]):
             axes[0, 1].plot(epochs, acc[:, k], "o-", label=f"k = {k + 1}")
-        axes[0, 1].set(xlabel="epoch", ylabel="accuracy (positive ranked first)", ylim=(0, 1))
+        axes[0, 1].set(xlabel="epoch", ylabel="training accuracy (positive ranked first)", ylim=(0, 1))
         axes[0, 1].legend()
     fig.tight_layout()
     return fig
@@ -2762,7 +2761,7 @@ def plot_probes(runs: list[dict], title: str = "") -> "matplotlib.figure.Figure"
     for i, (f, colour) in enumerate(zip(PROBE_FEATURES, ("tab:blue", "tab:gray", "tab:orange"))):
         values = np.array([[r[f][m] for m in PROBE_METRICS] for r in runs])   # (seeds, metrics)
         ax.bar(x + (i - 1) * w, values.mean(0), w, yerr=values.std(0, ddof=1) if len(values) > 1 else None,
-               capsize=3, color=colour, label={"trained": "CPC-trained", "random": "random init"}.get(f, "raw pixels"))
+               capsize=3, color=colour, label=PROBE_FEATURES[f])
     ax.axhline(0.5, color="black", ls=":", lw=1)
     ax.set(xticks=x, xticklabels=[v.replace(", ", "\n") for v in PROBE_METRICS.values()], ylim=(0, 1), ylabel="AUROC",
            title=title or f"frozen features, {len(runs)} seed(s)")
