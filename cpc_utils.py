@@ -2671,6 +2671,16 @@ def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet
             for name, f in features.items()}
 
 
+PROBE_MARGIN = 0.02  # AUROC the trained encoder must gain over its random init, on average and in every seed
+
+
+def probe_verdict(runs: list[dict], metric: str = "knn_auroc", margin: float = PROBE_MARGIN) -> tuple[bool, list[float]]:
+    """Does the trained encoder beat its random initialisation on `metric`? Over the seeds'
+    `probe_representations`: (mean gain >= margin and a gain in every seed, gain per seed)."""
+    gains = [r["trained"][metric] - r["random"][metric] for r in runs]
+    return bool(np.mean(gains) >= margin and min(gains) > 0), gains
+
+
 def _pm(values: Sequence[float], digits: int = 3) -> str:
     m, sd = _mean_std(list(values))
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
