@@ -58,6 +58,12 @@ GRID_KEYS = ("image_size", "patch_size", "stride")
 TRAIN_KEYS = ("batch_size", "lr", "epochs")
 
 
+def trained_path(job: dict) -> Path:
+    """Where the run's trained model lives: its own JSON's place, or that of the setting it takes weights from."""
+    source = SETTINGS[job["setting"]][1].get("weights_from", job["setting"])
+    return Path(job["out"].replace(f"/{job['setting']}/", f"/{source}/"))
+
+
 def run_one(job: dict) -> str:
     """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary.
 
@@ -97,7 +103,7 @@ def run_one(job: dict) -> str:
         return {"val_detection": {d: {k: v for k, v in m.items() if k.startswith(("image_auroc_", "pixel"))}
                                   for d, m in evaluate(val)[0].items()}}
 
-    trained = Path(str(out).replace(f"/{job['setting']}/", f"/{s['weights_from']}/")) if "weights_from" in s else out
+    trained = trained_path(job)
     if job.get("rescore") or trained != out:  # scoring-only settings reuse another setting's models
         model.load_state_dict(torch.load(trained.with_suffix(".pt"), weights_only=False)["model"])
         model.eval()
@@ -121,11 +127,11 @@ def run_one(job: dict) -> str:
     if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining
         cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
-    v, t = result["val"], result["test"]
+    v, t, default = result["val"], result["test"], cu.CPCADConfig().detector
     return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
             f"{history[-1]['val_loss']:.2f}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
-            f"{v['cpcad']['pixel_auroc']:.2f} cpcad_knn_ms {v['cpcad_knn_ms']['image_auroc_top10']:.2f}/"
-            f"{v['cpcad_knn_ms']['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
+            f"{v['cpcad']['pixel_auroc']:.2f} {default} {v[default]['image_auroc_top10']:.2f}/"
+            f"{v[default]['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
             f"{t['cpcad']['pixel_auroc']:.2f} baseline {result['baseline_test']['image_auroc_max']:.2f}/"
             f"{result['baseline_test']['pixel_auroc']:.2f}")
 
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                      out=str(out / "runs" / s / c / f"seed{k}.json"), rescore=args.rescore)
                 for s in args.settings for k in args.seeds for c in categories]
         if args.rescore:
-            todo = [j for j in jobs if Path(j["out"]).with_suffix(".pt").exists()]
+            todo = [j for j in jobs if trained_path(j).with_suffix(".pt").exists()]
         else:
             todo = [j for j in jobs if not Path(j["out"]).exists()]
         if args.rescore:
