@@ -1146,20 +1146,38 @@ class PatchEncoder(nn.Module):
         h = self.final_norm(self.stages(self.stem(x)))          # (N, D, P/16, P/16); P/8 with the "small" stem
         return h.mean(dim=(2, 3))                                 # (N, D)
 
-    def multiscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z as `forward`, and the multi-scale descriptor of the patch: each stage's output
-        mean-pooled and scaled to unit length, concatenated, so the fine early stages (edges,
-        intensity) weigh as much as the final embedding. Returns z (N, D) and (N, sum of stage
-        channels) of unit length, for the "knn_ms" typicality score.
+    def multiscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z as `forward`, and two descriptors of the patch from the same pass, for the kNN
+        typicality scores:
+
+        * "ms" (N, sum of stage channels): each stage's output mean-pooled and scaled to unit
+          length, concatenated, so the fine early stages (edges, intensity) weigh as much as
+          the final embedding; compared by cosine ("knn_ms").
+        * "stats" (N, D_stats): the mean *and* the spatial standard deviation of every channel
+          of the stem's output, of each stage's but the last, and of the final normed map (the
+          std only where the map is larger than 1x1), unscaled; compared by Euclidean distance
+          after standardising each dimension by the references' spread ("knn_stats"). The
+          mean of a textured patch's features is close to the features of its mean colour, so
+          a flat fill looks typical to "ms"; its spread, and the magnitude cosine drops, do not.
         """
-        h, parts = self.stem(x), []
+        h, parts, stats = self.stem(x), [], []
+
+        def pool(t):
+            stats.append(t.float().mean(dim=(2, 3)))
+            if t.shape[-1] * t.shape[-2] > 1:
+                stats.append(t.float().std(dim=(2, 3), unbiased=False))
+
+        pool(h)
         for i, stage in enumerate(self.stages):
             h = stage(h)
             if i < len(self.stages) - 1:
                 parts.append(F.normalize(h.float().mean(dim=(2, 3)), dim=-1))
-        z = self.final_norm(h).mean(dim=(2, 3))
+                pool(h)
+        h = self.final_norm(h)
+        pool(h)
+        z = h.mean(dim=(2, 3))
         parts.append(F.normalize(z.float(), dim=-1))
-        return z, torch.cat(parts, -1) / math.sqrt(len(parts))
+        return z, torch.cat(parts, -1) / math.sqrt(len(parts)), torch.cat(stats, -1)
 
 
 def resnet_v2(block: type, layers: Sequence[int], norm: str = "layer", width: int = 64,
@@ -1302,15 +1320,21 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
 
 
 def encode_grid(encoder: nn.Module, x: torch.Tensor, grid: PatchGrid,
-                multiscale: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                multiscale: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Images (B, C, H, W) float -> patch embeddings on the grid (B * n_sub, D, G, G); with
-    `multiscale`, also the multi-scale descriptors (B * n_sub, D_ms, G, G) of the same pass."""
+    `multiscale`, (z, ms, stats): also both descriptors of `PatchEncoder.multiscale`
+    (B * n_sub, D_ms | D_stats, G, G) from the same pass."""
     p = extract_patches(x, grid)                                  # (B', G, G, C, P, P)
     Bp, G = p.shape[:2]
     p = p.reshape(Bp * G * G, *p.shape[3:]).contiguous(memory_format=torch.channels_last)
     out = encoder.multiscale(p) if multiscale else (encoder(p),)  # (B' * G * G, D) each
     grids = tuple(t.reshape(Bp, G, G, -1).permute(0, 3, 1, 2) for t in out)  # (B', D, G, G)
     return grids if multiscale else grids[0]
+
+
+# The kNN typicality scores, named after what they compare, in the order `PatchEncoder.multiscale`
+# returns the descriptors: z (cosine), "ms" (cosine), "stats" (standardised Euclidean).
+REFERENCE_KINDS = ("knn", "knn_ms", "knn_stats")
 
 
 class CausalConv2d(nn.Conv2d):
@@ -1469,16 +1493,21 @@ class CPCADConfig:
     confirmation half and every test split were never used to choose). Numbers are tuning-half
     validation image AUROC (with the reduction named) / pixel AUROC, mean over 4 categories x
     3 seeds, 128 px images, 40 epochs; tables in results/study/.
-      * detector "cpcad_knn_ms": CPC-AD's loss standardised per grid position, plus the
-        distance of the patch's multi-scale descriptor (`PatchEncoder.multiscale`) to its
-        nearest train/good patch's. The loss alone measures how *unpredictable* a patch is, so
-        a flat fill or a smooth blob scores low: at 16 px patches, pure CPC-AD 0.72 (top10) /
-        0.74, per-position calibration 0.72 / 0.84, two-sided 0.72 / 0.81, loss + kNN of z
-        0.76 / 0.89, loss + multi-scale kNN 0.76 / 0.90 (the raw-pixel baseline 0.74 / 0.90).
-        Pure CPC-AD stays one parameter away (detector="cpcad") and is always reported.
+      * detector "cpcad_knn_stats": CPC-AD's loss standardised per grid position, plus the
+        distance of the patch's stage statistics (`PatchEncoder.multiscale`) to its nearest
+        train/good patch's. The loss alone measures how *unpredictable* a patch is, so a flat
+        fill or a smooth blob scores low: at 16 px patches, pure CPC-AD 0.72 (top10) / 0.74,
+        per-position calibration 0.72 / 0.84, two-sided 0.72 / 0.81, loss + kNN of z 0.76 /
+        0.89, loss + multi-scale kNN ("cpcad_knn_ms", cosine on mean-pooled stages) 0.765 /
+        0.910, loss + kNN of stage statistics (mean and spread of every stage, stem included,
+        standardised Euclidean) 0.792 / 0.928, higher in every seed (criterion 0.860 ± 0.010
+        against 0.838 ± 0.011; on gravel 0.67 against 0.60 image AUROC). The raw-pixel
+        baseline scores 0.74 / 0.90. Pure CPC-AD stays one parameter away (detector="cpcad")
+        and is always reported.
       * knn_bank 16384: with 16,384 train/good references instead of 4,096, loss +
         multi-scale kNN 0.765 / 0.910 (the criterion, the mean of the two, 0.838 against
-        0.828); multi-scale kNN alone scored the same criterion (0.757 / 0.919): the loss is
+        0.828). The typicality term alone scores about the same criterion as with the loss
+        (multi-scale 0.838 against 0.838, stage statistics 0.863 against 0.860): the loss is
         kept because this is CPC-AD, and its share is reported as pure CPC-AD beside.
       * reduce "top10" (mean of the highest 10% of patch scores): 0.76 against 0.73 for the
         mean (the paper's) and 0.73 for the max (loss + kNN, 4,096 references).
@@ -1512,7 +1541,7 @@ class CPCADConfig:
     shared_encoder: bool = True
     directions: tuple[str, ...] = DIRECTIONS
     knn_bank: int = 16384         # train/good patches the kNN typicality scores compare with
-    detector: str = "cpcad_knn_ms"  # how patch scores become the anomaly map: a key of DETECTORS
+    detector: str = "cpcad_knn_stats"  # how patch scores become the anomaly map: a key of DETECTORS
     reduce: str = "top10"         # how the map becomes the image score: a name in REDUCES
 
     def __post_init__(self):
@@ -1636,13 +1665,18 @@ class CPCAD(nn.Module):
 
     @torch.no_grad()
     def build_bank(self, images: torch.Tensor, size: int | None = None, seed: int = 0,
-                   batch_size: int = 512, multiscale: bool = False) -> torch.Tensor:
-        """Encode a fixed random sample of train/good patches as test-time negatives: (n_enc, M, D);
-        with `multiscale`, their multi-scale descriptors instead, (n_enc, M, D_ms).
+                   batch_size: int = 512) -> torch.Tensor:
+        """Encode a fixed random sample of `size` (default `test_negatives`) train/good patches
+        as test-time negatives: (n_enc, M, D)."""
+        return self.build_references(images, size or self.cfg.test_negatives, seed, ("knn",), batch_size)["knn"]
+
+    def build_references(self, images: torch.Tensor, size: int, seed: int = 0,
+                         kinds: Sequence[str] = REFERENCE_KINDS, batch_size: int = 512) -> dict[str, torch.Tensor]:
+        """Encode a fixed random sample of `size` train/good patches once, as each of `kinds`:
+        {"knn": z (n_enc, M, D), "knn_ms": (n_enc, M, D_ms), "knn_stats": (n_enc, M, D_stats)}.
 
         Only the sampled patches are cut out and encoded, so the cost is M patches, not the set.
         """
-        size = size or self.cfg.test_negatives
         device = self.W.device
         g = torch.Generator().manual_seed(seed)
         P, H = self.grid.patch_size, self.grid.image_size
@@ -1650,15 +1684,17 @@ class CPCAD(nn.Module):
         pick = torch.randperm(len(keys), generator=g)[:size].sort().values
         img, top, left = keys[pick] // (H * H), keys[pick] % (H * H) // H, keys[pick] % H  # patch corners
         windows = images.unfold(2, P, 1).unfold(3, P, 1)         # (N, C, H-P+1, W-P+1, P, P), a view
-        out = [[] for _ in self.encoders]
+        out = {k: [[] for _ in self.encoders] for k in kinds}
         for lo in range(0, len(pick), batch_size):
             sl = slice(lo, lo + batch_size)
             # gather only the picked uint8 patches (no float copy of whole images, no Python loop)
             patches = to_float(windows[img[sl], :, top[sl], left[sl]].to(device))  # (b, C, P, P)
             with autocast(device):
                 for e, enc in enumerate(self.encoders):
-                    out[e].append((enc.multiscale(patches)[1] if multiscale else enc(patches)).float())
-        return torch.stack([torch.cat(o) for o in out])           # (n_enc, M, D)
+                    d = dict(zip(REFERENCE_KINDS, (enc(patches),) if set(kinds) == {"knn"} else enc.multiscale(patches)))
+                    for k in kinds:
+                        out[k][e].append(d[k].float())
+        return {k: torch.stack([torch.cat(o) for o in v]) for k, v in out.items()}  # each (n_enc, M, ...)
 
 
 # ---- training ------------------------------------------------------------------------
@@ -2214,17 +2250,18 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
 
     "loss": CPC-AD's InfoNCE loss against the fixed `bank` of train/good negatives (the paper's
     score: how *unpredictable* a patch is from its neighbours). With `references` (from
-    `prepare_scoring`) also the typicality scores, how *unusual* the patch is: "knn", the
-    cosine distance of its embedding z to the nearest train/good patch's, and "knn_ms", the
-    same for the multi-scale descriptor (`PatchEncoder.multiscale`), each averaged over the
-    encoders. A flat fill or a smooth blob is easy to predict from its neighbour, so its loss
-    stays low; it is still far from every normal patch, which the kNN scores see. One encoding
-    pass gives them all.
+    `prepare_scoring`) also the typicality scores, how *unusual* the patch is, each the
+    distance to the nearest train/good patch, averaged over the encoders: "knn", cosine
+    distance of the embedding z; "knn_ms", the same for the multi-scale descriptor; "knn_stats",
+    Euclidean distance of the stage-statistics descriptor, every dimension standardised by the
+    references' mean and spread (`PatchEncoder.multiscale` describes both). A flat fill or a
+    smooth blob is easy to predict from its neighbour, so its loss stays low; it is still far
+    from every normal patch, which the kNN scores see. One encoding pass gives them all.
     """
     device = resolve_device(device)
     model.eval().to(device)
     bank = bank.to(device)
-    refs = {k: [F.normalize(b.float(), dim=-1) for b in v.to(device)] for k, v in (references or {}).items()}
+    refs = {k: [_prepare_references(k, r.float()) for r in v.to(device)] for k, v in (references or {}).items()}
     images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", *refs)}
     for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
@@ -2234,19 +2271,37 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
             zs = [g[0] for g in grids] if refs else grids
             out["loss"].append(model.patch_losses(zs, bank).float())  # stays on the device: no sync per batch
         for kind, ref in refs.items():
-            feats = zs if kind == "knn" else [g[1] for g in grids]
-            dist = [_nearest_distance(F.normalize(f.float().permute(0, 2, 3, 1), dim=-1), r)  # (B', G, G)
-                    for f, r in zip(feats, ref)]
+            i = REFERENCE_KINDS.index(kind)
+            dist = [_nearest_distance(kind, g[i].float().permute(0, 2, 3, 1), r)  # (B', G, G)
+                    for g, r in zip(grids, ref)]
             out[kind].append(torch.stack(dist).mean(0))
     G = model.grid.grid
     return {k: torch.cat(v).cpu().view(len(images), -1, G, G) for k, v in out.items()}
 
 
-def _nearest_distance(f: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """1 - the best cosine similarity of each unit vector f (..., D) among unit references (M, D),
-    a chunk of rows at a time so memory stays at chunk x M however large the batch."""
+def _prepare_references(kind: str, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """References (M, D) of one encoder as `_nearest_distance` compares them: unit vectors for
+    the cosine kinds; standardised, with the mean and spread that standardise the queries, for
+    "knn_stats". A spread is at least 1e-3 of the median one: a dimension that (nearly) never
+    varies on normal patches, e.g. a dead channel, still counts when it does vary, without
+    its float rounding dividing into the largest distances."""
+    if kind == "knn_stats":
+        mu, sd = ref.mean(0), ref.std(0)
+        sd = sd.clamp_min(max(1e-3 * float(sd.median()), 1e-12))
+        return (ref - mu) / sd, mu, sd
+    return F.normalize(ref, dim=-1), None, None
+
+
+def _nearest_distance(kind: str, f: torch.Tensor, ref: tuple, chunk: int = 4096) -> torch.Tensor:
+    """Distance of each descriptor f (..., D) to its nearest reference (from `_prepare_references`):
+    1 - the best cosine similarity, or the smallest standardised Euclidean distance for
+    "knn_stats"; a chunk of rows at a time so memory stays at chunk x M however large the batch."""
+    r, mu, sd = ref
     flat = f.reshape(-1, f.shape[-1])
-    best = torch.cat([(part @ ref.T).max(-1).values for part in flat.split(chunk)])
+    if kind == "knn_stats":
+        best = torch.cat([torch.cdist((part - mu) / sd, r).min(-1).values for part in flat.split(chunk)])
+        return best.view(f.shape[:-1])
+    best = torch.cat([(F.normalize(part, dim=-1) @ r.T).max(-1).values for part in flat.split(chunk)])
     return (1 - best).view(f.shape[:-1])
 
 
@@ -2258,15 +2313,14 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
 
     bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; references: up
     to `knn_size` (default `model.cfg.knn_bank`) other train/good patches, as embeddings z
-    ("knn") and as multi-scale descriptors ("knn_ms"), what the typicality scores compare
-    with; calibration: a ScoreCalibration fitted on `calibration_images`, normal images held
+    ("knn"), multi-scale descriptors ("knn_ms") and stage statistics ("knn_stats"), what the
+    typicality scores compare with; calibration: a ScoreCalibration fitted on `calibration_images`, normal images held
     out of training (train images would look too normal: the model has fitted them, and their
     own patches sit among the references).
     """
     bank = model.build_bank(train_images, seed=seed)
     size = knn_size or model.cfg.knn_bank
-    references = {"knn": model.build_bank(train_images, size=size, seed=seed + 1),
-                  "knn_ms": model.build_bank(train_images, size=size, seed=seed + 1, multiscale=True)}
+    references = model.build_references(train_images, size, seed=seed + 1)
     calibration = None
     if calibration_images is not None and len(calibration_images):
         raw = score_patches(model, calibration_images, bank, references, batch_size, device)
@@ -2345,12 +2399,14 @@ DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     "cpcad_knn": lambda raw, cal: cal["loss"] + cal["knn"],        # unpredictable or untypical
     "knn_ms": lambda raw, cal: cal["knn_ms"],                      # multi-scale typicality alone
     "cpcad_knn_ms": lambda raw, cal: cal["loss"] + cal["knn_ms"],  # unpredictable or untypical at any scale
+    "knn_stats": lambda raw, cal: cal["knn_stats"],                # typicality of stage statistics alone
+    "cpcad_knn_stats": lambda raw, cal: cal["loss"] + cal["knn_stats"],  # ... also in texture energy
 }
 
 
 def detector_references(detector: str) -> str | None:
-    """The kNN references a detector reads ("knn" or "knn_ms"), None for the loss alone."""
-    return "knn_ms" if detector.endswith("knn_ms") else "knn" if detector.endswith("knn") else None
+    """The kNN references a detector reads (one of REFERENCE_KINDS), None for the loss alone."""
+    return next((k for k in sorted(REFERENCE_KINDS, key=len, reverse=True) if detector.endswith(k)), None)
 
 
 def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | None,
@@ -3085,8 +3141,9 @@ COLUMN_LEGEND = {
     "epochs_trained": "epochs actually trained (early stopping can end a run before its `epochs`)",
     "learned": "`learning_check`: ok, or `at_chance` (the loss stayed at chance: nothing learned) or "
                "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
-    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `cpcad_knn_ms` "
-                "the standardised loss plus the standardised multi-scale distance to the nearest normal patch",
+    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `cpcad_knn_stats` "
+                "the standardised loss plus the standardised distance of the patch's stage statistics to the "
+                "nearest normal patch's (`cpcad_knn_ms`: of its multi-scale descriptor)",
     "image_reduce": "how a patch map becomes an image score: `mean` (the paper's), `max`, or `top10` "
                     "(the mean of the highest 10% of patches)",
     "image_auroc": "test image AUROC of the detector, image score = `image_reduce` of its patch map",

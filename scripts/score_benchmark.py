@@ -2,7 +2,7 @@
 
 For each grid (the demo's: 128 px images, 16 px patches at stride 8, width 16; the paper's:
 256 px images, 64 px patches at stride 32, width 64), resnet18v2 at the module's defaults
-(test_negatives 1024, knn_bank 16384, detector cpcad_knn_ms): writes a bundle, writes
+(test_negatives 1024, knn_bank 16384, the default detector): writes a bundle, writes
 `--images` random PNGs, and times the command twice, in a fresh process (Python and torch
 start-up included) and in-process (`cu.score_files`: bundle loading, reading, scoring and
 writing the CSV, overlays and masks). The weights are untrained and the negative bank, kNN
@@ -37,12 +37,13 @@ def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.CPCAD:
     model = cu.CPCAD(cu.cpcad_config("fast", grid, encoder="resnet18v2", width=width), grid).eval()
     with torch.no_grad():
         patch = torch.zeros(1, 3, grid.patch_size, grid.patch_size)
-        D, D_ms = model.encoders[0](patch).shape[-1], model.encoders[0].multiscale(patch)[1].shape[-1]
+        kind = cu.detector_references(model.cfg.detector)  # the references the default detector reads
+        D, D_ref = model.encoders[0](patch).shape[-1], model.encoders[0].multiscale(patch)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
     n_enc, shape = len(model.encoders), (grid.num_subimages ** 2, grid.grid, grid.grid)
     scoring = {"bank": torch.randn(n_enc, model.cfg.test_negatives, D),
-               "references": {"knn_ms": torch.randn(n_enc, model.cfg.knn_bank, D_ms)},
-               "calibration": cu.ScoreCalibration({k: torch.zeros(shape) for k in ("loss", "knn_ms")},
-                                                  {"loss": 1.0, "knn_ms": 1.0})}
+               "references": {kind: torch.randn(n_enc, model.cfg.knn_bank, D_ref)},
+               "calibration": cu.ScoreCalibration({k: torch.zeros(shape) for k in ("loss", kind)},
+                                                  {"loss": 1.0, kind: 1.0})}
     rule = cu.normal_threshold(np.zeros(8), 0.01)
     cu.save_bundle(path, model, scoring, rule, rule)
     return model

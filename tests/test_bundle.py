@@ -105,7 +105,7 @@ def test_bundle_scores_as_the_notebook_and_holds_its_provenance(trained, brick):
     assert torch.equal(result["anomalous"], trained["scores"] > bundle.threshold)
     assert bundle.model.cfg.shared_encoder is trained["shared_encoder"] and bundle.image_size == 64
     assert bundle.threshold_rule == trained["threshold"] and bundle.threshold_rule["target_fpr"] == TARGET_FPR
-    assert set(bundle.references) == {"knn_ms"}  # only what the detector reads
+    assert set(bundle.references) == {cu.detector_references(bundle.model.cfg.detector)} == {"knn_stats"}  # only what it reads
     assert bundle.info["format_version"] == cu.BUNDLE_VERSION and bundle.info["code_version"] == cu.code_version()
     assert bundle.info["data"] == cu.data_fingerprint(brick, "brick")
     # the threshold keeps validation normals' false-positive rate at or below the target

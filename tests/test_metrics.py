@@ -72,21 +72,29 @@ def test_score_patches_knn_is_the_nearest_reference_distance(shared):
     train, test = random_images(3, 32, seed=1), random_images(2, 32, seed=2)
     scoring = cu.prepare_scoring(model, train, None, knn_size=10_000, device="cpu")
     refs = scoring["references"]
-    assert scoring["calibration"] is None and refs["knn"].shape[1] == refs["knn_ms"].shape[1] == 3 * 9  # all
+    assert scoring["calibration"] is None and set(refs) == set(cu.REFERENCE_KINDS)
+    assert refs["knn"].shape[1] == refs["knn_ms"].shape[1] == refs["knn_stats"].shape[1] == 3 * 9  # all
     raw = cu.score_patches(model, test, scoring["bank"], refs, batch_size=1, device="cpu")
-    assert set(raw) == {"loss", "knn", "knn_ms"}
-    assert raw["knn"].shape == raw["knn_ms"].shape == raw["loss"].shape == (2, 1, 3, 3)
+    assert set(raw) == {"loss", *cu.REFERENCE_KINDS}
+    assert all(v.shape == (2, 1, 3, 3) for v in raw.values())
     assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu"))
-    with torch.no_grad():  # brute force: 1 - the best cosine similarity, averaged over the encoders
-        for kind in ("knn", "knn_ms"):
+    with torch.no_grad():  # brute force, averaged over the encoders
+        for i, kind in enumerate(cu.REFERENCE_KINDS):
             dists = []
             for e, enc in enumerate(model.encoders):
-                z, ms = cu.encode_grid(enc, cu.to_float(test), grid, multiscale=True)
-                f = F.normalize((z if kind == "knn" else ms).permute(0, 2, 3, 1), dim=-1)
-                dists.append(1 - torch.einsum("bijd,md->bijm", f, F.normalize(refs[kind][e], dim=-1)).max(-1).values)
-            assert torch.allclose(raw[kind][:, 0], torch.stack(dists).mean(0), atol=1e-5), kind
+                f = cu.encode_grid(enc, cu.to_float(test), grid, multiscale=True)[i].permute(0, 2, 3, 1).double()
+                ref = refs[kind][e].double()
+                if kind == "knn_stats":  # Euclidean, every dimension standardised by the references
+                    mu, sd = ref.mean(0), ref.std(0)
+                    d = (((f - mu) / sd)[..., None, :] - ((ref - mu) / sd)).norm(dim=-1).min(-1).values
+                else:                    # 1 - the best cosine similarity
+                    d = 1 - torch.einsum("bijd,md->bijm", F.normalize(f, dim=-1), F.normalize(ref, dim=-1)).max(-1).values
+                dists.append(d.float())
+            assert torch.allclose(raw[kind][:, 0], torch.stack(dists).mean(0), atol=1e-3, rtol=1e-4), kind
     train_raw = cu.score_patches(model, train, scoring["bank"], refs, device="cpu")
-    assert train_raw["knn"].abs().max() < 1e-5 and train_raw["knn_ms"].abs().max() < 1e-5  # its own neighbour
+    typical = torch.stack([raw[k] for k in cu.REFERENCE_KINDS]).mean((1, 2, 3, 4))  # of other images' patches
+    for k, t in zip(cu.REFERENCE_KINDS, typical):  # a train patch is its own neighbour (cdist rounds a little)
+        assert train_raw[k].abs().max() < 1e-3 * t, k
 
 
 @pytest.mark.parametrize("name", list(cu.ENCODERS))
@@ -94,10 +102,45 @@ def test_multiscale_descriptor(name):
     enc = cu.build_encoder(name, width=8).eval()
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        z, ms = enc.multiscale(x)
+        z, ms, stats = enc.multiscale(x)
         assert torch.allclose(z, enc(x), atol=1e-5)                   # the same z as forward
+        stem = enc.stem(x)                                             # 4x4 on 16 px: mean and spread
+        c = stem.shape[1]
+        assert torch.allclose(stats[:, :c], stem.mean((2, 3)), atol=1e-5)
+        assert torch.allclose(stats[:, c:2 * c], stem.std((2, 3), unbiased=False), atol=1e-5)
+        final = enc.final_norm(enc.stages(stem))
+        if final.shape[-1] == 1:                                       # a 1x1 map has no spread: its mean only
+            assert torch.allclose(stats[:, -z.shape[1]:], z, atol=1e-5)
     assert torch.allclose(ms.norm(dim=-1), torch.ones(5), atol=1e-5)  # unit length, 3 equal parts
-    assert ms.shape[1] > z.shape[1]
+    assert ms.shape[1] > z.shape[1] and stats.shape[1] > ms.shape[1]
+
+
+def test_stats_distance_is_standardised_and_survives_a_constant_dimension():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(500, 3, generator=g) * torch.tensor([1.0, 100.0, 0.0])  # dim 2 never varies
+    prepared = cu._prepare_references("knn_stats", ref)
+    query = torch.tensor([[3.0, 0.0, 0.0], [0.0, 300.0, 0.0], [0.0, 0.0, 1e-7], [0.0, 0.0, 1.0]])
+    d = cu._nearest_distance("knn_stats", query, prepared)
+    assert torch.isfinite(d).all()
+    assert abs(d[0] - d[1]) < 0.5      # 3 spreads out in dim 0 is as far as 3 spreads out in dim 1
+    assert d[2] < 0.5 < 10 < d[3]      # float noise in the dead dimension is nothing; a real change is large
+
+
+def test_stage_statistics_see_a_flat_fill_that_looks_typical_on_average():
+    """A flat fill of a noisy texture's mean colour: its mean features are the texture's, its
+    spread is not. knn_stats ranks it first among all patches of the image; it is also far
+    above every normal image's patches on the same (calibrated) scale."""
+    grid = cu.PatchGrid(64, 16, 8)
+    torch.manual_seed(0)
+    model = tiny_model(grid)
+    train, calib = random_images(8, 64, seed=1), random_images(4, 64, seed=2)
+    test = random_images(2, 64, seed=3)
+    test[1, :, 24:40, 24:40] = 128                                     # the fill covers the centre patch (3, 3)
+    scoring = cu.prepare_scoring(model, train, calib, device="cpu")
+    raw = cu.score_patches(model, test, scoring["bank"], scoring["references"], device="cpu")
+    maps = cu.detector_maps(raw, scoring["calibration"], "knn_stats")
+    assert maps[1].flatten().argmax() == 3 * grid.grid + 3
+    assert maps[1, 0, 3, 3] > 3 * maps[0].max()
 
 
 def test_prepare_scoring_fits_calibration_on_held_out_normals():
@@ -107,7 +150,7 @@ def test_prepare_scoring_fits_calibration_on_held_out_normals():
     scoring = cu.prepare_scoring(model, train, calib, device="cpu")
     raw = cu.score_patches(model, calib, scoring["bank"], scoring["references"], device="cpu")
     cal = scoring["calibration"](raw)
-    for kind in ("loss", "knn", "knn_ms"):  # on its own images the calibration gives zero mean per position
+    for kind in ("loss", *cu.REFERENCE_KINDS):  # on its own images the calibration gives zero mean per position
         assert cal[kind].mean(0).abs().max() < 1e-4
 
 
