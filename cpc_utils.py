@@ -1691,7 +1691,8 @@ class CPCAD(nn.Module):
             patches = to_float(windows[img[sl], :, top[sl], left[sl]].to(device))  # (b, C, P, P)
             with autocast(device):
                 for e, enc in enumerate(self.encoders):
-                    d = dict(zip(REFERENCE_KINDS, (enc(patches),) if set(kinds) == {"knn"} else enc.multiscale(patches)))
+                    described = (enc(patches),) if set(kinds) == {"knn"} else enc.multiscale(patches)
+                    d = dict(zip(REFERENCE_KINDS, described))
                     for k in kinds:
                         out[k][e].append(d[k].float())
         return {k: torch.stack([torch.cat(o) for o in v]) for k, v in out.items()}  # each (n_enc, M, ...)
@@ -2314,9 +2315,9 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
     bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; references: up
     to `knn_size` (default `model.cfg.knn_bank`) other train/good patches, as embeddings z
     ("knn"), multi-scale descriptors ("knn_ms") and stage statistics ("knn_stats"), what the
-    typicality scores compare with; calibration: a ScoreCalibration fitted on `calibration_images`, normal images held
-    out of training (train images would look too normal: the model has fitted them, and their
-    own patches sit among the references).
+    typicality scores compare with; calibration: a ScoreCalibration fitted on
+    `calibration_images`, normal images held out of training (train images would look too
+    normal: the model has fitted them, and their own patches sit among the references).
     """
     bank = model.build_bank(train_images, seed=seed)
     size = knn_size or model.cfg.knn_bank
