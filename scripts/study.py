@@ -52,6 +52,10 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
                    {"encoder": "resnet50v2", "patch_size": 16, "stride": 8, "knn_bank": 16384}),
     "epochs80": ("the chosen setting trained for 80 epochs instead of 40",
                  {"patch_size": 16, "stride": 8, "knn_bank": 16384, "epochs": 80}),
+    "width32_p16": ("the chosen setting with encoder width 32 instead of 16",
+                    {"patch_size": 16, "stride": 8, "knn_bank": 16384, "width": 32}),
+    "size256": ("256 px images, 32 px patches at stride 16: the chosen grid (15x15) with twice the pixels per patch",
+                {"image_size": 256, "patch_size": 32, "stride": 16, "knn_bank": 16384}),
 }
 CHOSEN = "patch16_refs16k"  # the setting the defaults come from (chosen on the tuning half's validation data)
 GRID_KEYS = ("image_size", "patch_size", "stride")
