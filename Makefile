@@ -42,7 +42,7 @@ cpc: env
 # variants on the tuning half only (the small stem with one seed)
 study: env
 	$(PY) -m cpc_utils demo-data data/demo
-	$(PY) scripts/study.py --jobs 2 --settings fast patch16 patch16_refs16k paper
+	$(PY) scripts/study.py --jobs 2 --settings fast patch16 patch16_refs16k dense paper
 	$(PY) scripts/study.py --jobs 2 --settings stem_norm offset1 width32 epochs80 densenet resnet50v2 width32_p16 size256 --categories brick gravel bottle screw
 	$(PY) scripts/study.py --jobs 2 --settings stem_small --seeds 0 --categories brick gravel bottle screw
 

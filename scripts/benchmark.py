@@ -339,7 +339,7 @@ def bench_cpcad(data: dict[str, cu.ImageSet], cfg: BenchConfig, device: torch.de
         bank = model.build_bank(data["train"].images, cfg.bank_size)
         maps = cu.score_images(model, data["test"].images, bank, device=device)
         t2 = time.perf_counter()
-        metrics = cu.evaluate_maps(maps, data["test"], grid)["metrics"]
+        metrics = cu.evaluate_maps(maps, data["test"], model.score_grid)["metrics"]
         runs[label] = {"encoders": len(model.encoders), "params": cu.count_parameters(model), "epochs": epochs,
                        "epoch_s": epoch_seconds(history), "epoch_times_s": [h["seconds"] for h in history],
                        "train_loss": [h["train_loss"] for h in history], "train_s": t1 - t0,

@@ -39,7 +39,8 @@ def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.CPCAD:
         patch = torch.zeros(1, 3, grid.patch_size, grid.patch_size)
         kind = cu.detector_references(model.cfg.detector)  # the references the default detector reads
         D, D_ref = model.encoders[0](patch).shape[-1], model.encoders[0].multiscale(patch)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
-    n_enc, shape = len(model.encoders), (grid.num_subimages ** 2, grid.grid, grid.grid)
+    G = model.score_grid.grid  # the calibration's maps are on the score grid
+    n_enc, shape = len(model.encoders), (grid.num_subimages ** 2, G, G)
     scoring = {"bank": torch.randn(n_enc, model.cfg.test_negatives, D),
                "references": {kind: torch.randn(n_enc, model.cfg.knn_bank, D_ref)},
                "calibration": cu.ScoreCalibration({k: torch.zeros(shape) for k in ("loss", kind)},
@@ -62,7 +63,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             bundle = tmp / "model.pt"
-            random_bundle(bundle, grid, width)
+            G = random_bundle(bundle, grid, width).score_grid.grid
             rng = np.random.default_rng(0)
             (tmp / "images").mkdir()
             for i in range(args.images):
@@ -75,7 +76,7 @@ def main() -> None:
             fresh = time.perf_counter() - t0
             r = cu.score_files(bundle, [tmp / "images"], tmp / "out2", device=args.device, progress=False)
             print(f"{name} grid ({grid.image_size} px, {grid.patch_size} px patches at stride {grid.stride}, "
-                  f"width {width}, {grid.grid}x{grid.grid} patches): bundle {bundle.stat().st_size / 2**20:.1f} MiB; "
+                  f"width {width}, {grid.grid}x{grid.grid} patches, maps {G}x{G}): bundle {bundle.stat().st_size / 2**20:.1f} MiB; "
                   f"{args.images} images: {args.images / fresh:.2f} images/s in a fresh process ({fresh:.1f} s), "
                   f"{args.images / r['seconds']:.2f} images/s in-process ({r['seconds']:.1f} s)")
 

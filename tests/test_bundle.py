@@ -44,11 +44,11 @@ def trained(request, brick, tmp_path_factory) -> dict:
     normal = val.labels == 0
     val_scores = cu.image_scores(maps["val"], model.cfg.reduce)
     threshold = cu.normal_threshold(val_scores[normal], TARGET_FPR, "image scores")
-    pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], grid)[normal], TARGET_FPR, "pixel scores")
+    pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], model.score_grid)[normal], TARGET_FPR, "pixel scores")
     path = tmp_path_factory.mktemp("bundle") / "model.pt"
     cu.save_bundle(path, model, scoring, threshold, pixel_threshold, cu.data_fingerprint(brick, "brick"))
     return {"path": path, "test": data["test"], "val": val, "val_scores": val_scores, "threshold": threshold,
-            "scores": cu.image_scores(maps["test"], model.cfg.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], grid),
+            "scores": cu.image_scores(maps["test"], model.cfg.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], model.score_grid),
             "shared_encoder": request.param}
 
 

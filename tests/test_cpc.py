@@ -553,7 +553,7 @@ def test_score_images_deterministic_and_batch_independent():
     images = random_images(4, 64)
     bank = model.build_bank(images, size=64)
     maps = cu.score_images(model, images, bank, batch_size=4, device="cpu")
-    assert maps.shape == (4, 1, 7, 7) and torch.isfinite(maps).all() and (maps > 0).all()
+    assert maps.shape == (4, 1, 13, 13) and torch.isfinite(maps).all() and (maps > 0).all()
     assert torch.equal(maps, cu.score_images(model, images, bank, batch_size=4, device="cpu"))
     alone = cu.score_images(model, images[2:3], bank, batch_size=1, device="cpu")
     assert torch.allclose(alone, maps[2:3], rtol=1e-5, atol=1e-5)
@@ -572,8 +572,8 @@ def test_subimage_layout_end_to_end(demo_root):
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     bank = model.build_bank(data["train"].images, size=128)
     maps = cu.score_images(model, data["test"].images, bank, device="cpu")
-    assert maps.shape == (len(data["test"]), 4, 7, 7) and torch.isfinite(maps).all()
-    result = cu.evaluate_maps(maps, data["test"], grid)
+    assert maps.shape == (len(data["test"]), 4, 13, 13) and torch.isfinite(maps).all()  # the dense score grid
+    result = cu.evaluate_maps(maps, data["test"], model.score_grid)
     assert result["pixel_maps"].shape == (len(data["test"]), 1, 96, 96)
     assert set(result["scores"]) == {"mean", "max"}
     for key in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro", "image_auroc_max"):
@@ -588,6 +588,7 @@ def test_cpcad_config_presets():
     assert (paper.shared_encoder, paper.similarity, paper.temperature, paper.detector, paper.reduce) == \
         (False, "dot", 1.0, "cpcad", "mean")
     assert paper.target_offset == grid.overlap_steps == 1 and paper.width == 8
+    assert cu.CPCADConfig().dense_scoring and not paper.dense_scoring  # the paper's maps: the training grid
     model = cu.CPCAD(paper, grid)
     assert len(model.encoders) == 4
     with pytest.raises(ValueError, match="needs the grid"):

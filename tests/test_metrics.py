@@ -2,6 +2,7 @@
 AUPRO on cases whose curve is known by hand, per-defect AUROC and the pixel baseline."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -71,18 +72,18 @@ def test_score_patches_knn_is_the_nearest_reference_distance(shared):
     model = tiny_model(grid, shared_encoder=shared)
     train, test = random_images(3, 32, seed=1), random_images(2, 32, seed=2)
     scoring = cu.prepare_scoring(model, train, None, knn_size=10_000, device="cpu")
-    refs = scoring["references"]
+    refs, sg = scoring["references"], model.score_grid                         # 5x5: the dense score grid
     assert scoring["calibration"] is None and set(refs) == set(cu.REFERENCE_KINDS)
-    assert refs["knn"].shape[1] == refs["knn_ms"].shape[1] == refs["knn_stats"].shape[1] == 3 * 9  # all
+    assert refs["knn"].shape[1] == refs["knn_ms"].shape[1] == refs["knn_stats"].shape[1] == 3 * 25  # all
     raw = cu.score_patches(model, test, scoring["bank"], refs, batch_size=1, device="cpu")
     assert set(raw) == {"loss", *cu.REFERENCE_KINDS}
-    assert all(v.shape == (2, 1, 3, 3) for v in raw.values())
+    assert all(v.shape == (2, 1, 5, 5) for v in raw.values())
     assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu"))
     with torch.no_grad():  # brute force, averaged over the encoders
         for i, kind in enumerate(cu.REFERENCE_KINDS):
             dists = []
             for e, enc in enumerate(model.encoders):
-                f = cu.encode_grid(enc, cu.to_float(test), grid, multiscale=True)[i].permute(0, 2, 3, 1).double()
+                f = cu.encode_grid(enc, cu.to_float(test), sg, multiscale=True)[i].permute(0, 2, 3, 1).double()
                 ref = refs[kind][e].double()
                 if kind == "knn_stats":  # Euclidean, every dimension standardised by the references
                     mu, sd = ref.mean(0), ref.std(0)
@@ -135,12 +136,43 @@ def test_stage_statistics_see_a_flat_fill_that_looks_typical_on_average():
     model = tiny_model(grid)
     train, calib = random_images(8, 64, seed=1), random_images(4, 64, seed=2)
     test = random_images(2, 64, seed=3)
-    test[1, :, 24:40, 24:40] = 128                                     # the fill covers the centre patch (3, 3)
+    test[1, :, 24:40, 24:40] = 128                                     # the fill covers one patch exactly
     scoring = cu.prepare_scoring(model, train, calib, device="cpu")
     raw = cu.score_patches(model, test, scoring["bank"], scoring["references"], device="cpu")
     maps = cu.detector_maps(raw, scoring["calibration"], "knn_stats")
-    assert maps[1].flatten().argmax() == 3 * grid.grid + 3
-    assert maps[1, 0, 3, 3] > 3 * maps[0].max()
+    G, c = model.score_grid.grid, 24 // model.score_grid.stride       # that patch on the dense score grid
+    assert maps[1].flatten().argmax() == c * G + c
+    assert maps[1, 0, c, c] > 3 * maps[0].max()
+
+
+@pytest.mark.parametrize("grid", [cu.PatchGrid(64, 16, 8), cu.PatchGrid(96, 32, 16, 64, 32)], ids=["plain", "subimages"])
+def test_dense_scoring_halves_the_stride_and_keeps_the_training_grids_loss(grid):
+    """Maps on the grid of half the training stride: every other patch of it is a training
+    grid patch with exactly the training grid's loss (interpolated halfway between), and the
+    kNN distances are measured on every patch, against references drawn from the dense grid;
+    the negatives stay on the training grid. An odd stride, or dense_scoring=False, keeps it."""
+    torch.manual_seed(0)
+    dense, coarse = tiny_model(grid), tiny_model(grid, dense_scoring=False)
+    coarse.load_state_dict(dense.state_dict())
+    assert dense.score_grid == dataclasses.replace(grid, stride=grid.stride // 2) and coarse.score_grid == grid
+    assert tiny_model(cu.PatchGrid(40, 16, 3)).score_grid == cu.PatchGrid(40, 16, 3)
+    G, Gd, n_sub = grid.grid, dense.score_grid.grid, grid.num_subimages ** 2
+    assert Gd == 2 * G - 1
+    train, test = random_images(3, grid.image_size, seed=1), random_images(2, grid.image_size, seed=2)
+    s = cu.prepare_scoring(dense, train, None, knn_size=10_000, device="cpu")
+    assert s["references"]["knn"].shape[1] == 3 * n_sub * Gd ** 2                  # every dense patch
+    assert torch.equal(s["bank"], coarse.build_bank(train))                         # negatives: training grid
+    raw = cu.score_patches(dense, test, s["bank"], s["references"], device="cpu")
+    assert all(v.shape == (2, n_sub, Gd, Gd) for v in raw.values())
+    loss = cu.score_images(coarse, test, s["bank"], device="cpu")                  # (2, n_sub, G, G)
+    assert torch.allclose(raw["loss"][..., ::2, ::2], loss, atol=1e-5)
+    assert torch.allclose(raw["loss"][..., 1::2, ::2], (loss[..., :-1, :] + loss[..., 1:, :]) / 2, atol=1e-5)
+    assert torch.allclose(cu.score_images(dense, test, s["bank"], device="cpu"), raw["loss"], atol=1e-5)
+    on_coarse = cu.score_patches(coarse, test, s["bank"], s["references"], device="cpu")
+    for kind in cu.REFERENCE_KINDS:  # the training grid's patches, same references: the same distances
+        assert torch.allclose(raw[kind][..., ::2, ::2], on_coarse[kind], atol=1e-4), kind
+        assert not torch.allclose(raw[kind][..., 1::2, 1::2], raw[kind][..., :-1:2, :-1:2], atol=1e-3), kind
+    assert cu.patches_to_pixels(raw["loss"], dense.score_grid).shape == (2, 1, grid.image_size, grid.image_size)
 
 
 def test_prepare_scoring_fits_calibration_on_held_out_normals():
