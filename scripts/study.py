@@ -100,8 +100,9 @@ def run_one(job: dict) -> str:
         results = []
         for target in targets:
             raw = cu.score_patches(model, target.images, scoring["bank"], scoring["references"], device="cpu")
-            results.append({d: cu.evaluate_maps(cu.detector_maps(raw, scoring["calibration"], d), target, model.score_grid,
-                                                cu.REDUCES)["metrics"] for d in cu.DETECTORS})
+            maps = {d: cu.detector_maps(raw, scoring["calibration"], d) for d in cu.DETECTORS}
+            results.append({d: cu.evaluate_maps(m, target, model.score_grid, cu.REDUCES)["metrics"]
+                            for d, m in maps.items()})
         return results
 
     def on_epoch(model, epoch):  # detection on the validation set during training: how long to train
