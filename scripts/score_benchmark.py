@@ -38,7 +38,8 @@ def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.CPCAD:
     with torch.no_grad():
         patch = torch.zeros(1, 3, grid.patch_size, grid.patch_size)
         kind = cu.detector_references(model.cfg.detector)  # the references the default detector reads
-        D, D_ref = model.encoders[0](patch).shape[-1], model.encoders[0].multiscale(patch)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
+        z, *descriptors = model.encoders[0].multiscale(patch)  # z, then one descriptor per reference kind
+        D, D_ref = z.shape[-1], (z, *descriptors)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
     G = model.score_grid.grid  # the calibration's maps are on the score grid
     n_enc, shape = len(model.encoders), (grid.num_subimages ** 2, G, G)
     scoring = {"bank": torch.randn(n_enc, model.cfg.test_negatives, D),
