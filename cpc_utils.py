@@ -1577,6 +1577,13 @@ def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **override
     targets that share no pixels with the context patch (target_offset = the grid's overlap,
     hence the `grid`), the mean patch loss as the image score, pure CPC-AD loss as the map,
     on the training grid.
+
+    One difference from the paper remains: the paper's image score averages every prediction's
+    loss equally, while here each patch's map value is the mean of the predictions that target
+    it and the image score ("mean") averages patches equally. Patches near the border are
+    targeted by fewer directions, so their predictions weigh more: on a 7x7 grid with
+    target_offset 1 a corner patch's two predictions count twice as much as each of an interior
+    patch's four. The map is what the heatmaps need; the image scores differ only in weighting.
     """
     if preset == "fast":
         base = {}
@@ -1688,20 +1695,21 @@ class CPCAD(nn.Module):
 
     @torch.no_grad()
     def build_bank(self, images: torch.Tensor, size: int | None = None, seed: int = 0,
-                   batch_size: int = 512) -> torch.Tensor:
+                   batch_size: int = 512, precision: str = "auto") -> torch.Tensor:
         """Encode a fixed random sample of `size` (default `test_negatives`) train/good patches
         as test-time negatives: (n_enc, M, D)."""
         return self.build_references(images, size or self.cfg.test_negatives, seed, ("knn",), batch_size,
-                                     self.grid)["knn"]
+                                     self.grid, precision)["knn"]
 
     def build_references(self, images: torch.Tensor, size: int, seed: int = 0,
                          kinds: Sequence[str] = REFERENCE_KINDS, batch_size: int = 512,
-                         grid: PatchGrid | None = None) -> dict[str, torch.Tensor]:
+                         grid: PatchGrid | None = None, precision: str = "auto") -> dict[str, torch.Tensor]:
         """Encode a fixed random sample of `size` train/good patches once, as each of `kinds`:
         {"knn": z (n_enc, M, D), "knn_ms": (n_enc, M, D_ms), "knn_stats": (n_enc, M, D_stats)}.
 
         The patches are sampled from `grid` (default `score_grid`, where the typicality scores
         are measured). Only they are cut out and encoded: the cost is M patches, not the set.
+        `precision` is the run's (`TrainConfig.precision`): a model trained in fp32 is encoded in fp32.
         """
         device = self.W.device
         g = torch.Generator().manual_seed(seed)
@@ -1716,7 +1724,7 @@ class CPCAD(nn.Module):
             sl = slice(lo, lo + batch_size)
             # gather only the picked uint8 patches (no float copy of whole images, no Python loop)
             patches = to_float(windows[img[sl], :, top[sl], left[sl]].to(device))  # (b, C, P, P)
-            with autocast(device):
+            with autocast(device, precision):
                 for e, enc in enumerate(self.encoders):
                     described = (enc(patches),) if set(kinds) == {"knn"} else enc.multiscale(patches)
                     d = dict(zip(REFERENCE_KINDS, described))
@@ -2273,7 +2281,8 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
 @torch.no_grad()
 def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
                   references: dict[str, torch.Tensor] | None = None, batch_size: int = 16,
-                  device: str | torch.device = "auto", progress: bool = False) -> dict[str, torch.Tensor]:
+                  device: str | torch.device = "auto", progress: bool = False,
+                  precision: str = "auto") -> dict[str, torch.Tensor]:
     """Raw per-patch scores of uint8 images (N, C, H, W), deterministic, each (N, n_sub, G, G)
     on `model.score_grid` (what `patches_to_pixels` and `evaluate_maps` must be given with them).
 
@@ -2288,6 +2297,7 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
     references' mean and spread (`PatchEncoder.multiscale` describes both). A flat fill or a
     smooth blob is easy to predict from its neighbour, so its loss stays low; it is still far
     from every normal patch, which the kNN scores see. One encoding pass gives them all.
+    `precision` is the run's (`TrainConfig.precision`), so scoring computes as training did.
     """
     device = resolve_device(device)
     model.eval().to(device)
@@ -2298,7 +2308,7 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", *refs)}
     for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
         x = to_float(images[idx.to(device)])
-        with autocast(device):
+        with autocast(device, precision):
             if refs:  # descriptors on the score grid; the training grid's z are every other patch of it
                 grids = [encode_grid(enc, x, model.score_grid, multiscale=True) for enc in model.encoders]
                 zs = [g[0][..., ::2, ::2] if dense else g[0] for g in grids]
@@ -2345,7 +2355,7 @@ def _nearest_distance(kind: str, f: torch.Tensor, ref: tuple, chunk: int = 4096)
 @torch.no_grad()
 def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images: torch.Tensor | None,
                     knn_size: int | None = None, batch_size: int = 16, device: str | torch.device = "auto",
-                    seed: int = 0) -> dict:
+                    seed: int = 0, precision: str = "auto") -> dict:
     """What scoring needs from normal data, computed once after training.
 
     bank: `test_negatives` encoded train/good patches, the InfoNCE negatives; references: up
@@ -2354,25 +2364,26 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
     typicality scores compare with; calibration: a ScoreCalibration fitted on
     `calibration_images`, normal images held out of training (train images would look too
     normal: the model has fitted them, and their own patches sit among the references).
+    Everything is encoded at the run's `precision`, as `score_patches` must then be called.
     """
-    bank = model.build_bank(train_images, seed=seed)
+    bank = model.build_bank(train_images, seed=seed, precision=precision)
     size = knn_size or model.cfg.knn_bank
-    references = model.build_references(train_images, size, seed=seed + 1)
+    references = model.build_references(train_images, size, seed=seed + 1, precision=precision)
     calibration = None
     if calibration_images is not None and len(calibration_images):
-        raw = score_patches(model, calibration_images, bank, references, batch_size, device)
+        raw = score_patches(model, calibration_images, bank, references, batch_size, device, precision=precision)
         calibration = ScoreCalibration.fit(raw)
     return {"bank": bank, "references": references, "calibration": calibration}
 
 
 def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_size: int = 16,
-                 device: str | torch.device = "auto", progress: bool = False) -> torch.Tensor:
+                 device: str | torch.device = "auto", progress: bool = False, precision: str = "auto") -> torch.Tensor:
     """CPC-AD patch loss maps of uint8 images (N, C, H, W) -> (N, n_sub, G, G) on
     `model.score_grid`, deterministic.
 
     Sub-images are scored one grid at a time, against the same bank of train/good negatives.
     """
-    return score_patches(model, images, bank, None, batch_size, device, progress)["loss"]
+    return score_patches(model, images, bank, None, batch_size, device, progress, precision)["loss"]
 
 
 REDUCES = ("mean", "max", "top10")
@@ -2992,6 +3003,28 @@ def _metric_label(rows: list[dict], metric: str) -> str:
     return words
 
 
+def check_one_detector(rows: list[dict]) -> tuple[str | None, str | None]:
+    """The one (detector, image reduction) that every row was scored with; an error when rows
+    mix them, since a table or chart that pools two detectors in one column compares methods,
+    not encoders (filter the rows by `detector` and `image_reduce` first)."""
+    kinds = sorted({(r.get("detector"), r.get("image_reduce")) for r in rows}, key=str)
+    if len(kinds) > 1:
+        found = "; ".join(f"{d or 'unnamed'} ({m or 'unnamed'}): "
+                          f"{sum((r.get('detector'), r.get('image_reduce')) == (d, m) for r in rows)} rows"
+                          for d, m in kinds)
+        raise ValueError(f"the rows mix detectors or image reductions ({found}); compare one at a time: "
+                         "filter the rows by their 'detector' and 'image_reduce'")
+    return kinds[0] if kinds else (None, None)
+
+
+def detector_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """{(detector, image reduction): its rows}, the groups a table or chart may compare within."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r.get("detector"), r.get("image_reduce")), []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+
 def _group(rows: list[dict], metric: str, key: Callable[[dict], object]) -> dict:
     """{key(row): [row[metric], ...]} over the rows that have `metric`."""
     out: dict = {}
@@ -3034,6 +3067,7 @@ def plot_comparison(rows: list[dict], metrics: str | Sequence[str] = ("image_aur
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     if not rows:
         raise ValueError("no results to plot")
+    check_one_detector(rows)
     longest: dict[tuple, float] = {}
     for r in rows:
         key = (r["category"], r["encoder"])
@@ -3125,6 +3159,7 @@ def plot_epochs(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc",
     """
     import matplotlib.ticker as mticker
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    check_one_detector(rows)
     series = [c for c in _category_order(rows) if has_epoch_series([r for r in rows if r["category"] == c])]
     if not series:
         raise ValueError("every (category, encoder) has one epoch budget: nothing to draw against epochs")
@@ -3290,8 +3325,10 @@ def comparison_table(rows: list[dict], metric: str | Sequence[str] = "image_auro
     when the rows have it, and after each half a mean line per epochs: the mean over categories
     of the per-cell means. With several metrics a cell reads "image / pixel". Runs that share a
     cell (seeds) show mean ± std (when they differ); missing runs show "-". Two decimals.
+    Every row must come from one detector and image reduction (`check_one_detector`).
     """
     metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+    check_one_detector(rows)
     encoders = _encoder_order(rows)
     has_base = any(r.get(f"baseline_{m}") is not None for r in rows for m in metrics)
     columns = encoders + (["baseline"] if has_base else [])
@@ -3373,24 +3410,31 @@ def summary_markdown(rows: list[dict], title: str, written: str = "", pairs: str
     categories, encoders = _category_order(rows), _encoder_order(rows)
     per_half = {h: sum(_half(next(r for r in rows if r["category"] == c)) == h for c in categories) for h in HALVES}
     halves = ", ".join(f"{n} {h or 'other'}" for h, n in per_half.items() if n)
-    reduces = sorted({r["image_reduce"] for r in rows if r.get("image_reduce")})
-    detectors = sorted({r["detector"] for r in rows if r.get("detector")})
-    how = f"detector {' / '.join(detectors)}, " if detectors else ""
-    how += f"image score: {' / '.join(reduces)} of the patch map; " if reduces else ""
+    groups = detector_groups(rows)
+    tables = []
+    for (detector, reduce), group in groups.items():  # never two detectors in one column
+        how = f"detector {detector}, " if detector else ""
+        how += f"image score: {reduce} of the patch map; " if reduce else ""
+        tables += [f"### {detector or 'unnamed detector'} ({reduce or 'unnamed reduction'})\n" if len(groups) > 1 else "",
+                   f"Cells: image AUROC / pixel AUROC ({how}baseline: the raw-pixel baseline on the same grid with "
+                   "the same reduction); mean ± std where several runs share a cell; a mean line per demo half. Two "
+                   "decimals: reruns move these by about 0.02 (summary.csv has every digit).\n",
+                   comparison_table(group, ("image_auroc", "pixel_auroc")),
+                   f"![test AUROC by category and encoder]({_comparison_png(detector, reduce, len(groups))})\n"]
     parts = [f"# Results of `{title}`\n",
              f"{_count(len(rows), 'run')} of notebook 02: {_count(len(categories), 'category', 'categories')} "
              f"({halves}: {', '.join(categories)}) x {_count(len(encoders), 'encoder')} ({', '.join(encoders)})."
              + (f" Summary written {written}." if written else "") + "\n",
              parameters_text(rows), pairs,
-             "## Test AUROC by category and encoder\n",
-             f"Cells: image AUROC / pixel AUROC ({how}baseline: the raw-pixel baseline with the same reduction); "
-             "mean ± std where several runs share a cell; a mean line per demo half. Two decimals: reruns move "
-             "these by about 0.02 (summary.csv has every digit).\n",
-             comparison_table(rows, ("image_auroc", "pixel_auroc")),
-             "![test AUROC by category and encoder](comparison.png)\n",
+             "## Test AUROC by category and encoder\n", *tables,
              "## Every run\n", summary_table(rows), "\nColumns:\n",
              "\n".join(f"- `{c}`: {COLUMN_LEGEND[c]}" for c in SUMMARY_COLUMNS) + "\n"]
     return "\n".join(p for p in parts if p)
+
+
+def _comparison_png(detector: str | None, reduce: str | None, n_groups: int) -> str:
+    """comparison.png, or one file per detector when a results tree holds several."""
+    return "comparison.png" if n_groups == 1 else f"comparison_{detector}_{reduce}.png"
 
 
 def pair_status_table(status: dict[str, str], failures: dict | None = None, others: Sequence[str] = ()) -> str:
@@ -3435,9 +3479,12 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     w.writeheader()
     w.writerows(_summary_row(r) for r in rows)
     save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
-    _save_figure(plot_comparison(rows), run_dir / "comparison.png")
-    if has_epoch_series(rows):
-        _save_figure(plot_epochs(rows), run_dir / "epochs.png")
+    groups = detector_groups(rows)
+    for (detector, reduce), group in groups.items():
+        _save_figure(plot_comparison(group), run_dir / _comparison_png(detector, reduce, len(groups)))
+    series = [g for g in groups.values() if has_epoch_series(g)]
+    if series:
+        _save_figure(plot_epochs(max(series, key=len)), run_dir / "epochs.png")
     else:
         (run_dir / "epochs.png").unlink(missing_ok=True)  # an earlier summary's, of runs no longer here
     return rows

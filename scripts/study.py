@@ -71,6 +71,45 @@ def trained_path(job: dict) -> Path:
     return Path(job["out"].replace(f"/{job['setting']}/", f"/{source}/"))
 
 
+def setup(job: dict) -> tuple:
+    """The run's setting, epochs, grid, model config and data: training, calibration, validation, test."""
+    import cpc_utils as cu
+    s = {**BASE, **SETTINGS[job["setting"]][1]}
+    epochs = s.get("epochs", job["epochs"])  # a setting may train longer than --epochs
+    grid = cu.PatchGrid(*(s[k] for k in GRID_KEYS))
+    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset", "weights_from")}
+    cfg = cu.cpcad_config(s.get("preset", "fast"), grid, **model_kw)
+    data = cu.load_category(job["data_root"], job["category"], grid.image_size, num_threads=2)
+    train, calib, normals = cu.split_held_out(data["train"], 0.2, job["seed"])
+    val = cu.make_validation_set(normals, job["seed"])
+    return s, epochs, grid, cfg, train, calib, val, data["test"]
+
+
+def baseline(train, targets: dict, score_grid) -> dict:
+    """The raw-pixel baseline on the detector's own score grid, every reduction: like for like."""
+    import cpc_utils as cu
+    out = {"baseline_grid": score_grid.grid}
+    for name, target in targets.items():
+        maps = cu.pixel_baseline(train.images, target.images, score_grid, device="cpu")
+        out[f"baseline_{name}"] = cu.evaluate_maps(maps, target, score_grid, cu.REDUCES)["metrics"]
+    return out
+
+
+def rebaseline(job: dict) -> str:
+    """Recompute a finished run's raw-pixel baseline on its score grid; nothing else changes."""
+    import torch
+    import cpc_utils as cu
+    torch.set_num_threads(job["threads"])
+    out = Path(job["out"])
+    result = json.loads(out.read_text())
+    _, _, grid, cfg, train, _, val, test = setup(job)
+    result.update(baseline(train, {"val": val, "test": test}, cu.CPCAD(cfg, grid).score_grid))
+    cu.save_json(result, out)
+    b = result["baseline_test"]
+    return (f"{job['setting']}/{job['category']}/seed{job['seed']}: baseline on the {result['baseline_grid']}x"
+            f"{result['baseline_grid']} grid, test image top10 / pixel {b['image_auroc_top10']:.2f} / {b['pixel_auroc']:.2f}")
+
+
 def run_one(job: dict) -> str:
     """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary.
 
@@ -81,17 +120,9 @@ def run_one(job: dict) -> str:
     import cpc_utils as cu
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
-    s = {**BASE, **SETTINGS[job["setting"]][1]}
-    epochs = s.get("epochs", job["epochs"])  # a setting may train longer than --epochs
-    grid = cu.PatchGrid(*(s[k] for k in GRID_KEYS))
-    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset", "weights_from")}
-    cfg = cu.cpcad_config(s.get("preset", "fast"), grid, **model_kw)
+    s, epochs, grid, cfg, train, calib, val, test = setup(job)
     tcfg = cu.TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
                           patience=epochs, device="cpu")
-    data = cu.load_category(job["data_root"], job["category"], grid.image_size, num_threads=2)
-    train, calib, normals = cu.split_held_out(data["train"], 0.2, job["seed"])
-    val = cu.make_validation_set(normals, job["seed"])
-    test = data["test"]
     cu.seed_everything(job["seed"])
     model = cu.CPCAD(cfg, grid)
 
@@ -129,9 +160,7 @@ def run_one(job: dict) -> str:
               "val": val_metrics, "test": test_metrics,
               "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
                          "train": dataclasses.asdict(tcfg)}}
-    for name, target in (("val", val), ("test", test)):
-        maps = cu.pixel_baseline(train.images, target.images, grid, device="cpu")
-        result[f"baseline_{name}"] = cu.evaluate_maps(maps, target, grid, cu.REDUCES)["metrics"]
+    result.update(baseline(train, {"val": val, "test": test}, model.score_grid))
     if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining
         cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
@@ -159,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the tables from finished runs")
     parser.add_argument("--rescore", action="store_true",
                         help="re-evaluate finished runs from their saved weights (after adding a detector)")
+    parser.add_argument("--rebaseline", action="store_true",
+                        help="recompute finished runs' raw-pixel baseline on their score grid (needs no weights)")
     args = parser.parse_args(argv)
 
     import cpc_utils as cu
@@ -173,20 +204,24 @@ def main(argv: list[str] | None = None) -> int:
                 for s in args.settings for k in args.seeds for c in categories]
         if args.rescore:
             todo = [j for j in jobs if trained_path(j).with_suffix(".pt").exists()]
+        elif args.rebaseline:
+            todo = [j for j in jobs if Path(j["out"]).exists()]
         else:
             todo = [j for j in jobs if not Path(j["out"]).exists()]
-        if args.rescore:
-            print(f"study: rescoring {len(todo)} of {len(jobs)} runs (those with saved weights)", flush=True)
+        if args.rescore or args.rebaseline:
+            print(f"study: {'rescoring' if args.rescore else 'recomputing the baseline of'} {len(todo)} of "
+                  f"{len(jobs)} runs (those {'with saved weights' if args.rescore else 'finished'})", flush=True)
         else:
             print(f"study: {len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time", flush=True)
         t0, failed = time.perf_counter(), 0
         from concurrent.futures import ProcessPoolExecutor, as_completed
         import multiprocessing
-        derived = [j for j in todo if "weights_from" in SETTINGS[j["setting"]][1]]
+        derived = [] if args.rebaseline else [j for j in todo if "weights_from" in SETTINGS[j["setting"]][1]]
+        work = rebaseline if args.rebaseline else run_one
         n = 0
         for phase in ([j for j in todo if j not in derived], derived):  # models first, then what rescores them
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(run_one, j): j for j in phase}
+                futures = {pool.submit(work, j): j for j in phase}
                 for f in as_completed(futures):
                     j, n = futures[f], n + 1
                     try:

@@ -186,6 +186,22 @@ def test_prepare_scoring_fits_calibration_on_held_out_normals():
         assert cal[kind].mean(0).abs().max() < 1e-4
 
 
+def test_scoring_follows_the_runs_precision(monkeypatch):
+    """A model trained in fp32 is scored in fp32: every autocast of prepare_scoring and
+    score_patches gets the run's precision, not "auto" (bf16/fp16 on a GPU)."""
+    seen = []
+    real = cu.autocast
+    monkeypatch.setattr(cu, "autocast", lambda device, precision="auto": seen.append(precision) or real(device, precision))
+    grid = cu.PatchGrid(32, 16, 8)
+    model = tiny_model(grid)
+    scoring = cu.prepare_scoring(model, random_images(3, 32, seed=1), random_images(2, 32, seed=3), device="cpu",
+                                 precision="fp32")
+    cu.score_patches(model, random_images(2, 32), scoring["bank"], scoring["references"], device="cpu",
+                     precision="fp32")
+    cu.score_images(model, random_images(2, 32), scoring["bank"], device="cpu", precision="fp32")
+    assert seen and set(seen) == {"fp32"}
+
+
 # ---- image metrics -------------------------------------------------------------------
 
 def brute_force_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -59,7 +59,8 @@ def fake_results(tmp_path_factory) -> Path:
     for i, enc in enumerate(cu.ENCODERS):
         for epochs in (1, 2):
             cu.save_json({"category": "brick", "encoder": enc, "epochs": epochs, "epochs_trained": epochs,
-                          "image_auroc": 0.5 + 0.1 * i, "pixel_auroc": 0.6, "aupro": 0.3},
+                          "image_auroc": 0.5 + 0.1 * i, "pixel_auroc": 0.6, "aupro": 0.3,
+                          "detector": cu.CPCADConfig().detector, "image_reduce": cu.CPCADConfig().reduce},
                          root / f"e{epochs}" / "brick" / enc / "metrics.json")
     return root
 
@@ -72,7 +73,7 @@ def small_parameters(key: str, tiny_root: Path, out: Path, fake_results: Path) -
         return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128, "val_fraction": 0.5,
                 "output_dir": str(out)}
     return {**{k: v for k, v in TINY.items() if k != "epochs"}, "results_dir": str(fake_results),
-            "run_comparison": True, "data_root": str(tiny_root), "category": "gravel", "epochs": 1,
+            "run_comparison": True, "data_root": str(tiny_root), "category": "gravel", "epochs": 1, "val_fraction": 0.5,
             "batch_size": 2, "throughput_steps": 1, "output_dir": str(out)}
 
 
@@ -199,6 +200,7 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert set(m["config"]["parameters"]) == set(pm.inspect_notebook(str(NOTEBOOKS["02"])))
     assert m["config"]["model"]["width"] == 8 and m["config"]["model"]["test_negatives"] == 128
     assert m["config"]["grid"]["image_size"] == 64 and m["config"]["train"]["epochs"] == 1
+    assert m["score_grid"] == m["baseline_grid"] == 13  # like for like: the baseline on the dense 13x13 maps too
     assert {"training_curves.png", "roc.png", "score_histogram.png", "heatmaps.png"} <= {p.name for p in out.glob("*.png")}
     assert (out / "checkpoints" / "last.pt").exists()
     # the model bundle: its threshold keeps the validation normals at or below the target FPR
@@ -232,6 +234,9 @@ def test_notebook03_compares_encoders(executed):
     assert all(v["train_images_per_second"] > 0 and v["D"] > 0 for v in c["cost"].values())
     # 6 rows read from the results tree + 3 trained here
     assert len(c["rows"]) == 9 and sum(r.get("source") == "notebook03" for r in c["rows"]) == 3
+    for r in c["rows"]:  # the rows trained here are notebook 02's default detector, with the same-grid baseline
+        assert (r["detector"], r["image_reduce"]) == (cu.CPCADConfig().detector, cu.CPCADConfig().reduce)
+        assert r.get("source") != "notebook03" or 0 <= r["baseline_image_auroc"] <= 1
     table = (out / "table_image_auroc.md").read_text()
     assert table.startswith("| Class | Epochs | resnet18v2 | resnet50v2 | densenet |")
     assert "| brick | 2 | 0.50 | 0.60 | 0.70 |" in table and "| gravel | 1 |" in table

@@ -268,7 +268,8 @@ def test_every_summary_column_is_explained():
 
 
 def test_comparison_table_image_and_pixel_with_baseline_and_half_means():
-    table = cu.comparison_table(COMPARED + [result_row("cable", "resnet18v2", 5, 0.65)], ("image_auroc", "pixel_auroc"))
+    cable = result_row("cable", "resnet18v2", 5, 0.65, detector=BASE["detector"], image_reduce=BASE["image_reduce"])
+    table = cu.comparison_table(COMPARED + [cable], ("image_auroc", "pixel_auroc"))
     assert table.splitlines() == [
         "| Class | Epochs | resnet18v2 | densenet | baseline |", "|---|---|---|---|---|",
         "| brick | 2 | 0.30 / 0.20 | - | 0.75 / 0.85 |",
@@ -338,6 +339,30 @@ def test_write_summary(summary_tree):
     shutil.rmtree(summary_tree / "s0e2")
     assert len(cu.write_summary(summary_tree)) == len(COMPARED) - 1  # its own outputs are not results
     assert not (summary_tree / "epochs.png").exists()  # one budget each now: the old epochs.png is gone
+
+
+def test_tables_and_charts_never_pool_two_detectors(summary_tree):
+    """Rows scored by another detector or reduction are refused in one table or chart, and a
+    results tree holding both gets one table and one chart per detector."""
+    pure = [{**r, "detector": "cpcad", "image_reduce": "mean"} for r in COMPARED[:2]]
+    for draw in (cu.comparison_table, cu.plot_comparison):
+        with pytest.raises(ValueError, match=r"mix detectors.*cpcad \(mean\): 2 rows; cpcad_knn_ms \(top10\): 6 rows"):
+            draw(COMPARED + pure)
+    with pytest.raises(ValueError, match="mix detectors"):
+        cu.plot_epochs(COMPARED + pure)
+    for r in pure:
+        cu.save_json(config(r, width=16), summary_tree / "pure" / r["category"] / f"{r['encoder']}{r.get('seed', 0)}" /
+                     "metrics.json")
+    rows = cu.write_summary(summary_tree)
+    text = (summary_tree / "summary.md").read_text()
+    assert len(rows) == len(COMPARED) + 2
+    groups = cu.detector_groups(rows)
+    assert [len(g) for g in groups.values()] == [2, len(COMPARED)]
+    for group in groups.values():
+        assert cu.comparison_table(group, ("image_auroc", "pixel_auroc")) in text
+    assert "### cpcad (mean)" in text and "### cpcad_knn_ms (top10)" in text
+    assert {"comparison_cpcad_mean.png", "comparison_cpcad_knn_ms_top10.png"} <= {p.name for p in summary_tree.glob("*.png")}
+    plt.close("all")
 
 
 def test_write_summary_without_results(tmp_path):

@@ -34,7 +34,7 @@ def tiny_study(tmp_path_factory) -> dict:
     mtime_after_second = (tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").stat().st_mtime_ns
     before = json.loads((tmp / "out" / "runs" / "fast" / "brick" / "seed0.json").read_text())
     rescore = study(*args, "--rescore")
-    return {"out": tmp / "out", "first": first, "second": second, "mtime": mtime, "before": before,
+    return {"out": tmp / "out", "root": root, "first": first, "second": second, "mtime": mtime, "before": before,
             "rescore": rescore, "mtime_after_second": mtime_after_second}
 
 
@@ -75,3 +75,19 @@ def test_study_rescore_keeps_training_and_redoes_evaluation(tiny_study):
     before = tiny_study["before"]
     assert after["history"] == before["history"] and after["train_seconds"] == before["train_seconds"]
     assert after["val"] == before["val"] and after["test"] == before["test"]  # same weights, same scores
+
+
+def test_study_baseline_is_on_the_detectors_score_grid(tiny_study, tmp_path, monkeypatch):
+    """Like for like: with dense scoring the raw-pixel baseline is scored on the same 13x13 grid
+    as the detector's maps, not on the 7x7 training grid; --rebaseline recomputes it the same way."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import study as st
+    monkeypatch.setitem(st.SETTINGS, "dense_tiny", ("test: dense scoring", {"dense_scoring": True}))
+    job = dict(setting="dense_tiny", category="brick", seed=0, epochs=1, eval_every=1, threads=1,
+               data_root=str(tiny_study["root"]), out=str(tmp_path / "runs" / "dense_tiny" / "brick" / "seed0.json"))
+    st.run_one(job)
+    run = json.loads(Path(job["out"]).read_text())
+    assert run["baseline_grid"] == 13 and run["config"]["grid"]["stride"] == 16  # 128 px, 32 px patches
+    assert "dense_tiny/brick/seed0: baseline on the 13x13 grid" in st.rebaseline(job)
+    again = json.loads(Path(job["out"]).read_text())
+    assert again == run  # the same numbers: the rebaseline uses the same grid and data
