@@ -66,13 +66,24 @@ def cli_parser() -> argparse.ArgumentParser:
     score.add_argument("inputs", nargs="+", metavar="INPUT",
                        help="an image file, a folder (searched recursively) or a glob (quote it)")
     score.add_argument("--out", required=True, help="output folder")
-    score.add_argument("--threshold", type=float, default=None,
+    score.add_argument("--threshold", type=_finite_float, default=None,
                        help="image threshold (default: the bundle's, chosen on validation normals)")
-    score.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold for the masks "
+    score.add_argument("--pixel-threshold", type=_finite_float, default=None, help="pixel threshold for the masks "
                        "(default: the bundle's)")
     score.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ... (default auto)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     return parser
+
+
+def _finite_float(text: str) -> float:
+    """A threshold from the command line: a NaN one would call every image normal (NaN > t is False)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 _CLI_ARGS = cli_parser().parse_args() if __name__ == "__main__" else None  # --help exits here, before torch
@@ -3539,8 +3550,11 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """Read a bundle written by `save_bundle`, onto `device` (any device, whatever it was trained on).
 
     Raises FileNotFoundError for a missing file and ValueError, naming the path, for a corrupt
-    or truncated file, a file that is not a bundle (a training checkpoint) and a bundle of
-    another format version.
+    or truncated file, a file that is not a bundle (a training checkpoint), a bundle of
+    another format version, and one whose contents cannot score (`_check_bundle_contents`: a
+    missing or non-finite threshold, an empty or non-finite bank, references, calibration or
+    weights), or do not fit together (`_bundle_misfit`: a grid the bank, references or
+    calibration were not made for), here rather than inside torch on the first image scored.
     """
     path = Path(path)
     if not path.is_file():
@@ -3550,8 +3564,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     try:
         b = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and EOF errors for a truncated or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read model bundle {path}: {first} (truncated, corrupt, or not a bundle)") from e
+        raise ValueError(f"cannot read model bundle {path}: {_first_line(e)} (truncated, corrupt, or not a bundle)") from e
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path} is not a model bundle (a training checkpoint?); notebook 02 writes the bundle "
                          "as model.pt next to metrics.json")
@@ -3559,6 +3572,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise ValueError(f"model bundle {path} has format version {b.get('format_version')} (code "
                          f"{b.get('code_version')}), this cpc_utils ({code_version()}) reads version "
                          f"{BUNDLE_VERSION}: write it again with notebook 02 and this cpc_utils")
+    _check_bundle_contents(b, path)
     device = resolve_device(device)
     try:
         cfg = CPCADConfig(**{**b["config"], "directions": tuple(b["config"]["directions"])})
@@ -3566,10 +3580,95 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model.load_state_dict(b["state_dict"])
         calibration = ScoreCalibration.from_dict(b["calibration"]) if b["calibration"] is not None else None
         info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling")}
-        return Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
-                      calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
+        bundle = Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
+                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"model bundle {path} is inconsistent: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"model bundle {path} is inconsistent: {_first_line(e)}") from e
+    misfit = _bundle_misfit(bundle)
+    if misfit:
+        raise ValueError(f"model bundle {path} is inconsistent: {misfit}")
+    return bundle
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+BUNDLE_CONTENTS = {"config": dict, "grid": dict, "state_dict": dict, "bank": torch.Tensor, "references": dict,
+                   "calibration": (dict, type(None)), "image_size": int, "threshold": dict, "pixel_threshold": dict}
+
+
+def _check_bundle_contents(b: dict, path: Path) -> None:
+    """Raise ValueError, naming `path` and what was expected, for contents a bundle cannot score
+    with: a missing entry or one of the wrong type, a threshold that is not a finite number, an
+    empty or non-finite bank, reference set or calibration, non-finite weights. A NaN anywhere
+    in them would make every score NaN, and every verdict "normal" (NaN > threshold is False)."""
+    def fail(what: str) -> None:
+        raise ValueError(f"model bundle {path} {what}; write it again with notebook 02")
+
+    for key, kind in BUNDLE_CONTENTS.items():
+        if key not in b:
+            fail(f"has no {key!r}")
+        if not isinstance(b[key], kind) or isinstance(b[key], bool):
+            expected = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            fail(f"has a {type(b[key]).__name__} as {key!r}, expected {expected}")
+    for key in ("threshold", "pixel_threshold"):
+        if "value" not in b[key]:
+            fail(f"has no {key} value, expected a finite number")
+        value = b[key]["value"]
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            fail(f"has {key} value {value!r}, expected a finite number")
+    detector = b["config"].get("detector")
+    kind = detector_references(detector) if isinstance(detector, str) else None
+    if kind and kind not in b["references"]:
+        fail(f"has no {kind} references, which its detector {detector!r} reads")
+    if detector not in (None, "cpcad") and b["calibration"] is None:
+        fail(f"has no calibration, which its detector {detector!r} needs")
+    if b["image_size"] != b["grid"].get("image_size"):
+        fail(f"has image_size {b['image_size']} but a grid for {b['grid'].get('image_size')} px images")
+    unknown = [k for k in b["references"] if k not in REFERENCE_KINDS]
+    if unknown:
+        fail(f"has references of unknown kinds {unknown}, expected some of {REFERENCE_KINDS}")
+    calibration = b["calibration"] or {"mean": {}, "std": {}}
+    if not isinstance(calibration.get("mean"), dict) or not isinstance(calibration.get("std"), dict):
+        fail("has a calibration without 'mean' and 'std' dicts")
+    tensors = {"bank": b["bank"], **{f"references[{k!r}]": v for k, v in b["references"].items()},
+               **{f"calibration mean[{k!r}]": v for k, v in calibration["mean"].items()},
+               **{f"weights {k!r}": v for k, v in b["state_dict"].items()}}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            fail(f"has a {type(t).__name__} as {name}, expected a tensor")
+        if not name.startswith("weights") and t.numel() == 0:
+            fail(f"has an empty {name} {tuple(t.shape)}, expected at least one value")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            fail(f"has non-finite values in {name}, expected finite numbers")
+    for k, std in calibration["std"].items():
+        if not isinstance(std, numbers.Real) or isinstance(std, bool) or not math.isfinite(std) or std <= 0:
+            fail(f"has calibration std[{k!r}] {std!r}, expected a finite positive number")
+
+
+def _bundle_misfit(bundle: Bundle) -> str | None:
+    """What of a loaded bundle's bank, references and calibration does not fit its model and
+    grid, or None. The weights do not fix the patch size, which sets the descriptors' sizes,
+    nor the score grid, which sets the calibration's: a mismatch would fail only in scoring,
+    inside torch. One patch through the encoder gives the sizes."""
+    model, grid = bundle.model, bundle.model.score_grid
+    n_enc, P = len(model.encoders), grid.patch_size
+    x = torch.zeros(1, 3, P, P, device=bundle.device)
+    with torch.no_grad():  # (1, D | D_ms | D_stats, 1, 1) each, in REFERENCE_KINDS order
+        sizes = [t.shape[1] for t in encode_grid(model.encoders[0], x, PatchGrid(P, P, P), multiscale=True)]
+    want = {"bank": sizes[0], **{f"references[{k!r}]": sizes[REFERENCE_KINDS.index(k)] for k in bundle.references}}
+    for name, t in zip(want, [bundle.bank, *bundle.references.values()]):
+        if t.ndim != 3 or t.shape[0] != n_enc or t.shape[2] != want[name]:
+            return (f"{name} is {tuple(t.shape)}, expected ({n_enc}, M, {want[name]}) for {n_enc} encoder(s) "
+                    f"on {P} px patches (the grid {dataclasses.asdict(model.grid)})")
+    shape = (grid.num_subimages ** 2, grid.grid, grid.grid)  # (n_sub, G, G) of the score grid
+    for k, m in (bundle.calibration.mean.items() if bundle.calibration is not None else ()):
+        if tuple(m.shape) != shape:
+            return (f"calibration mean[{k!r}] is {tuple(m.shape)}, expected {shape} on the score grid "
+                    f"{dataclasses.asdict(grid)}")
+    return None
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
