@@ -3239,16 +3239,26 @@ def _encoder_order(rows: list[dict]) -> list[str]:
 
 
 def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every metrics.json under `root`, flattened to one dict per run."""
+    """Every metrics.json under `root`, flattened to one dict per run.
+
+    Raises ValueError naming the file for one that is not valid JSON (e.g. truncated) or
+    not a JSON object (a run's record is one object).
+    """
     rows = []
     root = Path(root)
     for path in sorted(root.rglob("metrics.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a staging folder (.<name>.partial) of a run not yet finished
         try:
-            rows.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+            row = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): truncated or not a metrics.json; "
+                             "run it again, or move it out of the results folder") from e
+        if not isinstance(row, dict):
+            kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
+            raise ValueError(f"{path} holds a JSON {kind}, expected an object (one run's metrics, as notebook 02 "
+                             "writes them)")
+        rows.append(row)
     return rows
 
 
