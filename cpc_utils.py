@@ -173,21 +173,26 @@ class ImageSet:
     """Decoded images of one split, ready for training or scoring.
 
     images: (N, 3, H, W) uint8; masks: (N, 1, H, W) bool; labels: (N,) long, 1 = anomalous.
+    substituted: synthetic anomalies drawn as another kind than their slot's, because theirs
+    could not be made visible on that image (`synthetic_anomalies`): path -> the slot's kind
+    (their defect_types entry is the kind drawn); empty for images read from disk.
     """
     images: torch.Tensor
     masks: torch.Tensor
     labels: torch.Tensor
     defect_types: list[str]
     paths: list[str]
+    substituted: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
+        paths = [self.paths[i] for i in index.tolist()]
         return ImageSet(self.images[index], self.masks[index], self.labels[index],
-                        [self.defect_types[i] for i in index.tolist()],
-                        [self.paths[i] for i in index.tolist()])
+                        [self.defect_types[i] for i in index.tolist()], paths,
+                        {p: k for p, k in self.substituted.items() if p in set(paths)})
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
@@ -388,7 +393,7 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     sets = list(sets)
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
                     torch.cat([s.labels for s in sets]), [d for s in sets for d in s.defect_types],
-                    [p for s in sets for p in s.paths])
+                    [p for s in sets for p in s.paths], {p: k for s in sets for p, k in s.substituted.items()})
 
 
 # Synthetic anomalies: a validation set for model selection that never looks at test/.
@@ -530,8 +535,18 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
              tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """`_visible`'s (uint8 image, mask), or ValueError naming `what` when no draw shows."""
+    found = _visible(draw, clean, tries)
+    if found is None:
+        raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
+    return found
+
+
+def _visible(draw: Callable[[], np.ndarray], clean: np.ndarray,
+             tries: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
     """Call `draw()` (a float image) until, as uint8, it visibly differs from `clean` (uint8
-    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool).
+    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool), or None
+    after `tries` draws.
 
     A draw that changes (almost) nothing is redrawn: a block shifted by one period of a
     texture, a flat fill of a flat region, a patch of noisy background pasted on background.
@@ -544,7 +559,32 @@ def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
         mask = diff > 0
         if mask.sum() >= min_pixels and diff[mask].mean() >= 3:
             return out, mask
-    raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
+    return None
+
+
+def _visible_defect(kind: str, kinds: Sequence[str], clean: np.ndarray, seed: int,
+                    i: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """A visible synthetic defect for the slot (kind, image i) of clean (H, W, C) uint8:
+    (the kind drawn, uint8 image, changed-pixel mask (H, W)).
+
+    Some kinds cannot show on some images: a flat fill of the mean colour on a weave so fine
+    that it averages to that colour at this size. One such image must not abort a run, so the
+    slot then takes the first other kind of `kinds`, in an order seeded by (seed, kind, i), that
+    shows. ValueError only when none does.
+    """
+    img = clean.astype(np.float32) / 255
+    rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i])
+    found = _visible(lambda: _edit(kind, img, rng, subtle=rng.random() < 0.5), clean)
+    if found is not None:
+        return (kind, *found)
+    rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i, 1])  # not the other slots' draws
+    others = [k for k in kinds if k != kind]
+    for other in [others[j] for j in rng.permutation(len(others))]:
+        found = _visible(lambda: _edit(other, img, rng, subtle=rng.random() < 0.5), clean)
+        if found is not None:
+            return (other, *found)
+    raise ValueError(f"{kind} on image {i}: 50 random draws changed no pixel visibly"
+                     + (f", nor did those of {', '.join(others)}" if others else "") + " (is the image uniform?)")
 
 
 def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS,
@@ -556,18 +596,22 @@ def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str
     images instead. The kinds include *predictable* defects (flat_fill, smooth_blob,
     thin_line, shifted_block), which the context predicts well: CPC-AD's loss measures
     unpredictability, not unusualness, and a choice made on these shows where it fails.
-    About half of the draws are subtle (faint or small), half obvious.
+    About half of the draws are subtle (faint or small), half obvious. A kind that cannot be
+    made visible on an image (a flat fill on a fine weave) is replaced there by another kind
+    of `kinds` that can (`_visible_defect`), and recorded.
 
     Args:
         images: (N, 3, H, W) uint8, e.g. `ImageSet.images` of the validation split; grayscale
             images (three equal channels) stay grayscale.
-        seed: the draws for image i and kind k depend only on (seed, k, i).
+        seed: the draws for image i and kind k depend only on (seed, k, i) (a replacement's
+            also on `kinds`).
         kinds: names from SYNTHETIC_KINDS.
         paths: names of the N source images; anomaly paths become f"{path}#{kind}"
-            (default f"{kind}/{i}").
+            (default f"{kind}/{i}"), a replacement's f"{path}#{kind} drawn as {other}".
     Returns:
-        ImageSet of N * len(kinds) anomalies, kind by kind: labels 1, defect_types the kind,
-        masks (M, 1, H, W) exactly the changed pixels (never empty).
+        ImageSet of N * len(kinds) anomalies, kind by kind: labels 1, defect_types the kind
+        drawn, masks (M, 1, H, W) exactly the changed pixels (never empty), `substituted`
+        the replacements (path -> the kind they replace).
     """
     unknown = [k for k in kinds if k not in SYNTHETIC_KINDS]
     if unknown:
@@ -577,19 +621,22 @@ def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str
     if paths is not None and len(paths) != len(images):
         raise ValueError(f"{len(paths)} paths for {len(images)} images")
     clean = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
-    out, masks, names = [], [], []
+    out, masks, drawn, names, substituted = [], [], [], [], {}
     for kind in kinds:
         for i, x in enumerate(clean):
-            rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i])
-            img = x.astype(np.float32) / 255
-            y, m = _changed(lambda: _edit(kind, img, rng, subtle=rng.random() < 0.5), x, f"{kind} on image {i}")
+            used, y, m = _visible_defect(kind, kinds, x, seed, i)
+            name = f"{paths[i]}#{kind}" if paths is not None else f"{kind}/{i}"
+            if used != kind:
+                name = f"{name} drawn as {used}"
+                substituted[name] = kind
             out.append(y)
             masks.append(m)
-            names.append(f"{paths[i]}#{kind}" if paths is not None else f"{kind}/{i}")
+            drawn.append(used)
+            names.append(name)
     M = len(out)
     return ImageSet(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(),  # (M, 3, H, W)
                     torch.from_numpy(np.stack(masks))[:, None],                      # (M, 1, H, W)
-                    torch.ones(M, dtype=torch.long), [k for k in kinds for _ in clean], names)
+                    torch.ones(M, dtype=torch.long), drawn, names, substituted)
 
 
 def make_validation_set(val: ImageSet, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS) -> ImageSet:
@@ -597,7 +644,8 @@ def make_validation_set(val: ImageSet, seed: int = 0, kinds: Sequence[str] = SYN
 
     This is the set on which the detector's choices are made and estimated without touching
     test/: hyperparameters, the best epoch, image aggregation and the decision threshold.
-    Every anomaly's path is its source image's path plus "#<kind>".
+    Every anomaly's path is its source image's path plus "#<kind>"; `substituted` lists the
+    anomalies drawn as another kind, theirs could not be made visible on that image.
     """
     if val.labels.any():
         raise ValueError("make_validation_set expects normal images only (train/good), "
