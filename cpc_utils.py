@@ -190,9 +190,10 @@ class ImageSet:
     def subset(self, index: Sequence[int] | torch.Tensor) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
         paths = [self.paths[i] for i in index.tolist()]
+        kept = set(paths)
         return ImageSet(self.images[index], self.masks[index], self.labels[index],
                         [self.defect_types[i] for i in index.tolist()], paths,
-                        {p: k for p, k in self.substituted.items() if p in set(paths)})
+                        {p: k for p, k in self.substituted.items() if p in kept})
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
