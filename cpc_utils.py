@@ -66,13 +66,24 @@ def cli_parser() -> argparse.ArgumentParser:
     score.add_argument("inputs", nargs="+", metavar="INPUT",
                        help="an image file, a folder (searched recursively) or a glob (quote it)")
     score.add_argument("--out", required=True, help="output folder")
-    score.add_argument("--threshold", type=float, default=None,
+    score.add_argument("--threshold", type=_finite_float, default=None,
                        help="image threshold (default: the bundle's, chosen on validation normals)")
-    score.add_argument("--pixel-threshold", type=float, default=None, help="pixel threshold for the masks "
+    score.add_argument("--pixel-threshold", type=_finite_float, default=None, help="pixel threshold for the masks "
                        "(default: the bundle's)")
     score.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ... (default auto)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     return parser
+
+
+def _finite_float(text: str) -> float:
+    """A threshold from the command line: a NaN one would call every image normal (NaN > t is False)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 _CLI_ARGS = cli_parser().parse_args() if __name__ == "__main__" else None  # --help exits here, before torch
@@ -162,21 +173,27 @@ class ImageSet:
     """Decoded images of one split, ready for training or scoring.
 
     images: (N, 3, H, W) uint8; masks: (N, 1, H, W) bool; labels: (N,) long, 1 = anomalous.
+    substituted: synthetic anomalies drawn as another kind than their slot's, because theirs
+    could not be made visible on that image (`synthetic_anomalies`): path -> the slot's kind
+    (their defect_types entry is the kind drawn); empty for images read from disk.
     """
     images: torch.Tensor
     masks: torch.Tensor
     labels: torch.Tensor
     defect_types: list[str]
     paths: list[str]
+    substituted: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
+        paths = [self.paths[i] for i in index.tolist()]
+        kept = set(paths)
         return ImageSet(self.images[index], self.masks[index], self.labels[index],
-                        [self.defect_types[i] for i in index.tolist()],
-                        [self.paths[i] for i in index.tolist()])
+                        [self.defect_types[i] for i in index.tolist()], paths,
+                        {p: k for p, k in self.substituted.items() if p in kept})
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
@@ -377,7 +394,7 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     sets = list(sets)
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
                     torch.cat([s.labels for s in sets]), [d for s in sets for d in s.defect_types],
-                    [p for s in sets for p in s.paths])
+                    [p for s in sets for p in s.paths], {p: k for s in sets for p, k in s.substituted.items()})
 
 
 # Synthetic anomalies: a validation set for model selection that never looks at test/.
@@ -519,8 +536,18 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
              tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """`_visible`'s (uint8 image, mask), or ValueError naming `what` when no draw shows."""
+    found = _visible(draw, clean, tries)
+    if found is None:
+        raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
+    return found
+
+
+def _visible(draw: Callable[[], np.ndarray], clean: np.ndarray,
+             tries: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
     """Call `draw()` (a float image) until, as uint8, it visibly differs from `clean` (uint8
-    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool).
+    (H, W, C)); return (uint8 image, mask of exactly the changed pixels (H, W) bool), or None
+    after `tries` draws.
 
     A draw that changes (almost) nothing is redrawn: a block shifted by one period of a
     texture, a flat fill of a flat region, a patch of noisy background pasted on background.
@@ -533,7 +560,32 @@ def _changed(draw: Callable[[], np.ndarray], clean: np.ndarray, what: str,
         mask = diff > 0
         if mask.sum() >= min_pixels and diff[mask].mean() >= 3:
             return out, mask
-    raise ValueError(f"{what}: {tries} random draws changed no pixel visibly (is the image uniform?)")
+    return None
+
+
+def _visible_defect(kind: str, kinds: Sequence[str], clean: np.ndarray, seed: int,
+                    i: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """A visible synthetic defect for the slot (kind, image i) of clean (H, W, C) uint8:
+    (the kind drawn, uint8 image, changed-pixel mask (H, W)).
+
+    Some kinds cannot show on some images: a flat fill of the mean colour on a weave so fine
+    that it averages to that colour at this size. One such image must not abort a run, so the
+    slot then takes the first other kind of `kinds`, in an order seeded by (seed, kind, i), that
+    shows. ValueError only when none does.
+    """
+    img = clean.astype(np.float32) / 255
+    rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i])
+    found = _visible(lambda: _edit(kind, img, rng, subtle=rng.random() < 0.5), clean)
+    if found is not None:
+        return (kind, *found)
+    rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i, 1])  # not the other slots' draws
+    others = [k for k in kinds if k != kind]
+    for other in [others[j] for j in rng.permutation(len(others))]:
+        found = _visible(lambda: _edit(other, img, rng, subtle=rng.random() < 0.5), clean)
+        if found is not None:
+            return (other, *found)
+    raise ValueError(f"{kind} on image {i}: 50 random draws changed no pixel visibly"
+                     + (f", nor did those of {', '.join(others)}" if others else "") + " (is the image uniform?)")
 
 
 def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS,
@@ -545,18 +597,22 @@ def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str
     images instead. The kinds include *predictable* defects (flat_fill, smooth_blob,
     thin_line, shifted_block), which the context predicts well: CPC-AD's loss measures
     unpredictability, not unusualness, and a choice made on these shows where it fails.
-    About half of the draws are subtle (faint or small), half obvious.
+    About half of the draws are subtle (faint or small), half obvious. A kind that cannot be
+    made visible on an image (a flat fill on a fine weave) is replaced there by another kind
+    of `kinds` that can (`_visible_defect`), and recorded.
 
     Args:
         images: (N, 3, H, W) uint8, e.g. `ImageSet.images` of the validation split; grayscale
             images (three equal channels) stay grayscale.
-        seed: the draws for image i and kind k depend only on (seed, k, i).
+        seed: the draws for image i and kind k depend only on (seed, k, i) (a replacement's
+            also on `kinds`).
         kinds: names from SYNTHETIC_KINDS.
         paths: names of the N source images; anomaly paths become f"{path}#{kind}"
-            (default f"{kind}/{i}").
+            (default f"{kind}/{i}"), a replacement's f"{path}#{kind} drawn as {other}".
     Returns:
-        ImageSet of N * len(kinds) anomalies, kind by kind: labels 1, defect_types the kind,
-        masks (M, 1, H, W) exactly the changed pixels (never empty).
+        ImageSet of N * len(kinds) anomalies, kind by kind: labels 1, defect_types the kind
+        drawn, masks (M, 1, H, W) exactly the changed pixels (never empty), `substituted`
+        the replacements (path -> the kind they replace).
     """
     unknown = [k for k in kinds if k not in SYNTHETIC_KINDS]
     if unknown:
@@ -566,19 +622,22 @@ def synthetic_anomalies(images: torch.Tensor, seed: int = 0, kinds: Sequence[str
     if paths is not None and len(paths) != len(images):
         raise ValueError(f"{len(paths)} paths for {len(images)} images")
     clean = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
-    out, masks, names = [], [], []
+    out, masks, drawn, names, substituted = [], [], [], [], {}
     for kind in kinds:
         for i, x in enumerate(clean):
-            rng = np.random.default_rng([seed, SYNTHETIC_KINDS.index(kind), i])
-            img = x.astype(np.float32) / 255
-            y, m = _changed(lambda: _edit(kind, img, rng, subtle=rng.random() < 0.5), x, f"{kind} on image {i}")
+            used, y, m = _visible_defect(kind, kinds, x, seed, i)
+            name = f"{paths[i]}#{kind}" if paths is not None else f"{kind}/{i}"
+            if used != kind:
+                name = f"{name} drawn as {used}"
+                substituted[name] = kind
             out.append(y)
             masks.append(m)
-            names.append(f"{paths[i]}#{kind}" if paths is not None else f"{kind}/{i}")
+            drawn.append(used)
+            names.append(name)
     M = len(out)
     return ImageSet(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(),  # (M, 3, H, W)
                     torch.from_numpy(np.stack(masks))[:, None],                      # (M, 1, H, W)
-                    torch.ones(M, dtype=torch.long), [k for k in kinds for _ in clean], names)
+                    torch.ones(M, dtype=torch.long), drawn, names, substituted)
 
 
 def make_validation_set(val: ImageSet, seed: int = 0, kinds: Sequence[str] = SYNTHETIC_KINDS) -> ImageSet:
@@ -586,7 +645,8 @@ def make_validation_set(val: ImageSet, seed: int = 0, kinds: Sequence[str] = SYN
 
     This is the set on which the detector's choices are made and estimated without touching
     test/: hyperparameters, the best epoch, image aggregation and the decision threshold.
-    Every anomaly's path is its source image's path plus "#<kind>".
+    Every anomaly's path is its source image's path plus "#<kind>"; `substituted` lists the
+    anomalies drawn as another kind, theirs could not be made visible on that image.
     """
     if val.labels.any():
         raise ValueError("make_validation_set expects normal images only (train/good), "
@@ -3263,16 +3323,26 @@ def _encoder_order(rows: list[dict]) -> list[str]:
 
 
 def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every metrics.json under `root`, flattened to one dict per run."""
+    """Every metrics.json under `root`, flattened to one dict per run.
+
+    Raises ValueError naming the file for one that is not valid JSON (e.g. truncated) or
+    not a JSON object (a run's record is one object).
+    """
     rows = []
     root = Path(root)
     for path in sorted(root.rglob("metrics.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a staging folder (.<name>.partial) of a run not yet finished
         try:
-            rows.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+            row = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): truncated or not a metrics.json; "
+                             "run it again, or move it out of the results folder") from e
+        if not isinstance(row, dict):
+            kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
+            raise ValueError(f"{path} holds a JSON {kind}, expected an object (one run's metrics, as notebook 02 "
+                             "writes them)")
+        rows.append(row)
     return rows
 
 
@@ -3586,8 +3656,11 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """Read a bundle written by `save_bundle`, onto `device` (any device, whatever it was trained on).
 
     Raises FileNotFoundError for a missing file and ValueError, naming the path, for a corrupt
-    or truncated file, a file that is not a bundle (a training checkpoint) and a bundle of
-    another format version.
+    or truncated file, a file that is not a bundle (a training checkpoint), a bundle of
+    another format version, and one whose contents cannot score (`_check_bundle_contents`: a
+    missing or non-finite threshold, an empty or non-finite bank, references, calibration or
+    weights), or do not fit together (`_bundle_misfit`: a grid the bank, references or
+    calibration were not made for), here rather than inside torch on the first image scored.
     """
     path = Path(path)
     if not path.is_file():
@@ -3597,8 +3670,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     try:
         b = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and EOF errors for a truncated or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read model bundle {path}: {first} (truncated, corrupt, or not a bundle)") from e
+        raise ValueError(f"cannot read model bundle {path}: {_first_line(e)} (truncated, corrupt, or not a bundle)") from e
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path} is not a model bundle (a training checkpoint?); notebook 02 writes the bundle "
                          "as model.pt next to metrics.json")
@@ -3606,6 +3678,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise ValueError(f"model bundle {path} has format version {b.get('format_version')} (code "
                          f"{b.get('code_version')}), this cpc_utils ({code_version()}) reads version "
                          f"{BUNDLE_VERSION}: write it again with notebook 02 and this cpc_utils")
+    _check_bundle_contents(b, path)
     device = resolve_device(device)
     try:
         cfg = CPCADConfig(**{**b["config"], "directions": tuple(b["config"]["directions"])})
@@ -3613,10 +3686,95 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model.load_state_dict(b["state_dict"])
         calibration = ScoreCalibration.from_dict(b["calibration"]) if b["calibration"] is not None else None
         info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling")}
-        return Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
-                      calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
+        bundle = Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
+                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"model bundle {path} is inconsistent: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"model bundle {path} is inconsistent: {_first_line(e)}") from e
+    misfit = _bundle_misfit(bundle)
+    if misfit:
+        raise ValueError(f"model bundle {path} is inconsistent: {misfit}")
+    return bundle
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+BUNDLE_CONTENTS = {"config": dict, "grid": dict, "state_dict": dict, "bank": torch.Tensor, "references": dict,
+                   "calibration": (dict, type(None)), "image_size": int, "threshold": dict, "pixel_threshold": dict}
+
+
+def _check_bundle_contents(b: dict, path: Path) -> None:
+    """Raise ValueError, naming `path` and what was expected, for contents a bundle cannot score
+    with: a missing entry or one of the wrong type, a threshold that is not a finite number, an
+    empty or non-finite bank, reference set or calibration, non-finite weights. A NaN anywhere
+    in them would make every score NaN, and every verdict "normal" (NaN > threshold is False)."""
+    def fail(what: str) -> None:
+        raise ValueError(f"model bundle {path} {what}; write it again with notebook 02")
+
+    for key, kind in BUNDLE_CONTENTS.items():
+        if key not in b:
+            fail(f"has no {key!r}")
+        if not isinstance(b[key], kind) or isinstance(b[key], bool):
+            expected = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            fail(f"has a {type(b[key]).__name__} as {key!r}, expected {expected}")
+    for key in ("threshold", "pixel_threshold"):
+        if "value" not in b[key]:
+            fail(f"has no {key} value, expected a finite number")
+        value = b[key]["value"]
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            fail(f"has {key} value {value!r}, expected a finite number")
+    detector = b["config"].get("detector")
+    kind = detector_references(detector) if isinstance(detector, str) else None
+    if kind and kind not in b["references"]:
+        fail(f"has no {kind} references, which its detector {detector!r} reads")
+    if detector not in (None, "cpcad") and b["calibration"] is None:
+        fail(f"has no calibration, which its detector {detector!r} needs")
+    if b["image_size"] != b["grid"].get("image_size"):
+        fail(f"has image_size {b['image_size']} but a grid for {b['grid'].get('image_size')} px images")
+    unknown = [k for k in b["references"] if k not in REFERENCE_KINDS]
+    if unknown:
+        fail(f"has references of unknown kinds {unknown}, expected some of {REFERENCE_KINDS}")
+    calibration = b["calibration"] or {"mean": {}, "std": {}}
+    if not isinstance(calibration.get("mean"), dict) or not isinstance(calibration.get("std"), dict):
+        fail("has a calibration without 'mean' and 'std' dicts")
+    tensors = {"bank": b["bank"], **{f"references[{k!r}]": v for k, v in b["references"].items()},
+               **{f"calibration mean[{k!r}]": v for k, v in calibration["mean"].items()},
+               **{f"weights {k!r}": v for k, v in b["state_dict"].items()}}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            fail(f"has a {type(t).__name__} as {name}, expected a tensor")
+        if not name.startswith("weights") and t.numel() == 0:
+            fail(f"has an empty {name} {tuple(t.shape)}, expected at least one value")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            fail(f"has non-finite values in {name}, expected finite numbers")
+    for k, std in calibration["std"].items():
+        if not isinstance(std, numbers.Real) or isinstance(std, bool) or not math.isfinite(std) or std <= 0:
+            fail(f"has calibration std[{k!r}] {std!r}, expected a finite positive number")
+
+
+def _bundle_misfit(bundle: Bundle) -> str | None:
+    """What of a loaded bundle's bank, references and calibration does not fit its model and
+    grid, or None. The weights do not fix the patch size, which sets the descriptors' sizes,
+    nor the score grid, which sets the calibration's: a mismatch would fail only in scoring,
+    inside torch. One patch through the encoder gives the sizes."""
+    model, grid = bundle.model, bundle.model.score_grid
+    n_enc, P = len(model.encoders), grid.patch_size
+    x = torch.zeros(1, 3, P, P, device=bundle.device)
+    with torch.no_grad():  # (1, D | D_ms | D_stats, 1, 1) each, in REFERENCE_KINDS order
+        sizes = [t.shape[1] for t in encode_grid(model.encoders[0], x, PatchGrid(P, P, P), multiscale=True)]
+    want = {"bank": sizes[0], **{f"references[{k!r}]": sizes[REFERENCE_KINDS.index(k)] for k in bundle.references}}
+    for name, t in zip(want, [bundle.bank, *bundle.references.values()]):
+        if t.ndim != 3 or t.shape[0] != n_enc or t.shape[2] != want[name]:
+            return (f"{name} is {tuple(t.shape)}, expected ({n_enc}, M, {want[name]}) for {n_enc} encoder(s) "
+                    f"on {P} px patches (the grid {dataclasses.asdict(model.grid)})")
+    shape = (grid.num_subimages ** 2, grid.grid, grid.grid)  # (n_sub, G, G) of the score grid
+    for k, m in (bundle.calibration.mean.items() if bundle.calibration is not None else ()):
+        if tuple(m.shape) != shape:
+            return (f"calibration mean[{k!r}] is {tuple(m.shape)}, expected {shape} on the score grid "
+                    f"{dataclasses.asdict(grid)}")
+    return None
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

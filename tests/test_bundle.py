@@ -190,6 +190,67 @@ def test_bundle_errors_are_one_line(trained, tmp_path):
     assert not out.exists()
 
 
+def _nan_first_weight(b: dict) -> dict:
+    state = dict(b["state_dict"])
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone().view(-1).index_fill(0, torch.tensor([0]), float("nan")).view_as(state[name])
+    return {**b, "state_dict": state}
+
+
+CRAFTED = {  # name: (edit of the saved dict, what the one-line error must say)
+    "nan_weights": (_nan_first_weight, "non-finite values in weights"),
+    "nan_bank": (lambda b: {**b, "bank": torch.full_like(b["bank"], float("nan"))}, "non-finite values in bank"),
+    "nan_threshold": (lambda b: {**b, "threshold": {**b["threshold"], "value": float("nan")}},
+                      "threshold value nan, expected a finite number"),
+    "inf_pixel_threshold": (lambda b: {**b, "pixel_threshold": {**b["pixel_threshold"], "value": float("inf")}},
+                            "pixel_threshold value inf, expected a finite number"),
+    "no_threshold_value": (lambda b: {**b, "threshold": {k: v for k, v in b["threshold"].items() if k != "value"}},
+                           "has no threshold value"),
+    "no_threshold": (lambda b: {k: v for k, v in b.items() if k != "threshold"}, "has no 'threshold'"),
+    "threshold_not_a_dict": (lambda b: {**b, "threshold": 0.5}, "has a float as 'threshold', expected dict"),
+    "empty_bank": (lambda b: {**b, "bank": b["bank"][:, :0]}, "has an empty bank"),
+    "empty_references": (lambda b: {**b, "references": {k: v[:, :0] for k, v in b["references"].items()}},
+                         "has an empty references['knn_stats']"),
+    "no_references": (lambda b: {**b, "references": {}}, "has no knn_stats references"),
+    "nan_calibration": (lambda b: {**b, "calibration": {**b["calibration"], "std": {
+        k: float("nan") for k in b["calibration"]["std"]}}}, "calibration std['loss'] nan"),
+    "no_calibration": (lambda b: {**b, "calibration": None}, "has no calibration"),
+    # a grid the weights load into, but whose patches give other descriptor sizes
+    "grid_patch_size": (lambda b: {**b, "grid": {**b["grid"], "patch_size": 32, "stride": 16}},
+                        "on 32 px patches (the grid"),
+    # ... or another score grid than the calibration's
+    "grid_stride": (lambda b: {**b, "grid": {**b["grid"], "stride": 16}},
+                    "calibration mean['loss'] is (1, 13, 13), expected (1, 7, 7)"),
+    "grid_image_size": (lambda b: {**b, "grid": {**b["grid"], "image_size": 128}},
+                        "has image_size 64 but a grid for 128 px images"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_bundles_are_refused_at_load_naming_the_file(trained, tmp_path, case):
+    edit, expected = CRAFTED[case]
+    path = tmp_path / f"{case}.pt"
+    torch.save(edit(torch.load(trained["path"], weights_only=True)), path)
+    with pytest.raises(ValueError, match="model bundle") as e:
+        cu.load_bundle(path)
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+    message = score_error(path, trained["test"].paths[0], "--out", tmp_path / "out")
+    assert str(path) in message and expected in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--threshold", "--pixel-threshold"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "high"])
+def test_threshold_override_must_be_a_finite_number(trained, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as e:
+        cu.main(["score", str(trained["path"]), trained["test"].paths[0], "--out", str(tmp_path / "out"),
+                 "--device", "cpu", f"{option}={value}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m cpc_utils score: error: argument {option}: expected a finite number, got {value!r}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_input_errors_are_one_line(trained, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "._x.png").write_bytes(b"")

@@ -485,6 +485,55 @@ def test_synthetic_anomalies_rejects_bad_input():
         cu.synthetic_anomalies(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), kinds=["shifted_block"])
 
 
+def _weave(n: int, size: int = 64) -> torch.Tensor:
+    """(n, 3, size, size) uint8: 1-px stripes of two colours 4 levels apart, a weave so fine that
+    a flat fill of its mean colour changes no pixel by more than 2 levels (invisible)."""
+    x = np.empty((n, size, size, 3), np.uint8)
+    x[:] = (120, 96, 70)
+    x[:, :, 1::2] = (124, 100, 73)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def test_a_kind_that_cannot_show_on_an_image_is_replaced_by_another_and_recorded():
+    images = _weave(4)
+    with pytest.raises(ValueError, match="flat_fill on image 0: 50 random draws changed no pixel visibly"):
+        cu.synthetic_anomalies(images, seed=0, kinds=["flat_fill"])  # no other kind asked for
+    syn = cu.synthetic_anomalies(images, seed=0)
+    K, n = len(cu.SYNTHETIC_KINDS), len(images)
+    assert len(syn) == K * n and syn.labels.tolist() == [1] * (K * n)
+    flat = cu.SYNTHETIC_KINDS.index("flat_fill")
+    replaced = syn.defect_types[flat * n:(flat + 1) * n]           # the kinds actually drawn
+    assert all(k in cu.SYNTHETIC_KINDS and k != "flat_fill" for k in replaced)
+    assert syn.substituted == {f"flat_fill/{i} drawn as {k}": "flat_fill" for i, k in enumerate(replaced)}
+    assert syn.paths[flat * n:(flat + 1) * n] == list(syn.substituted)
+    # every anomaly visibly changed its image, exactly inside its (non-empty) mask
+    source = images.repeat(K, 1, 1, 1)
+    diff = (syn.images.short() - source.short()).abs().amax(1, keepdim=True)  # (M, 1, H, W)
+    assert torch.equal(diff > 0, syn.masks) and syn.masks.flatten(1).any(1).all()
+    assert all(d[m].float().mean() >= 3 for d, m in zip(diff, syn.masks))
+    # seeded, and the slots that needed no replacement are drawn as before
+    again = cu.synthetic_anomalies(images, seed=0)
+    assert torch.equal(again.images, syn.images) and again.defect_types == syn.defect_types
+    others = [k for k in cu.SYNTHETIC_KINDS if k != "flat_fill"]
+    alone = cu.synthetic_anomalies(images, seed=0, kinds=others)
+    keep = [i for i, p in enumerate(syn.paths) if p not in syn.substituted]
+    assert torch.equal(alone.images, syn.images[keep]) and alone.substituted == {}
+
+
+def test_make_validation_set_records_the_replaced_defects():
+    val = cu.ImageSet(_weave(3), torch.zeros(3, 1, 64, 64, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
+                      ["good"] * 3, [f"train/good/{i:03d}.png" for i in range(3)])
+    vs = cu.make_validation_set(val, seed=1)
+    assert len(vs.substituted) == 3 and set(vs.substituted.values()) == {"flat_fill"}
+    for path in vs.substituted:
+        i = vs.paths.index(path)
+        assert path.startswith("train/good/") and "#flat_fill drawn as " in path
+        assert vs.defect_types[i] == path.rsplit(" ", 1)[1] and vs.labels[i] == 1 and vs.masks[i].any()
+    first = vs.paths.index(next(iter(vs.substituted)))
+    assert vs.subset([0, first]).substituted == {vs.paths[first]: "flat_fill"}  # subset keeps its own
+    assert vs.subset([0, 1]).substituted == {}
+
+
 def test_make_validation_set(fake_widget):
     _, val = cu.split_train_val(fake_widget["train"], val_fraction=0.34, seed=0)
     vs = cu.make_validation_set(val, seed=0, kinds=("flat_fill", "foreign_patch"))

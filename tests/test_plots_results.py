@@ -240,6 +240,24 @@ def test_load_results_invalid_json_names_the_file(results_tree):
     assert str(bad) in str(e.value)
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b'[{"category": "gravel"}]', "holds a JSON array, expected an object"),
+    (b'"gravel"', "holds a JSON string, expected an object"),
+    (b'{"category": "gravel", ', "is not valid JSON"),                 # truncated
+    (b"\x80\x81 not text", "is not valid JSON"),                       # not UTF-8
+], ids=["array", "string", "truncated", "not_utf8"])
+def test_load_results_refuses_a_metrics_file_that_is_not_one_object(results_tree, content, expected):
+    bad = results_tree / "gravel" / "broken" / "metrics.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match="metrics.json") as e:
+        cu.load_results(results_tree)
+    assert str(e.value).startswith(f"{bad} ") and expected in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the summary command: one line naming the file, no traceback
+        cu.main(["summary", str(results_tree)])
+    assert str(e.value).startswith(f"python -m cpc_utils summary: {bad} ") and expected in str(e.value)
+
+
 def test_summary_table():
     table = cu.summary_table(ROWS + [result_row("tissue", "resnet18v2", 5, 0.5, seed=3),
                                      result_row("cable", "densenet", 5, 0.4)])
