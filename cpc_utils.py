@@ -2026,11 +2026,52 @@ def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, dev
     return total / n
 
 
+NEGATIVES_SEED_OFFSET = 1_000_003  # the negatives' generator: seed + this, a stream apart from the batch order
+
+
+def _rng_state() -> dict:
+    """The global RNG states as tensors and plain types (what weights_only=True reads back):
+    torch's (CPU and each CUDA device), numpy's and python's, for an exact resume of code (a
+    model, an on_epoch hook) that draws from them."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy_rng": {"name": name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python_rng": {"version": version, "keys": list(keys), "gauss": gauss}}
+
+
+def _set_rng_state(state: dict) -> None:
+    """Restore what `_rng_state` saved (a checkpoint of older code has the torch CPU state only)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    if "numpy_rng" in state:
+        n = state["numpy_rng"]
+        np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "python_rng" in state:
+        py = state["python_rng"]
+        random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """torch.load with an error that names the file: a truncated or corrupt checkpoint."""
+    """torch.load(weights_only=True) with an error that names the file.
+
+    Checkpoints travel (a Kaggle run's output copied back in), so one is read as tensors and
+    plain types only: a pickled object in it (a payload, or a checkpoint of older code that
+    pickled one) is refused before anything in it runs, as is a truncated or corrupt file.
+    """
+    import pickle
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain types
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
+        raise RuntimeError(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
+                           f"types ({what}), and loading it could run code; nothing in it was run. Delete it, "
+                           "or start over with resume=False") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for a bad file
         raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
                            "(truncated or corrupt); delete it, or start over with resume=False") from e
 
@@ -2063,7 +2104,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     that share), DistributedDataParallel all-reduces the gradients, the logged losses are
     averaged over processes, and rank 0 alone writes checkpoints. A global batch smaller than
     N is skipped. Resume works with another N: the checkpoint holds the model, the optimizer
-    and the batch-order generator, none of which depends on N (the negatives drawn do).
+    and the batch-order generator, none of which depends on N (the negatives drawn do: they
+    come from a generator of their own, so a share of another size never shifts the batch order).
+    A checkpoint holds tensors and plain types only and is read with weights_only=True
+    (`load_checkpoint`).
     """
     t_start = time.perf_counter()
     rank, world = _distributed()
@@ -2077,7 +2121,9 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 gradients underflow unscaled
-    g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
+    # two streams: every process draws the same batch order whatever the negatives of its share took
+    order = torch.Generator().manual_seed(cfg.seed)
+    negatives = torch.Generator().manual_seed(cfg.seed + NEGATIVES_SEED_OFFSET)
     history, best, bad_epochs, start = [], float("inf"), 0, 0
     best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -2091,8 +2137,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
             load_checkpoint(ckpt / "best.pt")  # a truncated best.pt fails now, not after training
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        order.set_state(state["generator"].cpu())  # loaded onto `device`; generator states live on the CPU
+        if "negatives_generator" in state:  # not in a checkpoint of older code
+            negatives.set_state(state["negatives_generator"].cpu())
+        _set_rng_state(state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"]
@@ -2116,11 +2164,11 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                                     f"{_kept(ckpt)}; run again with resume=True to continue")
         t0, model_losses, extras = time.perf_counter(), [], {}
         model.train()
-        for step, idx in enumerate(_batches(len(images), cfg.batch_size, g)):
+        for step, idx in enumerate(_batches(len(images), cfg.batch_size, order)):
             if len(idx) < world:
                 continue  # a last batch too small to give every process an image
             with autocast(device, precision):
-                out = net(to_float(images[idx[rank::world].to(device)]), g)
+                out = net(to_float(images[idx[rank::world].to(device)]), negatives)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
@@ -2156,7 +2204,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if writes:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                         "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
+                         "generator": order.get_state(), "negatives_generator": negatives.get_state(),
+                         **_rng_state(), "scaler": scaler.state_dict(),
                          "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
                          "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
                         ckpt / "last.pt")

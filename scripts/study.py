@@ -113,7 +113,7 @@ def run_one(job: dict) -> str:
 
     trained = trained_path(job)
     if job.get("rescore") or trained != out:  # scoring-only settings reuse another setting's models
-        model.load_state_dict(torch.load(trained.with_suffix(".pt"), weights_only=False)["model"])
+        model.load_state_dict(torch.load(trained.with_suffix(".pt"), weights_only=True)["model"])  # no pickled code
         model.eval()
         before = json.loads(trained.read_text())
         history, seconds = before["history"], before["train_seconds"]
