@@ -2056,8 +2056,9 @@ def _set_rng_state(state: dict) -> None:
         random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """torch.load(weights_only=True) with an error that names the file.
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    remedy: str = "delete it, or start over with resume=False") -> dict:
+    """torch.load(weights_only=True) with a one-line error that names the file and the `remedy`.
 
     Checkpoints travel (a Kaggle run's output copied back in), so one is read as tensors and
     plain types only: a pickled object in it (a payload, or a checkpoint of older code that
@@ -2069,11 +2070,10 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain types
         what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
         raise RuntimeError(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
-                           f"types ({what}), and loading it could run code; nothing in it was run. Delete it, "
-                           "or start over with resume=False") from None
+                           f"types ({what}), and loading it could run code; nothing in it was run; {remedy}") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for a bad file
         raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                           "(truncated or corrupt); delete it, or start over with resume=False") from e
+                           f"(truncated or corrupt); {remedy}") from e
 
 
 def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
