@@ -276,17 +276,31 @@ def _image_files(folder: Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_macos_metadata(p.name))
 
 
-def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
+def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path | None:
     """ground_truth/<defect>/<stem>_mask.png, else with the image's extension; the extension's
-    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG)."""
+    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG).
+    None when there is none (load_category says which file it expected)."""
     folder = cat_dir / "ground_truth" / defect
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     masks = {p.suffix.lower(): p for p in files if p.stem == f"{image.stem}_mask"}
-    for ext in (".png", image.suffix.lower()):
-        if ext in masks:
-            return masks[ext]
-    raise FileNotFoundError(
-        f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
+    return next((masks[ext] for ext in (".png", image.suffix.lower()) if ext in masks), None)
+
+
+def _category_files(cat_dir: Path) -> tuple[list[Path], list[tuple[Path, str, Path | None]]]:
+    """The files a category's run reads: the train/good images, and (image, defect, mask) for
+    each test image (mask None for test/good, and for a defect image that has none).
+
+    The one listing behind `load_category` and `data_fingerprint`, so the fingerprint covers
+    exactly the files loaded, in symlinked folders too. A missing folder lists as empty:
+    load_category says what is missing.
+    """
+    train_dir, test_dir = cat_dir / "train" / "good", cat_dir / "test"
+    train = _image_files(train_dir) if train_dir.is_dir() else []
+    defect_dirs = sorted(p for p in test_dir.iterdir()
+                         if p.is_dir() and not _is_macos_metadata(p.name)) if test_dir.is_dir() else []
+    test = [(f, d.name, None if d.name == "good" else _mask_path(cat_dir, d.name, f))
+            for d in defect_dirs for f in _image_files(d)]
+    return train, test
 
 
 def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
@@ -307,17 +321,16 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if n := _count_macos_metadata(cat_dir):
         warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
                       stacklevel=2)
-    train_files = _image_files(cat_dir / "train" / "good")
+    train_files, test_items = _category_files(cat_dir)  # test_items: (image, defect, mask or None)
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
     test_dir = cat_dir / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
-    test_items = []  # (image, defect, mask or None)
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_macos_metadata(p.name)):
-        for f in _image_files(defect_dir):
-            mask = None if defect_dir.name == "good" else _mask_path(cat_dir, defect_dir.name, f)
-            test_items.append((f, defect_dir.name, mask))
+    for f, defect, mask in test_items:
+        if defect != "good" and mask is None:
+            raise FileNotFoundError(f"defect image {f} has no mask: expected "
+                                    f"{cat_dir / 'ground_truth' / defect / (f.stem + '_mask.png')}")
     if not test_items:
         raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
     n_normal = sum(defect == "good" for _, defect, _ in test_items)
@@ -1882,11 +1895,16 @@ def code_version() -> str:
 
 
 def data_fingerprint(root: str | os.PathLike, category: str) -> dict:
-    """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes)."""
+    """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes).
+
+    The files are those `load_category` reads (`_category_files`, symlinked folders included):
+    deleting a training image changes the digest however train/good got there.
+    """
     cat_dir = Path(root).resolve() / category
-    files = sorted(p for p in cat_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(map(_is_macos_metadata, p.relative_to(cat_dir).parts)))
-    listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {p.stat().st_size}" for p in files)
+    train, test = _category_files(cat_dir)
+    files = sorted({*train, *(f for f, _, _ in test), *(m for _, _, m in test if m is not None)})
+    size = lambda p: p.stat().st_size if p.exists() else "missing"  # noqa: E731 (a dangling link: the loader says so)
+    listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {size(p)}" for p in files)
     return {"root": str(cat_dir.parent), "category": category, "files": len(files),
             "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 

@@ -530,6 +530,22 @@ def test_fingerprint_covers_parameters_data_and_code(demo_root):
         d for d in cu.fingerprint_diff(fp, other) if d != "parameters.epochs"]
 
 
+def test_fingerprint_covers_the_files_loaded_from_a_symlinked_folder(fresh_mvtec, tmp_path):
+    """train/good as a link to a folder elsewhere: the loader follows it, and so does the
+    fingerprint, so deleting half the training images changes the digest (a sweep reruns the
+    pair instead of skipping it as finished with these parameters)."""
+    good = fresh_mvtec / "widget" / "train" / "good"
+    good.rename(tmp_path / "elsewhere")
+    good.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    data = cu.load_category(fresh_mvtec, "widget", 32)
+    before = cu.data_fingerprint(fresh_mvtec, "widget")
+    assert before["files"] == len(data["train"]) + len(data["test"]) + int(data["test"].labels.sum())  # + masks
+    for f in sorted(good.iterdir())[::2]:
+        f.unlink()
+    after = cu.data_fingerprint(fresh_mvtec, "widget")
+    assert after["files"] == before["files"] - (len(data["train"]) + 1) // 2 and after["digest"] != before["digest"]
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(sets, tmp_path):
     """Another category or image size with the same model config: refused, naming the fields."""
     train, val = sets
