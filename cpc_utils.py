@@ -2459,6 +2459,9 @@ def image_scores(patch_maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor
     raise ValueError(f"unknown reduce {reduce!r}; choose from {REDUCES}")
 
 
+SPREAD_FLOOR = 1e-6  # a calibration spread at or below this is none: the calibration is degenerate
+
+
 @dataclass
 class ScoreCalibration:
     """Per-position standardisation of raw patch scores, fitted on normal images only.
@@ -2467,7 +2470,7 @@ class ScoreCalibration:
     each grid position's mean out, and dividing by the spread of all positions together (a
     per-position spread from a handful of images is too noisy), puts every position and every
     score kind on one scale, so they can be compared and added. mean: {kind: (n_sub, G, G)};
-    std: {kind: float}.
+    std: {kind: float}, floored at SPREAD_FLOOR.
     """
     mean: dict[str, torch.Tensor]
     std: dict[str, float]
@@ -2480,8 +2483,24 @@ class ScoreCalibration:
             if len(maps) < 2:
                 raise ValueError(f"calibration needs at least 2 normal images, got {len(maps)}")
             mean[kind] = maps.float().mean(0)
-            std[kind] = max(float((maps.float() - mean[kind]).std()), 1e-6)
+            std[kind] = max(float((maps.float() - mean[kind]).std()), SPREAD_FLOOR)
         return cls(mean, std)
+
+    @property
+    def degenerate(self) -> list[str]:
+        """Score kinds whose calibration normals had no spread (at the floor): all alike, e.g.
+        identical training images. Dividing by the floor blows any difference up a million-fold,
+        so their calibrated scores, and thresholds read from them, mean nothing."""
+        return [k for k, s in self.std.items() if s <= SPREAD_FLOOR]
+
+    def check(self) -> dict:
+        """{"status": "ok" | "degenerate", "message": str}: for metrics.json, beside `learning_check`."""
+        if self.degenerate:
+            return {"status": "degenerate", "message": (
+                f"degenerate calibration: the calibration normals' {', '.join(self.degenerate)} scores have no "
+                f"spread (at most {SPREAD_FLOOR:g}; are the training images all alike?), so calibrated scores "
+                "and thresholds are meaningless, however good the metrics look")}
+        return {"status": "ok", "message": "calibration spreads: " + ", ".join(f"{k} {v:.3g}" for k, v in self.std.items())}
 
     def __call__(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.float() - self.mean[k]) / self.std[k] for k, v in raw.items() if k in self.mean}
