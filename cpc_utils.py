@@ -293,17 +293,31 @@ def _image_files(folder: Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_macos_metadata(p.name))
 
 
-def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path:
+def _mask_path(cat_dir: Path, defect: str, image: Path) -> Path | None:
     """ground_truth/<defect>/<stem>_mask.png, else with the image's extension; the extension's
-    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG)."""
+    case is ignored as it is for images (000.JPG finds 000_mask.png, 000.png finds 000_mask.PNG).
+    None when there is none (load_category says which file it expected)."""
     folder = cat_dir / "ground_truth" / defect
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     masks = {p.suffix.lower(): p for p in files if p.stem == f"{image.stem}_mask"}
-    for ext in (".png", image.suffix.lower()):
-        if ext in masks:
-            return masks[ext]
-    raise FileNotFoundError(
-        f"defect image {image} has no mask: expected {folder / (image.stem + '_mask.png')}")
+    return next((masks[ext] for ext in (".png", image.suffix.lower()) if ext in masks), None)
+
+
+def _category_files(cat_dir: Path) -> tuple[list[Path], list[tuple[Path, str, Path | None]]]:
+    """The files a category's run reads: the train/good images, and (image, defect, mask) for
+    each test image (mask None for test/good, and for a defect image that has none).
+
+    The one listing behind `load_category` and `data_fingerprint`, so the fingerprint covers
+    exactly the files loaded, in symlinked folders too. A missing folder lists as empty:
+    load_category says what is missing.
+    """
+    train_dir, test_dir = cat_dir / "train" / "good", cat_dir / "test"
+    train = _image_files(train_dir) if train_dir.is_dir() else []
+    defect_dirs = sorted(p for p in test_dir.iterdir()
+                         if p.is_dir() and not _is_macos_metadata(p.name)) if test_dir.is_dir() else []
+    test = [(f, d.name, None if d.name == "good" else _mask_path(cat_dir, d.name, f))
+            for d in defect_dirs for f in _image_files(d)]
+    return train, test
 
 
 def load_category(data_root: str | os.PathLike | None, category: str, image_size: int = 256,
@@ -324,17 +338,16 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if n := _count_macos_metadata(cat_dir):
         warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
                       stacklevel=2)
-    train_files = _image_files(cat_dir / "train" / "good")
+    train_files, test_items = _category_files(cat_dir)  # test_items: (image, defect, mask or None)
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
     test_dir = cat_dir / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
-    test_items = []  # (image, defect, mask or None)
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_macos_metadata(p.name)):
-        for f in _image_files(defect_dir):
-            mask = None if defect_dir.name == "good" else _mask_path(cat_dir, defect_dir.name, f)
-            test_items.append((f, defect_dir.name, mask))
+    for f, defect, mask in test_items:
+        if defect != "good" and mask is None:
+            raise FileNotFoundError(f"defect image {f} has no mask: expected "
+                                    f"{cat_dir / 'ground_truth' / defect / (f.stem + '_mask.png')}")
     if not test_items:
         raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
     n_normal = sum(defect == "good" for _, defect, _ in test_items)
@@ -1950,11 +1963,16 @@ def code_version() -> str:
 
 
 def data_fingerprint(root: str | os.PathLike, category: str) -> dict:
-    """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes)."""
+    """The files a category's run reads: {"root", "category", "files", "digest"} (names and sizes).
+
+    The files are those `load_category` reads (`_category_files`, symlinked folders included):
+    deleting a training image changes the digest however train/good got there.
+    """
     cat_dir = Path(root).resolve() / category
-    files = sorted(p for p in cat_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(map(_is_macos_metadata, p.relative_to(cat_dir).parts)))
-    listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {p.stat().st_size}" for p in files)
+    train, test = _category_files(cat_dir)
+    files = sorted({*train, *(f for f, _, _ in test), *(m for _, _, m in test if m is not None)})
+    size = lambda p: p.stat().st_size if p.exists() else "missing"  # noqa: E731 (a dangling link: the loader says so)
+    listing = "\n".join(f"{p.relative_to(cat_dir).as_posix()} {size(p)}" for p in files)
     return {"root": str(cat_dir.parent), "category": category, "files": len(files),
             "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
@@ -2094,13 +2112,54 @@ def validation_loss(model: nn.Module, images: torch.Tensor, batch_size: int, dev
     return total / n
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """torch.load with an error that names the file: a truncated or corrupt checkpoint."""
+NEGATIVES_SEED_OFFSET = 1_000_003  # the negatives' generator: seed + this, a stream apart from the batch order
+
+
+def _rng_state() -> dict:
+    """The global RNG states as tensors and plain types (what weights_only=True reads back):
+    torch's (CPU and each CUDA device), numpy's and python's, for an exact resume of code (a
+    model, an on_epoch hook) that draws from them."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy_rng": {"name": name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python_rng": {"version": version, "keys": list(keys), "gauss": gauss}}
+
+
+def _set_rng_state(state: dict) -> None:
+    """Restore what `_rng_state` saved (a checkpoint of older code has the torch CPU state only)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    if "numpy_rng" in state:
+        n = state["numpy_rng"]
+        np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "python_rng" in state:
+        py = state["python_rng"]
+        random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    remedy: str = "delete it, or start over with resume=False") -> dict:
+    """torch.load(weights_only=True) with a one-line error that names the file and the `remedy`.
+
+    Checkpoints travel (a Kaggle run's output copied back in), so one is read as tensors and
+    plain types only: a pickled object in it (a payload, or a checkpoint of older code that
+    pickled one) is refused before anything in it runs, as is a truncated or corrupt file.
+    """
+    import pickle
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain types
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
+        raise RuntimeError(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
+                           f"types ({what}), and loading it could run code; nothing in it was run; {remedy}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for a bad file
         raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                           "(truncated or corrupt); delete it, or start over with resume=False") from e
+                           f"(truncated or corrupt); {remedy}") from e
 
 
 def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
@@ -2131,7 +2190,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     that share), DistributedDataParallel all-reduces the gradients, the logged losses are
     averaged over processes, and rank 0 alone writes checkpoints. A global batch smaller than
     N is skipped. Resume works with another N: the checkpoint holds the model, the optimizer
-    and the batch-order generator, none of which depends on N (the negatives drawn do).
+    and the batch-order generator, none of which depends on N (the negatives drawn do: they
+    come from a generator of their own, so a share of another size never shifts the batch order).
+    A checkpoint holds tensors and plain types only and is read with weights_only=True
+    (`load_checkpoint`).
     """
     t_start = time.perf_counter()
     rank, world = _distributed()
@@ -2145,7 +2207,9 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 gradients underflow unscaled
-    g = torch.Generator().manual_seed(cfg.seed)  # batch order and negatives: all randomness here
+    # two streams: every process draws the same batch order whatever the negatives of its share took
+    order = torch.Generator().manual_seed(cfg.seed)
+    negatives = torch.Generator().manual_seed(cfg.seed + NEGATIVES_SEED_OFFSET)
     history, best, bad_epochs, start = [], float("inf"), 0, 0
     best_state = None  # the best weights when there is no checkpoint_dir to hold best.pt
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -2159,8 +2223,10 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
             load_checkpoint(ckpt / "best.pt")  # a truncated best.pt fails now, not after training
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        order.set_state(state["generator"].cpu())  # loaded onto `device`; generator states live on the CPU
+        if "negatives_generator" in state:  # not in a checkpoint of older code
+            negatives.set_state(state["negatives_generator"].cpu())
+        _set_rng_state(state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"]
@@ -2184,11 +2250,11 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                                     f"{_kept(ckpt)}; run again with resume=True to continue")
         t0, model_losses, extras = time.perf_counter(), [], {}
         model.train()
-        for step, idx in enumerate(_batches(len(images), cfg.batch_size, g)):
+        for step, idx in enumerate(_batches(len(images), cfg.batch_size, order)):
             if len(idx) < world:
                 continue  # a last batch too small to give every process an image
             with autocast(device, precision):
-                out = net(to_float(images[idx[rank::world].to(device)]), g)
+                out = net(to_float(images[idx[rank::world].to(device)]), negatives)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
@@ -2224,7 +2290,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                         **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if writes:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                         "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
+                         "generator": order.get_state(), "negatives_generator": negatives.get_state(),
+                         **_rng_state(), "scaler": scaler.state_dict(),
                          "history": history, "best": best, "bad_epochs": bad_epochs, "fingerprint": fingerprint,
                          "config": {"train": dataclasses.asdict(cfg), "model": _model_config(model)}},
                         ckpt / "last.pt")
@@ -2463,6 +2530,9 @@ def image_scores(patch_maps: torch.Tensor, reduce: str = "mean") -> torch.Tensor
     raise ValueError(f"unknown reduce {reduce!r}; choose from {REDUCES}")
 
 
+SPREAD_FLOOR = 1e-6  # a calibration spread at or below this is none: the calibration is degenerate
+
+
 @dataclass
 class ScoreCalibration:
     """Per-position standardisation of raw patch scores, fitted on normal images only.
@@ -2471,7 +2541,7 @@ class ScoreCalibration:
     each grid position's mean out, and dividing by the spread of all positions together (a
     per-position spread from a handful of images is too noisy), puts every position and every
     score kind on one scale, so they can be compared and added. mean: {kind: (n_sub, G, G)};
-    std: {kind: float}.
+    std: {kind: float}, floored at SPREAD_FLOOR.
     """
     mean: dict[str, torch.Tensor]
     std: dict[str, float]
@@ -2484,8 +2554,24 @@ class ScoreCalibration:
             if len(maps) < 2:
                 raise ValueError(f"calibration needs at least 2 normal images, got {len(maps)}")
             mean[kind] = maps.float().mean(0)
-            std[kind] = max(float((maps.float() - mean[kind]).std()), 1e-6)
+            std[kind] = max(float((maps.float() - mean[kind]).std()), SPREAD_FLOOR)
         return cls(mean, std)
+
+    @property
+    def degenerate(self) -> list[str]:
+        """Score kinds whose calibration normals had no spread (at the floor): all alike, e.g.
+        identical training images. Dividing by the floor blows any difference up a million-fold,
+        so their calibrated scores, and thresholds read from them, mean nothing."""
+        return [k for k, s in self.std.items() if s <= SPREAD_FLOOR]
+
+    def check(self) -> dict:
+        """{"status": "ok" | "degenerate", "message": str}: for metrics.json, beside `learning_check`."""
+        if self.degenerate:
+            return {"status": "degenerate", "message": (
+                f"degenerate calibration: the calibration normals' {', '.join(self.degenerate)} scores have no "
+                f"spread (at most {SPREAD_FLOOR:g}; are the training images all alike?), so calibrated scores "
+                "and thresholds are meaningless, however good the metrics look")}
+        return {"status": "ok", "message": "calibration spreads: " + ", ".join(f"{k} {v:.3g}" for k, v in self.std.items())}
 
     def __call__(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.float() - self.mean[k]) / self.std[k] for k, v in raw.items() if k in self.mean}

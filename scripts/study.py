@@ -144,7 +144,9 @@ def run_one(job: dict) -> str:
 
     trained = trained_path(job)
     if job.get("rescore") or trained != out:  # scoring-only settings reuse another setting's models
-        model.load_state_dict(torch.load(trained.with_suffix(".pt"), weights_only=False)["model"])
+        weights = cu.load_checkpoint(trained.with_suffix(".pt"), remedy=f"delete it and {trained.name} to train "
+                                     "this run again")  # tensors and plain types only: nothing in it runs
+        model.load_state_dict(weights["model"])
         model.eval()
         before = json.loads(trained.read_text())
         history, seconds = before["history"], before["train_seconds"]

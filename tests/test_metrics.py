@@ -202,6 +202,21 @@ def test_scoring_follows_the_runs_precision(monkeypatch):
     assert seen and set(seen) == {"fp32"}
 
 
+def test_identical_training_images_flag_a_degenerate_calibration():
+    """All training images alike: the calibration normals' scores have no spread, the floored
+    spread would blow test scores up a million-fold, so the calibration says it is degenerate
+    (and survives the bundle's round trip); normals that differ calibrate fine."""
+    grid = cu.PatchGrid(32, 16, 8)
+    model = tiny_model(grid)
+    same = random_images(1, 32, seed=1).expand(6, -1, -1, -1).contiguous()
+    cal = cu.prepare_scoring(model, same[:3], same[3:], device="cpu")["calibration"]
+    check = cal.check()
+    assert check["status"] == "degenerate" and "no spread" in check["message"] and "loss" in cal.degenerate
+    assert cu.ScoreCalibration.from_dict(cal.to_dict()).check() == check
+    fine = cu.prepare_scoring(model, random_images(3, 32, seed=1), random_images(4, 32, seed=3), device="cpu")
+    assert fine["calibration"].check()["status"] == "ok" and fine["calibration"].degenerate == []
+
+
 # ---- image metrics -------------------------------------------------------------------
 
 def brute_force_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -209,6 +209,7 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert m["val_fpr_at_threshold"] <= m["threshold_rule"]["target_fpr"] and 0 <= m["test_fpr_at_threshold"] <= 1
     assert bundle.info["data"] == m["fingerprint"]["data"]
     assert m["learning"]["status"] in ("ok", "at_chance", "diverged") and "chance" in m["learning"]["message"]
+    assert m["calibration"]["status"] == "ok" and "spreads" in m["calibration"]["message"]
     assert m["fingerprint"] == cu.run_fingerprint(m["config"]["parameters"], tiny_root, "brick")
     assert not list(out.parent.glob(f".{out.name}*"))  # no staging folder or lock left behind
 
@@ -243,6 +244,27 @@ def test_notebook03_compares_encoders(executed):
     assert {"comparison.png", "image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
     for enc in cu.ENCODERS:
         assert (out / "runs" / "gravel" / enc / "metrics.json").exists()
+
+
+def test_notebook02_flags_a_degenerate_calibration(tiny_root, tmp_path):
+    """Every train/good image the same: the calibration normals' scores have no spread, so
+    calibrated scores and thresholds mean nothing. Notebook 02 warns, and metrics.json says
+    so beside `learning` instead of passing for a healthy run."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "brick", root / "brick")
+    good = sorted((root / "brick" / "train" / "good").iterdir())
+    for f in good[1:]:
+        shutil.copyfile(good[0], f)
+    out = tmp_path / "out"
+    pm.execute_notebook(str(NOTEBOOKS["02"]), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                        parameters=small_parameters("02", root, out, tmp_path), progress_bar=False,
+                        kernel_name="python3")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["calibration"]["status"] == "degenerate" and "no spread" in m["calibration"]["message"]
+    shown = "".join(o.get("text", "") for c in code_cells(nbformat.read(tmp_path / "out.ipynb", as_version=4))
+                    for o in c.outputs)
+    assert "degenerate calibration" in shown
 
 
 def test_notebook02_wrong_category_stops_with_cpc_utils_error(tiny_root, tmp_path):

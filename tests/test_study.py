@@ -91,3 +91,31 @@ def test_study_baseline_is_on_the_detectors_score_grid(tiny_study, tmp_path, mon
     assert "dense_tiny/brick/seed0: baseline on the 13x13 grid" in st.rebaseline(job)
     again = json.loads(Path(job["out"]).read_text())
     assert again == run  # the same numbers: the rebaseline uses the same grid and data
+
+
+class Payload:
+    """What a planted seed<k>.pt could hold: unpickling it with weights_only=False creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_study_refuses_weights_holding_code(tiny_study, tmp_path):
+    """--rescore reads a run's seed<k>.pt as tensors and plain types only: a planted payload is
+    refused in one line naming the file, and never runs."""
+    import shutil
+    import torch
+    out, marker = tmp_path / "out", tmp_path / "payload-ran"
+    shutil.copytree(tiny_study["out"], out)
+    weights = out / "runs" / "fast" / "brick" / "seed0.pt"
+    torch.save({**torch.load(weights, weights_only=True), "extra": Payload(marker)}, weights)
+    data = cu.make_demo_dataset(tmp_path / "data", ["brick"], n_train=20, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = study("--data-root", str(data), "--categories", "brick", "--settings", "fast", "--seeds", "0",
+                 "--epochs", "2", "--eval-every", "1", "--jobs", "1", "--out", str(out), "--rescore")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAILED RuntimeError: refusing checkpoint {weights}" in proc.stdout and "nothing in it was run" in proc.stdout
+    assert not marker.exists()

@@ -123,6 +123,48 @@ def test_resume_gives_the_same_weights(name, sets, tmp_path):
     assert torch.equal(a["generator"], b["generator"])
 
 
+def test_resume_restores_the_global_rngs(sets, tmp_path):
+    """An on_epoch hook that draws from python's, numpy's and torch's global RNGs draws the same
+    numbers after a resume as in an uninterrupted run: the checkpoint holds those states."""
+    import random
+    train, val = sets
+
+    def draws(model, epoch):
+        return {"draws": [random.random(), float(np.random.rand()), float(torch.rand(1))]}
+
+    cu.seed_everything(0)
+    straight = cu.train_model(build("cpcad", 0), train, val, config(3), tmp_path / "straight", progress=False,
+                              on_epoch=draws)
+    cu.seed_everything(0)
+    cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path / "split", progress=False, on_epoch=draws)
+    cu.seed_everything(1)  # another process: other global states until the checkpoint's are restored
+    resumed = cu.train_model(build("cpcad", 0), train, val, config(3), tmp_path / "split", resume=True,
+                             progress=False, on_epoch=draws)
+    assert [h["draws"] for h in resumed] == [h["draws"] for h in straight]
+
+
+def test_batch_order_does_not_depend_on_the_negatives(sets, monkeypatch):
+    """The images of each step, epoch after epoch, are the same whether the model draws 4 or 8
+    negatives per patch: batch order and negatives come from generators of their own."""
+    train, _ = sets
+    ref = cu.to_float(train.images).flatten(1)
+
+    def order(num_negatives: int) -> list[list[int]]:
+        model = cu.CPCAD(cu.CPCADConfig(width=8, pred_steps=2, num_negatives=num_negatives, similarity="cosine",
+                                        temperature=0.1, norm="layer"), GRID)
+        seen, forward = [], model.forward
+
+        def spy(x, generator=None):
+            seen.append([int((ref == row).all(1).nonzero()) for row in x.flatten(1)])
+            return forward(x, generator)
+        monkeypatch.setattr(model, "forward", spy)
+        cu.train_model(model, train, None, config(4), progress=False)
+        return seen
+
+    four, eight = order(4), order(8)
+    assert len(four) == 8 and four == eight
+
+
 def test_resume_without_checkpoint_starts_fresh(sets, tmp_path):
     train, val = sets
     history = cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
@@ -419,6 +461,32 @@ def test_truncated_checkpoint_on_resume_names_the_file(name, sets, tmp_path):
     assert torch.load(tmp_path / ("best.pt" if name == "last.pt" else "last.pt"), weights_only=False)  # untouched
 
 
+class Payload:
+    """What a planted checkpoint could hold: unpickling it with weights_only=False creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_checkpoint_holding_code_is_refused_not_run(name, sets, tmp_path):
+    """A checkpoint copied in from elsewhere (or written by older code that pickled objects):
+    resume refuses it with an error naming the file, and the payload never runs."""
+    train, val = sets
+    ckpt, marker = tmp_path / "ck", tmp_path / "payload-ran"
+    cu.train_model(build("cpcad", 0), train, val, config(1), ckpt, progress=False)
+    state = torch.load(ckpt / name, weights_only=True)  # what train_model writes: tensors and plain types
+    torch.save({**state, "extra": Payload(marker)}, ckpt / name)
+    with pytest.raises(RuntimeError) as e:
+        cu.train_model(build("cpcad", 0), train, val, config(2), ckpt, resume=True, progress=False)
+    assert f"refusing checkpoint {ckpt / name}" in str(e.value) and "resume=False" in str(e.value)
+    assert "nothing in it was run" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")])
 def test_full_disk_is_one_clear_error_and_keeps_the_file(error, tmp_path):
@@ -460,6 +528,22 @@ def test_fingerprint_covers_parameters_data_and_code(demo_root):
     assert {"data.category", "data.digest", "parameters.width", "parameters.epochs"} <= set(cu.fingerprint_diff(fp, other))
     assert cu.fingerprint_diff(fp, other, ignore=cu.RESUMABLE_CHANGES) == [
         d for d in cu.fingerprint_diff(fp, other) if d != "parameters.epochs"]
+
+
+def test_fingerprint_covers_the_files_loaded_from_a_symlinked_folder(fresh_mvtec, tmp_path):
+    """train/good as a link to a folder elsewhere: the loader follows it, and so does the
+    fingerprint, so deleting half the training images changes the digest (a sweep reruns the
+    pair instead of skipping it as finished with these parameters)."""
+    good = fresh_mvtec / "widget" / "train" / "good"
+    good.rename(tmp_path / "elsewhere")
+    good.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    data = cu.load_category(fresh_mvtec, "widget", 32)
+    before = cu.data_fingerprint(fresh_mvtec, "widget")
+    assert before["files"] == len(data["train"]) + len(data["test"]) + int(data["test"].labels.sum())  # + masks
+    for f in sorted(good.iterdir())[::2]:
+        f.unlink()
+    after = cu.data_fingerprint(fresh_mvtec, "widget")
+    assert after["files"] == before["files"] - (len(data["train"]) + 1) // 2 and after["digest"] != before["digest"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(sets, tmp_path):
@@ -636,6 +720,45 @@ history = cu.train_model(model, train, val, cu.TrainConfig(epochs=30, batch_size
 if rank == 0:
     json.dump({"world": world, "history": history}, open(out + "/history.json", "w"))
 """
+
+
+UNEVEN_SCRIPT = """
+import json, sys, torch
+import cpc_utils as cu
+rank, world = cu.init_distributed()
+torch.set_num_threads(1)
+images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+train = cu.ImageSet(images, torch.zeros(8, 1, 32, 32, dtype=torch.bool), torch.zeros(8, dtype=torch.long),
+                    ["good"] * 8, [str(i) for i in range(8)])
+ref = cu.to_float(images).flatten(1)
+model = cu.CPCAD(cu.CPCADConfig(width=8, pred_steps=2, num_negatives=4), cu.PatchGrid(32, 16, 8))
+seen, forward = [], model.forward
+def spy(x, generator=None):
+    seen.extend(int((ref == row).all(1).nonzero()) for row in x.flatten(1))
+    return forward(x, generator)
+model.forward = spy
+cu.train_model(model, train, None, cu.TrainConfig(epochs=3, batch_size=3, device="cpu"), progress=False)
+json.dump(seen, open(sys.argv[1] + f"/seen{rank}.json", "w"))
+"""
+
+
+def test_uneven_shares_train_every_image_once_per_epoch(tmp_path):
+    """8 images, batches of 3, 2 processes: shares of 2 and 1 images, so the processes draw
+    different numbers of negatives. Each epoch the two still split one permutation between
+    them: every image is trained exactly once per epoch (3 steps: 5 images on rank 0, 3 on rank 1)."""
+    import subprocess
+    import sys
+    (tmp_path / "run.py").write_text(UNEVEN_SCRIPT)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cu.__file__).parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "run.py"), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert [len(s) for s in seen] == [3 * 5, 3 * 3]
+    for epoch in range(3):
+        both = seen[0][5 * epoch:5 * epoch + 5] + seen[1][3 * epoch:3 * epoch + 3]
+        assert sorted(both) == list(range(8)), (epoch, seen)
 
 
 def test_two_processes_under_torchrun_learn_like_one(tmp_path):
