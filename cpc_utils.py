@@ -1953,15 +1953,69 @@ def _alive(pid) -> bool:
     return True
 
 
+RUN_MARKER = ".cpc_utils_run"  # in every run folder this module writes: proof that it may replace it
+# what a run wrote before RUN_MARKER existed (notebooks 01, 02, scripts/sweep.py's executed copy, the
+# score output notebook 02 suggests): a folder with a metrics.json or run.json (unfinished) and
+# nothing else is taken as an earlier run
+LEGACY_RUN_FILES = ("metrics.json", "model.pt", "run.json", "*.png", "*.ipynb")
+LEGACY_RUN_FOLDERS = ("checkpoints", "scored")
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run folder this module wrote (and so may replace): it carries
+    RUN_MARKER, or it is an earlier run's (a metrics.json or run.json and only what a run writes)."""
+    path = Path(path)
+    if (path / RUN_MARKER).is_file():
+        return True
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return any((path / f).is_file() for f in ("metrics.json", "run.json")) and all(
+        (e.is_file() and any(e.match(f) for f in LEGACY_RUN_FILES)) or (e.is_dir() and e.name in LEGACY_RUN_FOLDERS)
+        for e in entries)
+
+
+def _check_replaceable(path: Path, what: str) -> None:
+    """Raise FileExistsError unless `path` is absent, an empty folder or a run folder of ours:
+    a run never deletes what it did not write (a data folder, notes, an earlier sweep)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"{what} {path} is {'a link' if path.is_symlink() else 'a file'}, not a run folder; "
+                              "choose another output_dir")
+    entries = sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir())
+    if entries and not is_run_folder(path):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise FileExistsError(f"{what} {path} is not empty and not a run folder of cpc_utils (it holds {shown}); "
+                              "a run replaces only an earlier run's folder: choose a new or empty output_dir")
+
+
+def _remove_run(path: Path) -> None:
+    """Delete a run folder of ours, its marker and run.json last, so a deletion cut short
+    leaves a folder that is still recognisably ours."""
+    import shutil
+    if not path.exists():
+        return
+    for e in path.iterdir():
+        if e.name in (RUN_MARKER, "run.json"):
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    shutil.rmtree(path)
+
+
 def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -> Path:
     """Lock output folder `out` and return the staging folder this run writes into.
 
     Nothing of a previous run in `out` is touched until `finish_run` replaces it, so a run that
     fails (a bad parameter, a crash, Ctrl-C) loses no model and leaves no results that claim
     to be its own. The staging folder is `out`'s hidden sibling `.<name>.partial`; its
-    run.json records the fingerprint and status. resume=True continues an unfinished staging
-    run, or else a copy of `out`'s checkpoints (to train a finished run further). Under
-    torchrun only rank 0 prepares the folder; the others wait for it and get its path.
+    run.json records the fingerprint and status, its RUN_MARKER that it is a run folder.
+    An `out` that holds anything but an earlier run (`is_run_folder`), e.g. a data folder or
+    a results tree, is a FileExistsError naming it and some of its entries, before anything
+    is written. resume=True continues an unfinished staging run, or else a copy of `out`'s
+    checkpoints (to train a finished run further). Under torchrun only rank 0 prepares the
+    folder; the others wait for it and get its path.
     """
     import shutil
     out = Path(out)
@@ -1970,15 +2024,23 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     if rank != 0:
         torch.distributed.barrier()  # rank 0 has prepared `work`
         return work
-    acquire_lock(out.parent / f".{out.name}.lock")
-    if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
-        old.rename(out)
+    lock = acquire_lock(out.parent / f".{out.name}.lock")
+    try:
+        if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
+            _check_replaceable(old, "the previous run's copy")
+            old.rename(out)
+        for path, what in ((out, "output_dir"), (work, "the staging folder"), (old, "the previous run's copy")):
+            _check_replaceable(path, what)
+    except FileExistsError:
+        lock.unlink(missing_ok=True)
+        raise
     has_checkpoint = lambda run: any((run / "checkpoints").rglob("last.pt"))  # noqa: E731 (notebook 01: one per seed)
     if not resume or not has_checkpoint(work):
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_run(work)
         if resume and has_checkpoint(out):
             shutil.copytree(out / "checkpoints", work / "checkpoints")
     work.mkdir(parents=True, exist_ok=True)
+    save_json({"written_by": "cpc_utils.begin_run", "output_dir": str(out)}, work / RUN_MARKER)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "output_dir": str(out), "fingerprint": fingerprint}, work / "run.json")
     if world > 1:
@@ -1990,19 +2052,23 @@ def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -
     """Write metrics.json into the staging folder `work` (last), then make it `out`; unlock.
 
     The previous run in `out`, if any, is moved aside first and deleted once the new one is
-    in place. Returns the path of the metrics.json written.
+    in place; `out` is checked again (`begin_run`'s rule), so a folder that became something
+    else meanwhile is kept and this run stays in `work`. Returns the path of the metrics.json written.
     """
-    import shutil
     out, work = Path(out), Path(work)
+    old = out.parent / f".{out.name}.old"
+    _check_replaceable(out, "output_dir")
+    _check_replaceable(old, "the previous run's copy")
     save_json(metrics, work / "metrics.json")
     save_json({**json.loads((work / "run.json").read_text()), "status": "finished",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, work / "run.json")
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_run(old)
     if out.exists():
+        if not (out / RUN_MARKER).exists():  # an earlier run without one: marked, so a cut deletion stays ours
+            save_json({"written_by": "cpc_utils.finish_run", "output_dir": str(out)}, out / RUN_MARKER)
         out.rename(old)
     work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_run(old)
     (out.parent / f".{out.name}.lock").unlink(missing_ok=True)
     return out / "metrics.json"
 
