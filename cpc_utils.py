@@ -208,10 +208,18 @@ def _resized_tensor(im: "PIL.Image.Image", image_size: int) -> torch.Tensor:
 
 
 def _open_rgb(path: str | os.PathLike) -> "PIL.Image.Image":
-    """Decode an image at its own size as 8-bit RGB (see `read_image` for channels and depth)."""
+    """Decode an image at its own size as 8-bit RGB (see `read_image` for channels and depth),
+    upright (`_upright`)."""
     from PIL import Image
     with Image.open(path) as im:
-        return _to_8bit(im).convert("RGB")  # convert() loads the pixels: the file can close
+        return _to_8bit(_upright(im)).convert("RGB")  # convert() loads the pixels: the file can close
+
+
+def _upright(im: "PIL.Image.Image") -> "PIL.Image.Image":
+    """The image turned as its EXIF orientation tag says: cameras store a portrait photo
+    sideways with a tag, and every viewer shows it upright, so the model must see it so too."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im  # 0x0112: Orientation
 
 
 def _to_8bit(im):
@@ -245,6 +253,7 @@ def read_mask(path: str | os.PathLike, image_size: int,
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
     with im:
+        im = _upright(im)  # as its image is read (`_open_rgb`)
         if image and im.size != image[1]:
             raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} px but its image {image[0]} is "
                              f"{image[1][0]}x{image[1][1]} px (width x height); they must match")
