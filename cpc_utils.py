@@ -61,11 +61,13 @@ def cli_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score new images with a trained model bundle: verdicts, heatmaps, masks",
                            description="Score images with a model bundle (model.pt, written by notebook 02): "
                                        "writes OUT/scores.csv, OUT/heatmaps/*.png and OUT/masks/*.png. Exit "
-                                       "status 1 when an image could not be read (listed in the CSV).")
+                                       "status 1 when an image could not be read or got a non-finite score "
+                                       "(listed in the CSV).")
     score.add_argument("bundle", help="a model bundle, e.g. results/notebook02/brick/resnet18v2/model.pt")
     score.add_argument("inputs", nargs="+", metavar="INPUT",
                        help="an image file, a folder (searched recursively) or a glob (quote it)")
-    score.add_argument("--out", required=True, help="output folder")
+    score.add_argument("--out", required=True, help="output folder: new, empty, or an earlier score output "
+                       "(whose files are replaced); never read as input")
     score.add_argument("--threshold", type=_finite_float, default=None,
                        help="image threshold (default: the bundle's, chosen on validation normals)")
     score.add_argument("--pixel-threshold", type=_finite_float, default=None, help="pixel threshold for the masks "
@@ -225,10 +227,18 @@ def _resized_tensor(im: "PIL.Image.Image", image_size: int) -> torch.Tensor:
 
 
 def _open_rgb(path: str | os.PathLike) -> "PIL.Image.Image":
-    """Decode an image at its own size as 8-bit RGB (see `read_image` for channels and depth)."""
+    """Decode an image at its own size as 8-bit RGB (see `read_image` for channels and depth),
+    upright (`_upright`)."""
     from PIL import Image
     with Image.open(path) as im:
-        return _to_8bit(im).convert("RGB")  # convert() loads the pixels: the file can close
+        return _to_8bit(_upright(im)).convert("RGB")  # convert() loads the pixels: the file can close
+
+
+def _upright(im: "PIL.Image.Image") -> "PIL.Image.Image":
+    """The image turned as its EXIF orientation tag says: cameras store a portrait photo
+    sideways with a tag, and every viewer shows it upright, so the model must see it so too."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im  # 0x0112: Orientation
 
 
 def _to_8bit(im):
@@ -262,6 +272,7 @@ def read_mask(path: str | os.PathLike, image_size: int,
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
     with im:
+        im = _upright(im)  # as its image is read (`_open_rgb`)
         if image and im.size != image[1]:
             raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} px but its image {image[0]} is "
                              f"{image[1][0]}x{image[1][1]} px (width x height); they must match")
@@ -2039,15 +2050,69 @@ def _alive(pid) -> bool:
     return True
 
 
+RUN_MARKER = ".cpc_utils_run"  # in every run folder this module writes: proof that it may replace it
+# what a run wrote before RUN_MARKER existed (notebooks 01, 02, scripts/sweep.py's executed copy, the
+# score output notebook 02 suggests): a folder with a metrics.json or run.json (unfinished) and
+# nothing else is taken as an earlier run
+LEGACY_RUN_FILES = ("metrics.json", "model.pt", "run.json", "*.png", "*.ipynb")
+LEGACY_RUN_FOLDERS = ("checkpoints", "scored")
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run folder this module wrote (and so may replace): it carries
+    RUN_MARKER, or it is an earlier run's (a metrics.json or run.json and only what a run writes)."""
+    path = Path(path)
+    if (path / RUN_MARKER).is_file():
+        return True
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return any((path / f).is_file() for f in ("metrics.json", "run.json")) and all(
+        (e.is_file() and any(e.match(f) for f in LEGACY_RUN_FILES)) or (e.is_dir() and e.name in LEGACY_RUN_FOLDERS)
+        for e in entries)
+
+
+def _check_replaceable(path: Path, what: str) -> None:
+    """Raise FileExistsError unless `path` is absent, an empty folder or a run folder of ours:
+    a run never deletes what it did not write (a data folder, notes, an earlier sweep)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"{what} {path} is {'a link' if path.is_symlink() else 'a file'}, not a run folder; "
+                              "choose another output_dir")
+    entries = sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir())
+    if entries and not is_run_folder(path):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise FileExistsError(f"{what} {path} is not empty and not a run folder of cpc_utils (it holds {shown}); "
+                              "a run replaces only an earlier run's folder: choose a new or empty output_dir")
+
+
+def _remove_run(path: Path) -> None:
+    """Delete a run folder of ours, its marker and run.json last, so a deletion cut short
+    leaves a folder that is still recognisably ours."""
+    import shutil
+    if not path.exists():
+        return
+    for e in path.iterdir():
+        if e.name in (RUN_MARKER, "run.json"):
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    shutil.rmtree(path)
+
+
 def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -> Path:
     """Lock output folder `out` and return the staging folder this run writes into.
 
     Nothing of a previous run in `out` is touched until `finish_run` replaces it, so a run that
     fails (a bad parameter, a crash, Ctrl-C) loses no model and leaves no results that claim
     to be its own. The staging folder is `out`'s hidden sibling `.<name>.partial`; its
-    run.json records the fingerprint and status. resume=True continues an unfinished staging
-    run, or else a copy of `out`'s checkpoints (to train a finished run further). Under
-    torchrun only rank 0 prepares the folder; the others wait for it and get its path.
+    run.json records the fingerprint and status, its RUN_MARKER that it is a run folder.
+    An `out` that holds anything but an earlier run (`is_run_folder`), e.g. a data folder or
+    a results tree, is a FileExistsError naming it and some of its entries, before anything
+    is written. resume=True continues an unfinished staging run, or else a copy of `out`'s
+    checkpoints (to train a finished run further). Under torchrun only rank 0 prepares the
+    folder; the others wait for it and get its path.
     """
     import shutil
     out = Path(out)
@@ -2056,15 +2121,23 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     if rank != 0:
         torch.distributed.barrier()  # rank 0 has prepared `work`
         return work
-    acquire_lock(out.parent / f".{out.name}.lock")
-    if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
-        old.rename(out)
+    lock = acquire_lock(out.parent / f".{out.name}.lock")
+    try:
+        if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
+            _check_replaceable(old, "the previous run's copy")
+            old.rename(out)
+        for path, what in ((out, "output_dir"), (work, "the staging folder"), (old, "the previous run's copy")):
+            _check_replaceable(path, what)
+    except FileExistsError:
+        lock.unlink(missing_ok=True)
+        raise
     has_checkpoint = lambda run: any((run / "checkpoints").rglob("last.pt"))  # noqa: E731 (notebook 01: one per seed)
     if not resume or not has_checkpoint(work):
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_run(work)
         if resume and has_checkpoint(out):
             shutil.copytree(out / "checkpoints", work / "checkpoints")
     work.mkdir(parents=True, exist_ok=True)
+    save_json({"written_by": "cpc_utils.begin_run", "output_dir": str(out)}, work / RUN_MARKER)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "output_dir": str(out), "fingerprint": fingerprint}, work / "run.json")
     if world > 1:
@@ -2076,19 +2149,23 @@ def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -
     """Write metrics.json into the staging folder `work` (last), then make it `out`; unlock.
 
     The previous run in `out`, if any, is moved aside first and deleted once the new one is
-    in place. Returns the path of the metrics.json written.
+    in place; `out` is checked again (`begin_run`'s rule), so a folder that became something
+    else meanwhile is kept and this run stays in `work`. Returns the path of the metrics.json written.
     """
-    import shutil
     out, work = Path(out), Path(work)
+    old = out.parent / f".{out.name}.old"
+    _check_replaceable(out, "output_dir")
+    _check_replaceable(old, "the previous run's copy")
     save_json(metrics, work / "metrics.json")
     save_json({**json.loads((work / "run.json").read_text()), "status": "finished",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, work / "run.json")
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_run(old)
     if out.exists():
+        if not (out / RUN_MARKER).exists():  # an earlier run without one: marked, so a cut deletion stays ours
+            save_json({"written_by": "cpc_utils.finish_run", "output_dir": str(out)}, out / RUN_MARKER)
         out.rename(old)
     work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_run(old)
     (out.parent / f".{out.name}.lock").unlink(missing_ok=True)
     return out / "metrics.json"
 
@@ -3896,16 +3973,21 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _output_names(paths: Sequence[Path]) -> list[Path]:
-    """One relative .png name per image, mirroring the images' folders below their common folder."""
+    """One relative .png name per image, mirroring the images' folders below their common folder.
+
+    Names are unique, also where case is ignored (macOS, Windows): 000.jpg beside 000.png
+    becomes 000_jpg.png, and a 000_jpg.png already among the images then 000_jpg_2.png.
+    """
     full = [p.resolve() for p in paths]
     base = Path(os.path.commonpath([str(p.parent) for p in full]))
     names, used = [], set()
     for p in full:
         rel = p.relative_to(base)
-        name = rel.with_suffix(".png")
-        if name in used:  # 000.jpg beside 000.png
-            name = rel.with_name(f"{rel.stem}_{rel.suffix.lstrip('.').lower()}.png")
-        used.add(name)
+        ext = rel.suffix.lstrip(".").lower()
+        candidates = [rel.with_suffix(".png"), rel.with_name(f"{rel.stem}_{ext}.png")]
+        candidates += (rel.with_name(f"{rel.stem}_{ext}_{k}.png") for k in range(2, len(full) + 3))
+        name = next(c for c in candidates if c.as_posix().casefold() not in used)
+        used.add(name.as_posix().casefold())
         names.append(name)
     return names
 
@@ -3913,15 +3995,24 @@ def _output_names(paths: Sequence[Path]) -> list[Path]:
 def overlay_heatmap(image: np.ndarray, pixel_map: np.ndarray, vmin: float, vmax: float,
                     mask: np.ndarray | None = None) -> np.ndarray:
     """The image (H, W, 3) uint8 with its anomaly map (H, W) blended over it at half opacity
-    (HEATMAP_CMAP from vmin to vmax) and `mask` (H, W) bool outlined in MASK_COLOUR: (H, W, 3) uint8."""
+    (HEATMAP_CMAP from vmin to vmax) and `mask` (H, W) bool outlined in MASK_COLOUR: (H, W, 3) uint8.
+
+    Built in bands of rows through the colour map's 256-entry table, so a 6000 x 6000 photo
+    needs a few tens of MB of float32 at a time, not gigabytes of float64 at full size.
+    """
     import matplotlib
-    t = np.clip((pixel_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    out = 0.5 * image.astype(np.float64) + 0.5 * 255 * matplotlib.colormaps[HEATMAP_CMAP](t)[..., :3]
+    half_lut = (0.5 * 255 * matplotlib.colormaps[HEATMAP_CMAP](np.arange(256))[:, :3]).astype(np.float32)  # (256, 3)
+    scale = max(vmax - vmin, 1e-12)
+    out = np.empty(image.shape, np.uint8)
+    for r in range(0, image.shape[0], 256):
+        t = np.clip((pixel_map[r:r + 256].astype(np.float32) - vmin) / scale, 0, 1)  # (rows, W)
+        colour = half_lut[np.minimum((t * 256).astype(np.int32), 255)]  # matplotlib's own binning of [0, 1]
+        out[r:r + 256] = np.rint(0.5 * image[r:r + 256].astype(np.float32) + colour)
     if mask is not None and mask.any():
         m = np.pad(mask, 1)
         inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]  # eroded by one pixel
-        out[mask & ~inner] = np.array(matplotlib.colors.to_rgb(MASK_COLOUR)) * 255
-    return np.rint(out).astype(np.uint8)
+        out[mask & ~inner] = np.rint(np.array(matplotlib.colors.to_rgb(MASK_COLOUR)) * 255)
+    return out
 
 
 def _colour_scale(pixel_rule: dict, pixel_threshold: float) -> tuple[float, float]:
@@ -3933,7 +4024,45 @@ def _colour_scale(pixel_rule: dict, pixel_threshold: float) -> tuple[float, floa
 
 
 SCORE_COLUMNS = ("path", "image_score", "verdict", "threshold", "max_pixel_x", "max_pixel_y", "max_pixel_score",
-                 "width", "height", "heatmap", "mask", "error")
+                 "width", "height", "upsampled", "heatmap", "mask", "error")
+SCORE_MANIFEST = ".cpc_utils_score"  # in every score --out folder: the files score wrote there
+UPSAMPLE_WARNING = 2.0  # an image enlarged more than this to image_size is flagged: detail the model never saw
+
+
+def _score_out_plan(out: Path, names: Sequence[Path]) -> list[str]:
+    """Check score's output folder before anything is scored; return the files it will write
+    (relative). `out` must be new, empty or an earlier score output (SCORE_MANIFEST); no file
+    not written by score is ever overwritten. The earlier output's files are deleted, so no
+    stale heatmap or mask stays beside the new ones. Raises FileExistsError naming `out`.
+    """
+    planned = ["scores.csv"] + [f"{kind}/{n.as_posix()}" for n in names for kind in ("heatmaps", "masks")]
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: expected a folder (new, empty or an earlier score output)")
+    if not out.is_dir():
+        return planned
+    entries = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir())
+    if entries and not (out / SCORE_MANIFEST).is_file():
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise FileExistsError(f"--out {out} is not empty and not an earlier score output (it holds {shown}); "
+                              "score writes only into a new or empty folder or one it wrote before")
+    try:
+        previous = set(json.loads((out / SCORE_MANIFEST).read_text())["files"]) if entries else set()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--out {out}: cannot read {SCORE_MANIFEST}, the list of what score wrote there ({e}); "
+                         "choose a new or empty folder") from e
+    previous = {f for f in previous if not Path(f).is_absolute() and ".." not in Path(f).parts}
+    foreign = [f for f in planned if (out / f).exists() and f not in previous]
+    if foreign:
+        raise FileExistsError(f"--out {out}: {out / foreign[0]} was not written by score and would be overwritten; "
+                              "choose a new or empty folder")
+    for f in sorted(previous, reverse=True):
+        if (out / f).is_file() and not (out / f).is_symlink():
+            (out / f).unlink()
+            for parent in (out / f).parents:  # the folders it leaves empty, up to `out`
+                if parent == out or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+    return planned
 
 
 def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -3944,21 +4073,38 @@ def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     Writes `out`/scores.csv (SCORE_COLUMNS, one row per image, in `find_images` order),
     `out`/heatmaps/<name>.png (the map over the image, one colour scale for all, the mask
     outlined) and `out`/masks/<name>.png (0 / 255, pixels above the pixel threshold), both
-    at each image's own size, <name> mirroring the input folders. Images are read and resized
-    as in training (`read_image`); an unreadable one gets a row with its error and the others
-    are still scored. Max-pixel x, y are column and row in the image's own pixels.
+    at each image's own size, <name> mirroring the input folders (unique, `_output_names`).
+    `out` must be new, empty or an earlier score output, whose files are replaced
+    (`_score_out_plan`); images inside `out` are never read as inputs (said, not silent).
+    Images are read upright (EXIF orientation) and resized as in training (`read_image`); one
+    enlarged more than UPSAMPLE_WARNING times is scored with a warning and its factor in the
+    "upsampled" column. An unreadable image, or one whose score is not finite (verdict
+    "error"), gets a row with its error and the others are still scored. Max-pixel x, y are
+    column and row in the image's own pixels.
 
-    Returns {"images", "scored", "failed", "anomalous", "resized", "csv", "seconds"}.
+    Returns {"images", "scored", "failed" (unreadable), "nonfinite", "anomalous", "resized",
+             "upsampled", "skipped" (images inside `out`), "csv", "seconds", ...}.
     """
     from PIL import Image
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path, device)
     check_param("batch_size", batch_size, "int", low=1)
-    paths = find_images(inputs)
-    names = _output_names(paths)
     S, out = bundle.image_size, Path(out)
     thr = bundle.threshold if threshold is None else float(threshold)
     pthr = bundle.pixel_threshold if pixel_threshold is None else float(pixel_threshold)
+    for name, value in (("threshold", thr), ("pixel threshold", pthr)):
+        if not math.isfinite(value):
+            raise ValueError(f"the {name} is {value}: expected a finite number")
+    found = find_images(inputs)
+    paths = [p for p in found if out.resolve() not in p.resolve().parents]  # never score's own outputs
+    if len(paths) < len(found):
+        tqdm.write(f"{len(found) - len(paths)} images inside --out {out} are not read as inputs")
+        if not paths:
+            raise ValueError(f"no images to score: every image found in {' '.join(map(str, inputs))} is inside "
+                             f"--out {out}, which is never read as input")
+    names = _output_names(paths)
+    planned = _score_out_plan(out, names)
+    save_json({"written_by": "cpc_utils score", "files": planned}, out / SCORE_MANIFEST)  # before any output
     vmin, vmax = _colour_scale(bundle.pixel_threshold_rule, pthr)
     png = lambda a, f: Image.fromarray(a).save(f, format="PNG")  # noqa: E731
     rows: list[dict] = []
@@ -3977,34 +4123,52 @@ def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
                                f"(first: {paths[i]}, {im.size[0]}x{im.size[1]}); heatmaps and masks are "
                                "written at each image's own size")
                 resized += im.size != (S, S)
-                originals.append(np.asarray(im))
+                originals.append(im)
                 xs.append(_resized_tensor(im, S))  # as read_image does
                 index.append(i)
             if xs:
                 result = bundle.score(torch.stack(xs), batch_size)
                 for j, i in enumerate(index):
-                    h, w = originals[j].shape[:2]
-                    m = F.interpolate(result["pixel_maps"][j:j + 1], size=(h, w), mode="bilinear",
-                                      align_corners=False)[0, 0].numpy()  # (h, w): the image's own pixels
-                    mask = m > pthr
-                    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
-                    score = float(result["scores"][j])
-                    save_atomic(overlay_heatmap(originals[j], m, vmin, vmax, mask), out / "heatmaps" / names[i], png)
-                    save_atomic(mask.astype(np.uint8) * 255, out / "masks" / names[i], png)
-                    rows.append({"path": str(paths[i]), "image_score": f"{score:.9g}",
-                                 "verdict": "anomalous" if score > thr else "normal", "threshold": f"{thr:.9g}",
-                                 "max_pixel_x": int(x), "max_pixel_y": int(y), "max_pixel_score": f"{m[y, x]:.9g}",
-                                 "width": w, "height": h, "heatmap": str(Path("heatmaps") / names[i]),
-                                 "mask": str(Path("masks") / names[i]), "error": ""})
+                    rows.append(_score_row(paths[i], names[i], np.asarray(originals[j]), result, j, thr, pthr,
+                                           vmin, vmax, S, out, png))
+                    originals[j] = None  # a large photo is held once, not for the whole batch
             bar.update(min(lo + batch_size, len(paths)) - lo)
     order = {str(p): k for k, p in enumerate(paths)}
     rows.sort(key=lambda r: order[r["path"]])
     _write_csv(rows, out / "scores.csv")
     scored = [r for r in rows if not r.get("error")]
-    return {"images": len(rows), "scored": len(scored), "failed": len(rows) - len(scored),
-            "anomalous": sum(r["verdict"] == "anomalous" for r in scored), "resized": resized,
-            "threshold": thr, "pixel_threshold": pthr, "csv": out / "scores.csv",
-            "seconds": time.perf_counter() - t0}
+    nonfinite = sum(r.get("verdict") == "error" for r in rows)
+    return {"images": len(rows), "scored": len(scored), "failed": len(rows) - len(scored) - nonfinite,
+            "nonfinite": nonfinite, "anomalous": sum(r["verdict"] == "anomalous" for r in scored),
+            "resized": resized, "upsampled": sum(bool(r.get("upsampled")) for r in scored),
+            "skipped": len(found) - len(paths), "threshold": thr, "pixel_threshold": pthr,
+            "csv": out / "scores.csv", "seconds": time.perf_counter() - t0}
+
+
+def _score_row(path: Path, name: Path, original: np.ndarray, result: dict, j: int, thr: float, pthr: float,
+               vmin: float, vmax: float, S: int, out: Path, png: Callable) -> dict:
+    """Image j of a scored batch: its heatmap and mask written, its scores.csv row returned."""
+    h, w = original.shape[:2]
+    score = float(result["scores"][j])
+    if not (math.isfinite(score) and torch.isfinite(result["patch_maps"][j]).all()):
+        return {"path": str(path), "image_score": f"{score:.9g}", "verdict": "error", "threshold": f"{thr:.9g}",
+                "width": w, "height": h, "error": f"the model's score is not finite ({score:.9g}, or its map "
+                "holds NaN or inf): no verdict, heatmap or mask"}
+    factor = S / min(w, h)
+    if factor > UPSAMPLE_WARNING:
+        warnings.warn(f"{path} is {w}x{h} px, enlarged {factor:.3g} times to the model's {S}x{S}: its patches "
+                      "hold less detail than the training images' did, so its score may mean little")
+    m = F.interpolate(result["pixel_maps"][j:j + 1], size=(h, w), mode="bilinear",
+                      align_corners=False)[0, 0].numpy()  # (h, w): the image's own pixels
+    mask = m > pthr
+    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+    save_atomic(overlay_heatmap(original, m, vmin, vmax, mask), out / "heatmaps" / name, png)
+    save_atomic(mask.view(np.uint8) * np.uint8(255), out / "masks" / name, png)
+    return {"path": str(path), "image_score": f"{score:.9g}", "verdict": "anomalous" if score > thr else "normal",
+            "threshold": f"{thr:.9g}", "max_pixel_x": int(x), "max_pixel_y": int(y),
+            "max_pixel_score": f"{m[y, x]:.9g}", "width": w, "height": h,
+            "upsampled": f"{factor:.3g}" if factor > UPSAMPLE_WARNING else "",
+            "heatmap": str(Path("heatmaps") / name), "mask": str(Path("masks") / name), "error": ""}
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -4026,7 +4190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _CLI_ARGS if argv is None and _CLI_ARGS is not None else cli_parser().parse_args(argv)
     try:
         _run_command(args)
-    except (FileNotFoundError, ValueError) as e:  # the user's input: one line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the user's input: one line, no traceback
         raise SystemExit(f"python -m cpc_utils {args.command}: {e}") from None
 
 
@@ -4045,10 +4209,12 @@ def _run_command(args: argparse.Namespace) -> None:
                         args.batch_size)
         print(f"{r['scored']} of {r['images']} images scored in {r['seconds']:.1f} s, {r['anomalous']} anomalous "
               f"at threshold {r['threshold']:.4g}" + (f", {r['resized']} resized" if r["resized"] else "")
-              + f"; wrote {r['csv']}, heatmaps/ and masks/ in {args.out}")
-        if r["failed"]:
-            raise SystemExit(f"python -m cpc_utils score: {r['failed']} of {r['images']} images could not be read; "
-                             f"see the error column of {r['csv']}")
+              + (f", {r['upsampled']} enlarged over {UPSAMPLE_WARNING:g} times (see the upsampled column)"
+                 if r["upsampled"] else "") + f"; wrote {r['csv']}, heatmaps/ and masks/ in {args.out}")
+        problems = [f"{r['failed']} of {r['images']} images could not be read"] * bool(r["failed"]) + [
+            f"{r['nonfinite']} of {r['images']} images got a non-finite score"] * bool(r["nonfinite"])
+        if problems:
+            raise SystemExit(f"python -m cpc_utils score: {', '.join(problems)}; see the error column of {r['csv']}")
 
 
 if __name__ == "__main__":

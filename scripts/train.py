@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         for source in cells:
             try:
                 exec(compile(source, str(NOTEBOOK), "exec"), namespace)
-            except (FileNotFoundError, ValueError, cu.TimeBudgetReached) as e:  # bad input, a data error, a budget
+            except (FileNotFoundError, FileExistsError, ValueError, cu.TimeBudgetReached) as e:
+                # bad input (an output_dir that is not a run folder), a data error, a budget
                 raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
             if rank and "cu.train_model(" in source:
                 break  # training done: scoring, evaluation and files are rank 0's

@@ -147,6 +147,129 @@ def test_threshold_override_changes_the_verdicts(trained, tmp_path):
     assert not np.asarray(Image.open(tmp_path / row["mask"])).any()
 
 
+def test_output_names_are_unique_also_where_case_is_ignored(tmp_path):
+    for order in (["a.jpg", "a.png", "a_png.png"], ["a_png.png", "a.jpg", "a.png", "A.PNG", "a_jpg.png"]):
+        names = cu._output_names([tmp_path / n for n in order])
+        assert len({n.as_posix().casefold() for n in names}) == len(order), names
+        assert all(n.suffix == ".png" for n in names)
+
+
+def copy_images(trained, folder: Path, n: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{k}.png" for k in range(n)]
+    for p, src in zip(paths, trained["test"].paths):
+        p.write_bytes(Path(src).read_bytes())
+    return paths
+
+
+def files_below(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_out_inside_the_scored_folder_is_never_read_as_input(trained, tmp_path, capsys):
+    copy_images(trained, tmp_path / "photos")
+    out = tmp_path / "photos" / "scored"
+    for _ in range(2):  # the second run finds the first one's heatmaps and masks in photos/, and skips them
+        cu.main(["score", str(trained["path"]), str(tmp_path / "photos"), "--out", str(out), "--device", "cpu"])
+        assert sorted(Path(r["path"]).name for r in read_csv(out / "scores.csv")) == ["0.png", "1.png"]
+    assert "4 images inside --out" in capsys.readouterr().out
+    assert "every image found" in score_error(trained["path"], out / "heatmaps", "--out", out)
+
+
+@pytest.mark.parametrize("where", ["masks", "heatmaps", ""])
+def test_an_out_holding_other_files_is_refused_before_scoring(trained, tmp_path, where):
+    """--out whose masks/ (or heatmaps/, or itself) holds the input images: refused, inputs kept."""
+    inputs = copy_images(trained, tmp_path / "out" / where)
+    before = files_below(tmp_path)
+    message = score_error(trained["path"], *inputs, tmp_path / "elsewhere.png", "--out", tmp_path / "out")
+    assert files_below(tmp_path) == before
+    assert "no such file" in message or f"--out {tmp_path / 'out'} is not empty" in message
+    message = score_error(trained["path"], *inputs, "--out", tmp_path / "out")
+    assert "not empty and not an earlier score output" in message or "is never read as input" in message
+    assert files_below(tmp_path) == before
+
+
+def test_an_out_that_is_a_file_is_refused_before_scoring(trained, tmp_path, monkeypatch):
+    (tmp_path / "out").write_text("a file")
+    monkeypatch.setattr(cu.Bundle, "score", lambda *a, **k: pytest.fail("scored before checking --out"))
+    message = score_error(trained["path"], trained["test"].paths[0], "--out", tmp_path / "out")
+    assert f"--out {tmp_path / 'out'} is a file" in message and (tmp_path / "out").read_text() == "a file"
+
+
+def test_a_reused_out_holds_only_the_new_outputs_and_the_users_files(trained, tmp_path):
+    a, b = copy_images(trained, tmp_path / "first")
+    c = copy_images(trained, tmp_path / "second", 1)[0]
+    out = tmp_path / "out"
+    cu.main(["score", str(trained["path"]), str(a), str(b), "--out", str(out), "--device", "cpu"])
+    (out / "notes.txt").write_text("mine")  # the user's, added later: kept
+    cu.main(["score", str(trained["path"]), str(c), "--out", str(out), "--device", "cpu"])
+    assert sorted(files_below(out)) == [".cpc_utils_score", "heatmaps/0.png", "masks/0.png", "notes.txt", "scores.csv"]
+    assert [r["path"] for r in read_csv(out / "scores.csv")] == [str(c)]
+    (out / "masks" / "extra.png").write_text("the user's file where score would write")
+    (tmp_path / "extra.png").write_bytes(c.read_bytes())
+    assert "masks/extra.png was not written by score" in score_error(trained["path"], tmp_path / "extra.png", "--out", out)
+    assert (out / "masks" / "extra.png").read_text() == "the user's file where score would write"
+    assert (out / "masks" / "0.png").exists()  # refused before anything was deleted
+
+
+def test_a_tiny_image_is_scored_with_a_warning_and_its_enlargement(trained, tmp_path, capsys):
+    Image.open(trained["test"].paths[0]).resize((20, 30)).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match=r"tiny.png is 20x30 px, enlarged 3.2 times to the model's 64x64"):
+        cu.main(["score", str(trained["path"]), str(tmp_path / "tiny.png"), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    (row,) = read_csv(tmp_path / "out" / "scores.csv")
+    assert row["upsampled"] == "3.2" and not row["error"]
+    assert "1 enlarged over 2 times" in capsys.readouterr().out
+
+
+def test_a_non_finite_score_is_an_error_row_and_a_failed_exit(trained, tmp_path, monkeypatch):
+    score = cu.Bundle.score
+
+    def nan_first(self, images, *a, **k):
+        r = score(self, images, *a, **k)
+        r["scores"][0] = float("nan")
+        return r
+    monkeypatch.setattr(cu.Bundle, "score", nan_first)
+    a, b = copy_images(trained, tmp_path / "in")
+    message = score_error(trained["path"], a, b, "--out", tmp_path / "out")
+    assert "1 of 2 images got a non-finite score" in message
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "out" / "scores.csv")}
+    assert rows["0.png"]["verdict"] == "error" and "not finite" in rows["0.png"]["error"]
+    assert rows["0.png"]["image_score"] == "nan" and not rows["0.png"]["heatmap"]
+    assert rows["1.png"]["verdict"] in ("normal", "anomalous") and not rows["1.png"]["error"]
+    assert not (tmp_path / "out" / "heatmaps" / "0.png").exists()
+    assert "the threshold is nan: expected a finite number" in score_error(trained["path"], b, "--out",
+                                                                           tmp_path / "o", "--threshold", "nan")
+
+
+def test_a_portrait_jpeg_is_scored_upright(trained, tmp_path):
+    stored = np.asarray(Image.open(trained["test"].paths[0]).convert("RGB").resize((80, 48)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(stored).save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    cu.main(["score", str(trained["path"]), str(tmp_path / "portrait.jpg"), "--out", str(tmp_path / "out"),
+             "--device", "cpu"])
+    (row,) = read_csv(tmp_path / "out" / "scores.csv")
+    assert (row["width"], row["height"]) == ("48", "80")
+    assert Image.open(tmp_path / "out" / row["heatmap"]).size == (48, 80)
+
+
+def test_overlay_memory_is_bounded(tmp_path):
+    """A 1500 x 1500 overlay once took 84 bytes per pixel (float64 at full size; 4 GB for 6000 x 6000)."""
+    import tracemalloc
+    image = np.zeros((1500, 1500, 3), np.uint8)
+    pixel_map = np.linspace(0, 1, 1500 * 1500, dtype=np.float32).reshape(1500, 1500)
+    cu.overlay_heatmap(image[:8, :8], pixel_map[:8, :8], 0.0, 1.0, pixel_map[:8, :8] > 0.5)  # imports, caches
+    tracemalloc.start()
+    try:
+        out = cu.overlay_heatmap(image, pixel_map, 0.0, 1.0, pixel_map > 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1500 * 1500, f"{peak / 2**20:.0f} MiB"
+    assert out.dtype == np.uint8 and out.shape == (1500, 1500, 3)
+
+
 # ---- errors ----------------------------------------------------------------------------
 
 def test_unreadable_image_is_listed_and_the_others_scored(trained, tmp_path, capsys):

@@ -290,6 +290,22 @@ def test_32bit_int_and_float_grayscale(tmp_path, mode, scale):
     assert torch.equal(x[0], torch.from_numpy(expected)) and torch.equal(x[1], x[2])
 
 
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    """A phone's portrait photo: stored 80 wide x 48 high, tagged "rotate 90 degrees clockwise to
+    show" (orientation 6). Read upright, 48 x 80: the stored left half (white) is on top."""
+    stored = np.zeros((48, 80), np.uint8)
+    stored[:, :40] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).convert("RGB").save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    Image.fromarray(stored).save(tmp_path / "photo_mask.png", exif=exif)
+    x = cu.read_image(tmp_path / "photo.jpg", 16).float()
+    assert x[:, :8].mean() > 200 and x[:, 8:].mean() < 50  # top white, bottom black
+    assert cu._read_image_sized(tmp_path / "photo.jpg", 16)[1] == (48, 80)
+    m = cu.read_mask(tmp_path / "photo_mask.png", 16, (tmp_path / "photo.jpg", (48, 80)))  # sizes agree upright
+    assert m[0, :8].all() and not m[0, 8:].any()
+
+
 # ---- errors that name what is wrong --------------------------------------------------
 
 def test_unknown_category_lists_available(fake_mvtec):

@@ -45,3 +45,18 @@ def test_train_script_help_and_bad_values(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "0"], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode != 0 and bad.stderr.strip() == "train.py: ParameterError: epochs=0: must be >= 1"
+
+
+def test_train_script_refuses_a_data_folder_as_output_dir_before_training(root, tmp_path):
+    """--output_dir naming the category's own data folder: one line, exit 1, the data untouched."""
+    out = root / "brick"
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--data_root", str(root), *TINY,
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"train.py: FileExistsError: output_dir {out} is not empty and not a run folder of cpc_utils (it holds "
+        "ground_truth/, test/, train/); a run replaces only an earlier run's folder: choose a new or empty output_dir")
+    assert " epochs in " not in proc.stdout  # stopped before training (the train cell prints "N epochs in T s")
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not list(root.glob(".brick*"))  # no staging folder or lock

@@ -606,6 +606,68 @@ def test_an_interrupted_switch_over_is_undone(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == {"n": 1}
 
 
+def snapshot(folder: Path) -> dict:
+    """Every file below `folder` (hidden ones too) with its bytes: what must not change."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+FOREIGN_FOLDERS = {
+    "a data category": {"train/good/000.png": b"png", "test/good/000.png": b"png",
+                        "ground_truth/crack/000_mask.png": b"png", "notes.txt": b"my notes"},
+    "a user's notes": {"notes.txt": b"my notes"},
+    "an earlier sweep": {"brick/resnet18v2/metrics.json": b"{}", "brick/resnet18v2/model.pt": b"model"},
+    "a run folder with a user's file": {"metrics.json": b"{}", "model.pt": b"model", "notes.txt": b"mine"},
+}
+
+
+@pytest.mark.parametrize("files", FOREIGN_FOLDERS.values(), ids=FOREIGN_FOLDERS.keys())
+def test_an_output_dir_that_is_not_a_run_is_refused_and_kept(tmp_path, files):
+    out = tmp_path / "out"
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError) as e:
+        cu.begin_run(out, {})
+    top = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in files})
+    assert f"output_dir {out} is not empty and not a run folder" in str(e.value) and ", ".join(top[:5]) in str(e.value)
+    assert snapshot(tmp_path) == before  # nothing written, moved or deleted, and no lock left
+
+
+def test_a_file_as_output_dir_is_refused(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'out'} is a file"):
+        cu.begin_run(tmp_path / "out", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("sibling", [".out.partial", ".out.old"])
+def test_foreign_staging_or_old_folders_are_refused_and_kept(tmp_path, sibling):
+    (tmp_path / sibling).mkdir()
+    (tmp_path / sibling / "notes.txt").write_text("mine")
+    (tmp_path / "out").mkdir()  # empty: replaceable
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=f"{tmp_path / sibling} is not empty and not a run folder"):
+        cu.begin_run(tmp_path / "out", {})
+    assert snapshot(tmp_path) == before
+
+
+def test_an_earlier_run_without_the_marker_is_replaced(tmp_path):
+    """Runs written before RUN_MARKER existed: a metrics.json and only what a run writes."""
+    out = tmp_path / "run"
+    for name in ("metrics.json", "model.pt", "run.json", "roc.png", "02_cpc_anomaly_detection.ipynb",
+                 "checkpoints/last.pt", "scored/scores.csv"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}")
+    assert cu.is_run_folder(out) and not (out / cu.RUN_MARKER).exists()
+    cu.finish_run(out, cu.begin_run(out, {}), {"n": 2})
+    assert sorted(p.name for p in out.iterdir()) == sorted([cu.RUN_MARKER, "metrics.json", "run.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (out / "notes.txt").write_text("added later")  # a marked run folder stays ours: replaced as a whole
+    cu.finish_run(out, cu.begin_run(out, {}), {"n": 3})
+    assert json.loads((out / "metrics.json").read_text()) == {"n": 3} and not (out / "notes.txt").exists()
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     import os
     import socket
