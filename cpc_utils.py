@@ -3735,7 +3735,7 @@ MASK_COLOUR = "lime"  # the predicted mask's outline on an overlay (cyan is the 
 
 
 def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold: dict, pixel_threshold: dict,
-                data: dict | None = None) -> Path:
+                data: dict | None = None, precision: str = "fp32") -> Path:
     """Write a self-contained model bundle, all `load_bundle` needs to score new images.
 
     It holds the weights, the CPCADConfig and PatchGrid (as dicts), the negative bank, the kNN
@@ -3750,7 +3750,10 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
         scoring: `prepare_scoring`'s {"bank", "references", "calibration"}.
         threshold, pixel_threshold: `normal_threshold` of the validation normals' image scores
             and pixel scores.
+        precision: the precision the run trained and scored in, resolved (`resolve_precision`:
+            bf16, fp16 or fp32); the bundle scores in it on a GPU, in fp32 elsewhere.
     """
+    check_param("precision", precision, "str", choices=PRECISIONS[1:])  # resolved: what the run computed in
     kind = detector_references(model.cfg.detector)
     calibration = scoring["calibration"]
     bundle = {
@@ -3763,6 +3766,7 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
         "calibration": calibration.to_dict() if calibration is not None else None,
         "image_size": model.grid.image_size, "image_handling": IMAGE_HANDLING,
         "threshold": dict(threshold), "pixel_threshold": dict(pixel_threshold), "data": data,
+        "precision": precision,
     }
     save_atomic(bundle, path)
     return Path(path)
@@ -3808,7 +3812,9 @@ class Bundle:
         if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, S, S):
             raise ValueError(f"the bundle scores uint8 images (N, 3, {S}, {S}), got {images.dtype} "
                              f"{tuple(images.shape)}: read them with read_image(path, {S})")
-        raw = score_patches(self.model, images, self.bank, self.references or None, batch_size, self.device, progress)
+        precision = (self.info.get("precision") or "fp32") if self.device.type == "cuda" else "fp32"  # as trained
+        raw = score_patches(self.model, images, self.bank, self.references or None, batch_size, self.device, progress,
+                            precision)
         maps = detector_maps(raw, self.calibration, self.model.cfg.detector)  # (N, n_sub, G, G), score grid
         scores = image_scores(maps, self.model.cfg.reduce)
         return {"scores": scores, "anomalous": scores > self.threshold,
@@ -3848,7 +3854,8 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model = CPCAD(cfg, PatchGrid(**b["grid"]))
         model.load_state_dict(b["state_dict"])
         calibration = ScoreCalibration.from_dict(b["calibration"]) if b["calibration"] is not None else None
-        info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling")}
+        info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling",
+                                      "precision")}
         bundle = Bundle(model.eval().to(device), b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
                         calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:

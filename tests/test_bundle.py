@@ -116,6 +116,32 @@ def test_bundle_scores_as_the_notebook_and_holds_its_provenance(trained, brick):
         bundle.score(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
+def test_bundle_scores_in_the_runs_precision(trained, tmp_path, monkeypatch):
+    """A bundle remembers the precision its run computed in and scores in it on a GPU (fp32
+    elsewhere), instead of autocasting an fp32 model to bf16/fp16."""
+    b = torch.load(trained["path"], weights_only=True)
+    assert b["precision"] == "fp32"  # save_bundle's default: what a CPU run computes in
+    torch.save({**b, "precision": "bf16"}, tmp_path / "bf16.pt")
+    bundle = cu.load_bundle(tmp_path / "bf16.pt")
+    assert bundle.info["precision"] == "bf16"
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(args[7])
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(cu, "score_patches", stop)
+    for device in ("cpu", "cuda"):  # score_patches is replaced: no GPU needed to see what it is given
+        bundle.device = torch.device(device)
+        with pytest.raises(RuntimeError, match="stop"):
+            bundle.score(trained["test"].images[:1])
+    assert seen == ["fp32", "bf16"]
+    with pytest.raises(cu.ParameterError, match="precision='auto'"):
+        cu.save_bundle(tmp_path / "auto.pt", bundle.model, {"bank": bundle.bank, "references": {}, "calibration": None},
+                       b["threshold"], b["pixel_threshold"], precision="auto")
+    assert not (tmp_path / "auto.pt").exists()
+
+
 def test_score_command_in_a_fresh_process_matches_in_process_scores(trained, tmp_path):
     test, out = trained["test"], tmp_path / "out"
     folder = Path(test.paths[0]).parent.parent  # <category>/test
@@ -238,8 +264,8 @@ def test_a_non_finite_score_is_an_error_row_and_a_failed_exit(trained, tmp_path,
     assert rows["0.png"]["image_score"] == "nan" and not rows["0.png"]["heatmap"]
     assert rows["1.png"]["verdict"] in ("normal", "anomalous") and not rows["1.png"]["error"]
     assert not (tmp_path / "out" / "heatmaps" / "0.png").exists()
-    assert "the threshold is nan: expected a finite number" in score_error(trained["path"], b, "--out",
-                                                                           tmp_path / "o", "--threshold", "nan")
+    with pytest.raises(ValueError, match="the threshold is nan: expected a finite number"):  # the API too
+        cu.score_files(trained["path"], [b], tmp_path / "o", threshold=float("nan"))
 
 
 def test_a_portrait_jpeg_is_scored_upright(trained, tmp_path):
