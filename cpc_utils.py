@@ -3423,11 +3423,13 @@ def _save_figure(fig, path: str | os.PathLike) -> None:
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
 # results tree into summary.md, summary.csv and the figures.
 
-SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "detector", "image_reduce",
+SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "calibration", "detector",
+                   "image_reduce",
                    "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
                    "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
                    "image_f1_max", "train_seconds")
-TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "detector", "image_reduce")
+TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "calibration", "detector",
+                "image_reduce")
 COLUMN_LEGEND = {
     "category": "the MVTec AD class (or demo category) trained on and tested",
     "half": "demo half: `tuning` (the study made its choices looking at these categories, so their test "
@@ -3437,6 +3439,8 @@ COLUMN_LEGEND = {
     "epochs_trained": "epochs actually trained (early stopping can end a run before its `epochs`)",
     "learned": "`learning_check`: ok, or `at_chance` (the loss stayed at chance: nothing learned) or "
                "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
+    "calibration": "`ScoreCalibration.check`: ok, or `degenerate` (the calibration normals' scores had no spread, "
+                   "e.g. identical training images: the detector's scores and thresholds are meaningless)",
     "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `cpcad_knn_stats` "
                 "the standardised loss plus the standardised distance of the patch's stage statistics to the "
                 "nearest normal patch's (`cpcad_knn_ms`: of its multi-scale descriptor)",
@@ -3513,6 +3517,7 @@ def _summary_row(row: dict) -> dict:
     """`row` with the derived columns: half, learned, seed (top-level or from config.parameters)."""
     params = (row.get("config") or {}).get("parameters") or {}
     return {**row, "half": _half(row), "learned": (row.get("learning") or {}).get("status", ""),
+            "calibration": (row.get("calibration") or {}).get("status", ""),
             "seed": row.get("seed", params.get("seed"))}
 
 

@@ -281,6 +281,16 @@ def test_summary_table():
     assert means["tuning", "resnet18v2"][cu.SUMMARY_COLUMNS.index("baseline_image_auroc")] == ""  # absent: blank
 
 
+def test_summary_table_flags_a_degenerate_calibration():
+    """A run whose calibration had no spread says so in the table, beside whether it learned."""
+    rows = [result_row("brick", "resnet18v2", 5, 1.0, learning={"status": "ok"},
+                       calibration={"status": "degenerate", "message": "no spread"}),
+            result_row("gravel", "resnet18v2", 5, 0.7, learning={"status": "ok"}, calibration={"status": "ok"})]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in cu.summary_table(rows).strip().split("\n")[2:4]]
+    col = cu.SUMMARY_COLUMNS.index("calibration")
+    assert [(c[0], c[col]) for c in cells] == [("brick", "degenerate"), ("gravel", "ok")]
+
+
 def test_every_summary_column_is_explained():
     assert list(cu.COLUMN_LEGEND) == list(cu.SUMMARY_COLUMNS) and all(cu.COLUMN_LEGEND.values())
 
