@@ -1758,10 +1758,31 @@ def make_config(cls: type, **overrides):
     return cls(**{k: v for k, v in overrides.items() if v is not None})
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    """"auto" -> cuda, then mps, then cpu; "cpu", "cuda", "cuda:N", "mps" as named.
+
+    A device this machine does not have is a ParameterError naming it, raised here, before a
+    model or bundle is loaded, so the message is about the device and not whatever it stopped.
+    """
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise ParameterError(f"device={device!r}: expected {DEVICES}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ParameterError(f"device={device!r}: no CUDA device is available on this machine; use auto or cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ParameterError(f"device={device!r}: this machine has {n} CUDA device{'s' * (n != 1)} "
+                                 f"(cuda:0 to cuda:{n - 1})")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ParameterError(f"device={device!r}: MPS is not available on this machine; use auto or cpu")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -3750,6 +3771,7 @@ def _run_command(args: argparse.Namespace) -> None:
         print((Path(args.run_dir) / "summary.md").read_text())
         print(f"{len(rows)} runs summarised in {args.run_dir} (summary.md, summary.csv, comparison.png)")
     elif args.command == "score":
+        resolve_device(args.device)  # a device this machine lacks: said now, not as a bundle that fails to load
         r = score_files(args.bundle, args.inputs, args.out, args.threshold, args.pixel_threshold, args.device,
                         args.batch_size)
         print(f"{r['scored']} of {r['images']} images scored in {r['seconds']:.1f} s, {r['anomalous']} anomalous "

@@ -270,6 +270,23 @@ def test_resolve_device_on_this_machine():
     assert cu.resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
+def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
+    """An unknown name, CUDA without a GPU, a GPU index past the count: each a ParameterError
+    naming the device and what is accepted (stubbed, the same with or without a GPU)."""
+    with pytest.raises(cu.ParameterError, match=r"^device='gpu7': expected auto, cpu, cuda, cuda:N or mps$"):
+        cu.resolve_device("gpu7")
+    with pytest.raises(cu.ParameterError, match="device='meta': expected auto"):
+        cu.resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(cu.ParameterError, match="device='cuda': no CUDA device is available on this machine"):
+        cu.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cu.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(cu.ParameterError, match=r"device='cuda:3': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        cu.resolve_device("cuda:3")
+
+
 def test_autocast_is_a_no_op_on_cpu():
     with cu.autocast(torch.device("cpu")):
         y = torch.randn(2, 2) @ torch.randn(2, 2)
