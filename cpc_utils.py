@@ -1745,6 +1745,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             check_param(name, getattr(self, name), "int", low=1)
         check_param("lr", self.lr, "float", low=0)  # 0 keeps the initial weights (a random-init reference)
+        if not math.isfinite(self.lr):  # nan passes every comparison above
+            raise ParameterError(f"lr={self.lr!r}: must be a finite number")
         check_param("weight_decay", self.weight_decay, "float", low=0)
         check_param("seed", self.seed, "int", low=0)
         check_param("device", self.device, "str")
@@ -2144,8 +2146,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 out = net(to_float(images[idx[rank::world].to(device)]), g)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
-                                         f"{_kept(ckpt)}")
+                raise FloatingPointError(f"the loss diverged with lr={cfg.lr:g}: non-finite loss ({loss.item()}) at "
+                                         f"epoch {epoch + 1}, step {step}{_kept(ckpt)}; try a lower lr")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)  # with fp16: skipped when the scaled gradients overflowed
@@ -2155,7 +2157,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 if key != "loss":
                     extras.setdefault(key, []).append(v.detach().float().cpu())
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
-            raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{_kept(ckpt)}")
+            raise FloatingPointError(f"the training diverged with lr={cfg.lr:g}: non-finite weights after epoch "
+                                     f"{epoch + 1}{_kept(ckpt)}; try a lower lr")
         record = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(float(np.mean(model_losses)), world, device),
                   "precision": precision,
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
