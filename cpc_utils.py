@@ -1587,7 +1587,19 @@ def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **override
                     pred_steps=1, detector="cpcad", reduce="mean", dense_scoring=False)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose fast or paper")
-    return make_config(CPCADConfig, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = make_config(CPCADConfig, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    if grid is not None:
+        _check_grid_fits(cfg, grid)  # here, with the other parameters: before any data is loaded
+    return cfg
+
+
+def _check_grid_fits(cfg: CPCADConfig, grid: PatchGrid) -> None:
+    """Each row of the grid needs a context patch before its targets: G - target_offset - pred_steps >= 1."""
+    G, K, off = grid.grid, cfg.pred_steps, cfg.target_offset
+    if G - off - K < 1:
+        raise ParameterError(f"a {G}x{G} grid leaves no context for pred_steps={K}, target_offset={off}: "
+                             f"pred_steps + target_offset must be at most {G - 1} (a larger image_size or a "
+                             "smaller stride gives a larger grid)")
 
 
 class CPCAD(nn.Module):
@@ -1602,8 +1614,7 @@ class CPCAD(nn.Module):
         super().__init__()
         self.cfg, self.grid = cfg, grid
         G, K, off = grid.grid, cfg.pred_steps, cfg.target_offset
-        if G - off - K < 1:
-            raise ValueError(f"a {G}x{G} grid leaves no context for pred_steps={K}, target_offset={off}")
+        _check_grid_fits(cfg, grid)
         cover = sum(unorient(self._target_count(G), d) for d in cfg.directions)
         if (cover == 0).any():
             raise ValueError(f"directions {cfg.directions} leave patches that are never predicted; "

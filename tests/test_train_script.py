@@ -81,3 +81,11 @@ def test_default_output_goes_under_the_working_directory(root, tmp_path):
     proc = train(root, tmp_path, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "results" / "notebook02" / "brick" / "resnet18v2" / "metrics.json").exists()
+
+
+def test_a_grid_too_small_for_pred_steps_stops_before_the_data_is_read(tmp_path):
+    """The check runs in the configuration step: the missing data root is never reached."""
+    proc = train(tmp_path / "no such data", tmp_path, "--pred_steps", "20")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith("train.py: ParameterError: a 7x7 grid leaves no context for pred_steps=20"), \
+        proc.stderr
