@@ -3262,13 +3262,16 @@ def _encoder_order(rows: list[dict]) -> list[str]:
     return [e for e in ENCODERS if e in present] + sorted(present - set(ENCODERS))
 
 
-def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every metrics.json under `root`, flattened to one dict per run."""
+def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
+    """Every metrics.json under `root`, flattened to one dict per run. `skip`: files left out
+    because the caller reports them itself (scripts/sweep.py: unreadable ones, as failed pairs)."""
     rows = []
-    root = Path(root)
+    root, skip = Path(root), {Path(p).resolve() for p in skip}
     for path in sorted(root.rglob("metrics.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a staging folder (.<name>.partial) of a run not yet finished
+        if path.resolve() in skip:
+            continue
         try:
             rows.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
@@ -3446,19 +3449,20 @@ def pair_status_table(status: dict[str, str], failures: dict | None = None, othe
 
 
 def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = None,
-                  failures: dict | None = None) -> list[dict]:
+                  failures: dict | None = None, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
     """Write summary.md, summary.csv, comparison.png (and epochs.png when some pair has several
     epoch budgets) for a results tree; return its rows.
 
     status ({"category/encoder": "finished" | "failed" | "missing"}, from scripts/sweep.py) and
     failures add the pairs that have no current result. The "learned" column flags runs whose
-    loss stayed at chance or diverged (`learning_check`).
+    loss stayed at chance or diverged (`learning_check`). skip: metrics files to leave out
+    (`load_results`).
     """
     import csv
     import datetime
     import io
     run_dir = Path(run_dir)
-    rows = load_results(run_dir)
+    rows = load_results(run_dir, skip)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
     others = {f"{r['category']}/{r['encoder']}" for r in rows} - set(status or {})
