@@ -435,7 +435,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             with guard:
                 unreadable.add(out / "metrics.json")
                 failures[key] = {"category": category, "encoder": encoder, "output_dir": str(out), "notebook": None,
-                                 "error": f"{e}; delete it (or {out}) to run this pair again"}
+                                 "error": f"{e}; delete that file to run this pair again"}
                 status[key] = "failed"
             say(f"{tag}: FAILED: {failures[key]['error']}")
             return

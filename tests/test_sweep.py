@@ -286,7 +286,7 @@ def test_an_unreadable_metrics_json_is_a_failed_pair_and_the_sweep_goes_on(sweep
     assert "[2/2] brick/resnet18v2: finished before with these parameters, skipped" in proc.stdout
     assert len(broken.read_text()) == 100  # left for the user to look at
     failures = json.loads((results / "t" / "failures.json").read_text())
-    assert "(truncated or corrupt); delete it" in failures["brick/densenet"]["error"]
+    assert "(truncated or corrupt); delete that file to run this pair again" in failures["brick/densenet"]["error"]
     summary = (results / "t" / "summary.md").read_text()
     assert "- brick/densenet: failed: cannot read" in summary and "| brick | tuning | resnet18v2 |" in summary
     assert "| brick | tuning | densenet |" not in summary
