@@ -1678,7 +1678,19 @@ def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **override
                     pred_steps=1, detector="cpcad", reduce="mean", dense_scoring=False)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose fast or paper")
-    return make_config(CPCADConfig, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    cfg = make_config(CPCADConfig, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    if grid is not None:
+        _check_grid_fits(cfg, grid)  # here, with the other parameters: before any data is loaded
+    return cfg
+
+
+def _check_grid_fits(cfg: CPCADConfig, grid: PatchGrid) -> None:
+    """Each row of the grid needs a context patch before its targets: G - target_offset - pred_steps >= 1."""
+    G, K, off = grid.grid, cfg.pred_steps, cfg.target_offset
+    if G - off - K < 1:
+        raise ParameterError(f"a {G}x{G} grid leaves no context for pred_steps={K}, target_offset={off}: "
+                             f"pred_steps + target_offset must be at most {G - 1} (a larger image_size or a "
+                             "smaller stride gives a larger grid)")
 
 
 class CPCAD(nn.Module):
@@ -1693,8 +1705,7 @@ class CPCAD(nn.Module):
         super().__init__()
         self.cfg, self.grid = cfg, grid
         G, K, off = grid.grid, cfg.pred_steps, cfg.target_offset
-        if G - off - K < 1:
-            raise ValueError(f"a {G}x{G} grid leaves no context for pred_steps={K}, target_offset={off}")
+        _check_grid_fits(cfg, grid)
         cover = sum(unorient(self._target_count(G), d) for d in cfg.directions)
         if (cover == 0).any():
             raise ValueError(f"directions {cfg.directions} leave patches that are never predicted; "
@@ -1837,6 +1848,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             check_param(name, getattr(self, name), "int", low=1)
         check_param("lr", self.lr, "float", low=0)  # 0 keeps the initial weights (a random-init reference)
+        if not math.isfinite(self.lr):  # nan passes every comparison above
+            raise ParameterError(f"lr={self.lr!r}: must be a finite number")
         check_param("weight_decay", self.weight_decay, "float", low=0)
         check_param("seed", self.seed, "int", low=0)
         check_param("device", self.device, "str")
@@ -1850,10 +1863,31 @@ def make_config(cls: type, **overrides):
     return cls(**{k: v for k, v in overrides.items() if v is not None})
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    """"auto" -> cuda, then mps, then cpu; "cpu", "cuda", "cuda:N", "mps" as named.
+
+    A device this machine does not have is a ParameterError naming it, raised here, before a
+    model or bundle is loaded, so the message is about the device and not whatever it stopped.
+    """
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise ParameterError(f"device={device!r}: expected {DEVICES}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ParameterError(f"device={device!r}: no CUDA device is available on this machine; use auto or cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ParameterError(f"device={device!r}: this machine has {n} CUDA device{'s' * (n != 1)} "
+                                 f"(cuda:0 to cuda:{n - 1})")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ParameterError(f"device={device!r}: MPS is not available on this machine; use auto or cpu")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -2334,8 +2368,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 out = net(to_float(images[idx[rank::world].to(device)]), negatives)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}"
-                                         f"{_kept(ckpt)}")
+                raise FloatingPointError(f"the loss diverged with lr={cfg.lr:g}: non-finite loss ({loss.item()}) at "
+                                         f"epoch {epoch + 1}, step {step}{_kept(ckpt)}; try a lower lr")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)  # with fp16: skipped when the scaled gradients overflowed
@@ -2345,7 +2379,8 @@ def train_model(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: Tr
                 if key != "loss":
                     extras.setdefault(key, []).append(v.detach().float().cpu())
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():  # e.g. an inf step
-            raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}{_kept(ckpt)}")
+            raise FloatingPointError(f"the training diverged with lr={cfg.lr:g}: non-finite weights after epoch "
+                                     f"{epoch + 1}{_kept(ckpt)}; try a lower lr")
         record = {"epoch": epoch + 1, "train_loss": _mean_over_ranks(float(np.mean(model_losses)), world, device),
                   "precision": precision,
                   **{k: torch.stack(v).mean(0).tolist() for k, v in extras.items()}}
@@ -3489,17 +3524,20 @@ def _encoder_order(rows: list[dict]) -> list[str]:
     return [e for e in ENCODERS if e in present] + sorted(present - set(ENCODERS))
 
 
-def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every metrics.json under `root`, flattened to one dict per run.
+def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
+    """Every metrics.json under `root`, flattened to one dict per run. `skip`: files left out
+    because the caller reports them itself (scripts/sweep.py: unreadable ones, as failed pairs).
 
     Raises ValueError naming the file for one that is not valid JSON (e.g. truncated) or
     not a JSON object (a run's record is one object).
     """
     rows = []
-    root = Path(root)
+    root, skip = Path(root), {Path(p).resolve() for p in skip}
     for path in sorted(root.rglob("metrics.json")):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a staging folder (.<name>.partial) of a run not yet finished
+        if path.resolve() in skip:
+            continue
         try:
             row = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -3693,19 +3731,20 @@ def pair_status_table(status: dict[str, str], failures: dict | None = None, othe
 
 
 def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = None,
-                  failures: dict | None = None) -> list[dict]:
+                  failures: dict | None = None, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
     """Write summary.md, summary.csv, comparison.png (and epochs.png when some pair has several
     epoch budgets) for a results tree; return its rows.
 
     status ({"category/encoder": "finished" | "failed" | "missing"}, from scripts/sweep.py) and
     failures add the pairs that have no current result. The "learned" column flags runs whose
-    loss stayed at chance or diverged (`learning_check`).
+    loss stayed at chance or diverged (`learning_check`). skip: metrics files to leave out
+    (`load_results`).
     """
     import csv
     import datetime
     import io
     run_dir = Path(run_dir)
-    rows = load_results(run_dir)
+    rows = load_results(run_dir, skip)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
     others = {f"{r['category']}/{r['encoder']}" for r in rows} - set(status or {})
@@ -4217,6 +4256,7 @@ def _run_command(args: argparse.Namespace) -> None:
         print((Path(args.run_dir) / "summary.md").read_text())
         print(f"{len(rows)} runs summarised in {args.run_dir} (summary.md, summary.csv, comparison.png)")
     elif args.command == "score":
+        resolve_device(args.device)  # a device this machine lacks: said now, not as a bundle that fails to load
         r = score_files(args.bundle, args.inputs, args.out, args.threshold, args.pixel_threshold, args.device,
                         args.batch_size)
         print(f"{r['scored']} of {r['images']} images scored in {r['seconds']:.1f} s, {r['anomalous']} anomalous "

@@ -5,11 +5,16 @@ r"""Run notebook 02 (CPC-AD) through papermill for every category x encoder.
         --epochs 50 --run mvtec --param image_size=256 patch_size=64 stride=32 width=64
 
 Each pair writes results/<run>/<category>/<encoder>/: the executed notebook, metrics.json and
-the figures. A pair is skipped only when its metrics.json records the same fingerprint
+the figures. results/ is relative to where the command runs (--results; on Kaggle under
+/kaggle/working, as notebook 02 does), never the repository's folder unless the command runs
+there: the code may be a read-only copy (a Kaggle dataset under /kaggle/input).
+
+A pair is skipped only when its metrics.json records the same fingerprint
 (parameters, data files, code version: cu.run_fingerprint) as this sweep asks for; with other
 parameters it is run again (continuing from its checkpoints when only epochs or patience
 grew), and the previous results stay in place until the new run has finished. An
-interrupted pair continues from its last checkpoint. A failing pair is recorded in
+interrupted pair continues from its last checkpoint. A failing pair (also one whose
+metrics.json cannot be read, which is left as it is) is recorded in
 results/<run>/failures.json (kept until that pair succeeds, also by sweeps over other pairs)
 and the sweep goes on; a full disk stops it cleanly. A lock keeps two sweeps out of one run
 folder. At the end cu.write_summary writes summary.md (parameters, the class x encoder
@@ -34,8 +39,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -46,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
 
 NOTEBOOK = ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb"
+KAGGLE_WORKING = Path("/kaggle/working")  # the folder a Kaggle session keeps; its inputs are read-only
 ENCODERS = ("resnet18v2", "resnet50v2", "densenet")
 MIN_PAIR_SECONDS = 120  # with --time-budget: less than this left, no new pair is started  # cu.ENCODERS, spelled out: --help must not import torch
 
@@ -74,6 +83,56 @@ def parse_params(pairs: list[str], defaults: dict) -> dict:
             except (ValueError, SyntaxError):
                 params[key] = text
     return params
+
+
+def work_dir() -> Path:
+    """Where relative paths (results/, the demo data) go: /kaggle/working on Kaggle, else the
+    current directory; notebook 02's rule for its output_dir. Never the code's own folder unless
+    the command runs there: on Kaggle that is a read-only dataset."""
+    return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else Path()
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object the project wrote; a truncated or corrupt file is ValueError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"cannot read {path}: {e} (truncated or corrupt)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"cannot read {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def setup_cells(notebook: Path) -> list[str]:
+    """The notebook's code cells before its data is loaded, up to the one that checks the
+    parameters and builds the configurations (`cu.cpcad_config(`), without the parameters
+    cell and IPython magics: what --dry-run executes to check a pair's parameters exactly as the
+    notebook will."""
+    cells, sources = json.loads(notebook.read_text())["cells"], []
+    for cell in cells:
+        if cell["cell_type"] != "code" or "parameters" in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = "".join(cell["source"])
+        sources.append("\n".join(line for line in source.splitlines() if not line.lstrip().startswith("%")))
+        if "cu.cpcad_config(" in source:
+            return sources
+    raise SystemExit(f"{notebook}: no cell calls cu.cpcad_config(...); cannot check the parameters")
+
+
+def check_parameters(cells: list[str], parameters: dict) -> str | None:
+    """None, or the notebook's own message for a parameter it would refuse (a ParameterError
+    such as `epochs='ten': expected int, got str`)."""
+    cwd = os.getcwd()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the setup cell prints the device and grid
+            namespace = {"__name__": "__notebook__", **parameters}
+            for source in cells:
+                exec(compile(source, "notebook", "exec"), namespace)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        os.chdir(cwd)  # the first cell moves from notebooks/ to the repository
+    return None
 
 
 def failed_notebook(out: Path) -> Path:
@@ -184,14 +243,15 @@ def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     "changed": finished with another fingerprint (an older run's parameters, data or code);
     "partial": an unfinished run in the staging folder (cu.begin_run), continued if its
     fingerprint differs at most in what a resumed run may change.
+    A metrics.json or run.json that cannot be read (truncated, corrupt) is ValueError naming it.
     """
     import cpc_utils as cu
     metrics, staged = out / "metrics.json", out.parent / f".{out.name}.partial" / "run.json"
     if metrics.exists():
-        diff = cu.fingerprint_diff(json.loads(metrics.read_text()).get("fingerprint"), fingerprint)
+        diff = cu.fingerprint_diff(read_json(metrics).get("fingerprint"), fingerprint)
         return ("changed" if diff else "finished"), diff
     if staged.exists():
-        return "partial", cu.fingerprint_diff(json.loads(staged.read_text()).get("fingerprint"), fingerprint)
+        return "partial", cu.fingerprint_diff(read_json(staged).get("fingerprint"), fingerprint)
     return "new", []
 
 
@@ -229,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="%(choices)s; default: all")
     parser.add_argument("--epochs", type=int, help="default: the notebook's")
     parser.add_argument("--run", default="sweep", help="results go to <results>/<run>/ (default: %(default)s)")
-    parser.add_argument("--results", default=str(ROOT / "results"), help="default: results/ of the repository")
+    parser.add_argument("--results", default="results", help="a relative path is under the current directory, "
+                        "on Kaggle under /kaggle/working (default: %(default)s)")
     parser.add_argument("--param", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="any other notebook parameter, e.g. width=32 lr=1e-3")
     parser.add_argument("--devices", metavar="LIST", help="run one pair per device at once: auto (every CUDA "
@@ -256,14 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         params["epochs"] = args.epochs
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
-    root = cu.resolve_data_root(args.data_root, ROOT / "data" / "demo").resolve()
+    root = cu.resolve_data_root(args.data_root, work_dir() / "data" / "demo").resolve()
     available = cu.list_categories(root)
     categories = args.categories or available
     unknown = [c for c in categories if c not in available]
     if unknown:  # before anything runs: a typo must not cost a sweep
         raise SystemExit(f"sweep: no category {', '.join(map(repr, unknown))} under {root}; "
                          f"available: {', '.join(available)}")
-    run_dir = Path(args.results).resolve() / args.run
+    run_dir = (work_dir() / args.results).resolve() / args.run
     pairs = [(c, e) for c in categories for e in args.encoders]
     shard = parse_shard(args.shard)
     if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
@@ -274,16 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")
 
-    if args.dry_run:
+    rerun = shlex.join([sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
+
+    if args.dry_run:  # each pair's parameters checked by the notebook's own setup cells, nothing written
+        cells, bad = setup_cells(notebook), 0
         for n, (category, encoder) in enumerate(pairs, 1):
             out = run_dir / category / encoder
-            state, diff = pair_state(out, cu.run_fingerprint(pair_parameters({**defaults, **params}, root, category,
-                                                                              encoder, out), root, category))
+            pair = pair_parameters({**defaults, **params}, root, category, encoder, out)
+            problem = check_parameters(cells, {**pair, "resume": resume})
+            try:
+                state, diff = pair_state(out, cu.run_fingerprint(pair, root, category))
+            except ValueError as e:
+                problem = problem or str(e)
+            if problem:
+                bad += 1
+                say(f"[{n}/{len(pairs)}] {category}/{encoder}: would fail: {problem}")
+                continue
             what = {"finished": "skip (finished with these parameters)", "new": "run",
                     "changed": f"run again (finished with other {', '.join(diff)})",
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
             say(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
-        return 0
+        return 1 if bad else 0
     suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
     lock = run_dir / f".sweep{suffix}.lock"
     try:
@@ -292,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"sweep: {e}")
     try:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
-                     run_dir / f"failures{suffix}.json", budget, devices)
+                     run_dir / f"failures{suffix}.json", budget, devices, rerun)
     except KeyboardInterrupt:
-        say("\nsweep: interrupted. Run the same command again to resume: finished pairs are skipped, "
-              "an interrupted one continues from its last checkpoint.")
+        say("\nsweep: interrupted. Run the same command again to resume (finished pairs are skipped, "
+              f"an interrupted one continues from its last checkpoint):\n  {rerun}")
         return 130
     finally:
         lock.unlink(missing_ok=True)
@@ -336,13 +408,20 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
-          resume: bool, failures_file: Path, budget: float | None = None, devices: list[str] | None = None) -> int:
+          resume: bool, failures_file: Path, budget: float | None = None, devices: list[str] | None = None,
+          rerun: str = "the same command") -> int:
     """Run every (category, encoder) pair not finished with these parameters; write the summary.
 
-    With several `devices`, as many pairs run at once, each pinned to its own device.
+    With several `devices`, as many pairs run at once, each pinned to its own device. `rerun`:
+    the command that resumes this sweep, shell-quoted, printed when it stops early.
     """
     import cpc_utils as cu
-    failures = json.loads(failures_file.read_text()) if failures_file.exists() else {}
+    try:
+        failures = read_json(failures_file) if failures_file.exists() else {}
+    except ValueError as e:
+        say(f"sweep: {e}; delete it to start a new failure record")
+        return 2
+    unreadable = set()  # metrics.json files that cannot be read: their pairs fail, the summary leaves them out
     t_start, status, counts = time.perf_counter(), {}, {"done": 0, "skipped": 0}
     guard, stop = threading.Lock(), threading.Event()  # shared state of the workers; stop: start no new pair
 
@@ -350,7 +429,16 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         out = run_dir / category / encoder
         key, tag = f"{category}/{encoder}", f"[{n}/{len(pairs)}] {category}/{encoder}"
         run_params = {**pair_parameters(params, root, category, encoder, out), **({"device": device} if device else {})}
-        state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
+        try:
+            state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
+        except ValueError as e:  # a damaged result is not replaced (nor its pair run) without the user's say
+            with guard:
+                unreadable.add(out / "metrics.json")
+                failures[key] = {"category": category, "encoder": encoder, "output_dir": str(out), "notebook": None,
+                                 "error": f"{e}; delete that file to run this pair again"}
+                status[key] = "failed"
+            say(f"{tag}: FAILED: {failures[key]['error']}")
+            return
         if state == "finished":
             with guard:
                 counts["skipped"] += 1
@@ -367,7 +455,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         left = None if budget is None else budget - (time.perf_counter() - t_start)
         if left is not None and left < MIN_PAIR_SECONDS:
             say(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
-                  "Run the same command again (in the next session) to resume.")
+                  f"Run the same command again (in the next session) to resume:\n  {rerun}")
             stop.set()
             return
         say(f"{tag}: {why}{f' on {device}' if device else ''} ...")
@@ -384,7 +472,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 raise KeyboardInterrupt from e
             if message.startswith("TimeBudgetReached"):  # not a failure: resumable
                 say(f"{tag}: {message}\nsweep: time budget reached; stopping. Run the same command "
-                      "again (in the next session) to resume.")
+                      f"again (in the next session) to resume:\n  {rerun}")
                 stop.set()
                 return
             with guard:
@@ -393,7 +481,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 status[key] = "failed"
             say(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {message}")
             if "No space left on device" in message or "disk is full" in message:
-                say("sweep: the disk is full; stopping. Free some space and run the same command to resume.")
+                say("sweep: the disk is full; stopping. Free some space and run the same command to resume:"
+                    f"\n  {rerun}")
                 stop.set()
             return
         finally:
@@ -450,11 +539,11 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
     missing = [k for k, v in status.items() if v == "missing"]
     say(f"\n{done} run, {skipped} skipped, {sum(v == 'failed' for v in status.values())} failed, "
           f"{len(missing)} missing in {fmt_time(time.perf_counter() - t_start)}")
-    if any(run_dir.rglob("metrics.json")):
+    if any(p not in unreadable for p in run_dir.rglob("metrics.json")):
         try:  # with shards: every shard's failures, so the summary covers the whole folder
-            every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in json.loads(f.read_text()).items()}
-            cu.write_summary(run_dir, status, every_failure)
-        except OSError as e:
+            every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in read_json(f).items()}
+            cu.write_summary(run_dir, status, every_failure, unreadable)
+        except (OSError, ValueError) as e:
             say(f"sweep: cannot write the summary: {e}")
             return 2
         say((run_dir / "summary.md").read_text())

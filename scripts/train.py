@@ -20,6 +20,7 @@ import ast
 import contextlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def _literal(text: str):
         return text  # e.g. a device name; the notebook's own checks name what is wrong
 
 
+def rerun_command(argv: list[str] | None) -> str:
+    """This command, quoted for a shell (paths with spaces), continuing from its checkpoint."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join([sys.executable, str(Path(__file__).resolve()), *args, "--resume", "True"])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     params_source, cells = notebook_cells(NOTEBOOK)
@@ -67,15 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import cpc_utils as cu
     rank, world = cu.init_distributed()
-    os.chdir(ROOT)  # relative paths as in the notebook, which runs from the repository root
+    # no chdir to the repository: the defaults (results/notebook02/..., the demo data) are relative
+    # to where the command runs, as for the notebook under papermill; the code's folder may be read-only
     namespace: dict = {"__name__": "__notebook__", **values}
     quiet = open(os.devnull, "w") if rank else None  # rank 0 speaks for everyone
     with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
         for source in cells:
             try:
                 exec(compile(source, str(NOTEBOOK), "exec"), namespace)
-            except (FileNotFoundError, FileExistsError, ValueError, cu.TimeBudgetReached) as e:
-                # bad input (an output_dir that is not a run folder), a data error, a budget
+            except cu.TimeBudgetReached as e:  # not a failure: the same command with --resume True continues
+                raise SystemExit(f"train.py: TimeBudgetReached: {e}: {rerun_command(argv)}") from None
+            except KeyboardInterrupt:
+                raise SystemExit(f"train.py: interrupted; to continue from the last checkpoint: "
+                                 f"{rerun_command(argv)}") from None
+            except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+                # bad input (an output_dir that is not a run folder), a data error, divergence
                 raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
             if rank and "cu.train_model(" in source:
                 break  # training done: scoring, evaluation and files are rank 0's

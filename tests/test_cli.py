@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import cpc_utils as cu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +44,15 @@ def test_bad_input_is_one_line():
     assert proc.stderr.strip() == "python -m cpc_utils summary: no metrics.json under /no/such/results"
     proc = run("demo-data", "/tmp/never", "--categories", "bogus")
     assert proc.returncode == 1 and "unknown demo category 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_score_names_a_bad_device_before_reading_the_bundle(tmp_path):
+    """--device is checked first: the message is about the device, not the bundle it would
+    have been loaded onto (here no bundle exists at all)."""
+    proc = run("score", str(tmp_path / "model.pt"), str(tmp_path), "--out", str(tmp_path / "o"), "--device", "gpu7")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "python -m cpc_utils score: device='gpu7': expected auto, cpu, cuda, cuda:N or mps"
+    if not torch.cuda.is_available():
+        proc = run("score", str(tmp_path / "model.pt"), str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda")
+        assert proc.stderr.strip() == ("python -m cpc_utils score: device='cuda': no CUDA device is available on "
+                                       "this machine; use auto or cpu"), proc.stderr

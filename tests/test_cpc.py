@@ -597,6 +597,20 @@ def test_cpcad_config_presets():
         cu.cpcad_config("fastest")
 
 
+def test_cpcad_config_checks_that_the_grid_leaves_context():
+    """With the grid, the configuration step itself refuses pred_steps + target_offset that leave
+    no context patch (before any data is loaded), with the same rule as CPCAD."""
+    grid = cu.PatchGrid(32, 16, 8)  # 3x3
+    assert cu.cpcad_config("fast", grid, pred_steps=2).pred_steps == 2
+    with pytest.raises(cu.ParameterError, match=r"a 3x3 grid leaves no context for pred_steps=3, target_offset=0: "
+                                                r"pred_steps \+ target_offset must be at most 2"):
+        cu.cpcad_config("fast", grid, pred_steps=3)
+    with pytest.raises(cu.ParameterError, match="pred_steps=2, target_offset=1"):
+        cu.cpcad_config("paper", grid, pred_steps=2)  # the paper's offset: the grid's overlap, 1 here
+    with pytest.raises(cu.ParameterError, match="leaves no context"):
+        cu.CPCAD(cu.CPCADConfig(width=8, pred_steps=3), grid)
+
+
 @pytest.mark.parametrize("field, value", [("detector", "magic"), ("reduce", "median")])
 def test_cpcad_rejects_unknown_detector_or_reduce(field, value):
     with pytest.raises(ValueError, match=value):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,97 @@ def test_two_pairs_at_once_on_two_cpu_devices(tmp_path):
     for cat in ("brick", "gravel"):
         m = json.loads((tmp_path / "r" / "t" / cat / "resnet18v2" / "metrics.json").read_text())
         assert m["device"] == "cpu"
+
+
+def test_an_unreadable_metrics_json_is_a_failed_pair_and_the_sweep_goes_on(sweeps, tmp_path):
+    """A truncated metrics.json (a copy cut short, a full disk outside the project): the dry run
+    and the sweep report that pair as failed, naming the file, leave it as it is, run or skip
+    the others, and write the summary without it."""
+    results = tmp_path / "results"
+    shutil.copytree(sweeps["run"], results / "t")
+    broken = results / "t" / "brick" / "densenet" / "metrics.json"
+    broken.write_text(broken.read_text()[:100])
+    args = dict(epochs=2, params=("width=4",))  # resnet18v2's last settings (sweep 5): finished, skipped
+    dry = sweep(sweeps["root"], results, "densenet", "resnet18v2", extra=("--dry-run",), **args)
+    assert dry.returncode == 1 and "Traceback" not in dry.stderr, dry.stdout + dry.stderr
+    assert f"[1/2] brick/densenet: would fail: cannot read {broken}: " in dry.stdout
+    assert "[2/2] brick/resnet18v2: would skip (finished with these parameters)" in dry.stdout
+    proc = sweep(sweeps["root"], results, "densenet", "resnet18v2", **args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert f"[1/2] brick/densenet: FAILED: cannot read {broken}: " in proc.stdout
+    assert "[2/2] brick/resnet18v2: finished before with these parameters, skipped" in proc.stdout
+    assert len(broken.read_text()) == 100  # left for the user to look at
+    failures = json.loads((results / "t" / "failures.json").read_text())
+    assert "(truncated or corrupt); delete that file to run this pair again" in failures["brick/densenet"]["error"]
+    summary = (results / "t" / "summary.md").read_text()
+    assert "- brick/densenet: failed: cannot read" in summary and "| brick | tuning | resnet18v2 |" in summary
+    assert "| brick | tuning | densenet |" not in summary
+
+
+def test_dry_run_reports_invalid_parameters(tmp_path):
+    """The notebook's own checks run in the dry run: a value it would refuse is reported as a
+    failure with its message (and exit status 1), not as 'would run'."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", params=("width=wide",), extra=("--dry-run",))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "[1/1] brick/resnet18v2: would fail: ParameterError: width='wide': expected int, got str" in proc.stdout
+    proc = sweep(root, tmp_path / "r", "resnet18v2", params=("pred_steps=7",), extra=("--dry-run",))
+    assert "would fail: ParameterError: a 7x7 grid leaves no context for pred_steps=7" in proc.stdout, proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stopped_sweep_prints_its_command_quoted(tmp_path):
+    """The command that resumes the sweep, printed when it stops, keeps a path with a space as one word."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    results = tmp_path / "my results"
+    proc = sweep(root, results, "resnet18v2", extra=("--time-budget", "30s"))
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if "again (in the next session) to resume:" in line)
+    words = shlex.split(lines[at + 1])
+    assert words[:2] == [sys.executable, str(SWEEP)] and words[words.index("--results") + 1] == str(results), words
+    assert words[words.index("--time-budget") + 1] == "30s"
+
+
+def test_results_go_under_kaggle_working_on_kaggle(tmp_path, monkeypatch, capsys):
+    """Notebook 02's rule: /kaggle/working when it exists (the code is a read-only input there)."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    mod = load_sweep()
+    monkeypatch.setattr(mod, "KAGGLE_WORKING", tmp_path / "kaggle" / "working")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-root", str(root), "--encoders", "resnet18v2", "--run", "mvtec", "--dry-run"]
+    assert mod.main(argv) == 0
+    assert f"results: {tmp_path / 'results' / 'mvtec'}\n" in capsys.readouterr().out  # not on Kaggle: the cwd
+    (tmp_path / "kaggle" / "working").mkdir(parents=True)
+    assert mod.main(argv) == 0
+    assert f"results: {tmp_path / 'kaggle' / 'working' / 'results' / 'mvtec'}\n" in capsys.readouterr().out
+
+
+def test_a_sweep_run_from_elsewhere_writes_nothing_into_the_code(tmp_path):
+    """Kaggle's layout: the code a read-only dataset, the command run from the working folder.
+    Root ignores permission bits, so 'read-only' is checked as: nothing in the code's copy is
+    added or changed, and the results are under the working directory."""
+    code, work = tmp_path / "input" / "cpc-ad", tmp_path / "working"
+    code.mkdir(parents=True)
+    for name in ("cpc_utils.py", "scripts", "notebooks"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, code / name)
+    work.mkdir()
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+
+    def snapshot():
+        return {str(p.relative_to(code)): (p.stat().st_mtime_ns, p.stat().st_size) for p in code.rglob("*")}
+    before = snapshot()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # on a read-only mount Python skips its bytecode cache silently
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, str(code / "scripts" / "sweep.py"), "--data-root", str(root),
+                           "--encoders", "resnet18v2", "--epochs", "1", "--run", "mvtec", "--param", *TINY],
+                          cwd=work, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert snapshot() == before
+    pair = work / "results" / "mvtec" / "brick" / "resnet18v2"
+    assert (pair / "metrics.json").exists() and (pair / "02_cpc_anomaly_detection.ipynb").exists()
+    assert (work / "results" / "mvtec" / "summary.md").exists()

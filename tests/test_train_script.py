@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,46 @@ def test_train_script_refuses_a_data_folder_as_output_dir_before_training(root, 
     assert " epochs in " not in proc.stdout  # stopped before training (the train cell prints "N epochs in T s")
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     assert not list(root.glob(".brick*"))  # no staging folder or lock
+
+
+def train(root: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--data_root", str(root), *TINY, *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+
+
+def test_a_diverging_run_is_one_line_naming_the_lr(root, tmp_path):
+    proc = train(root, tmp_path, "--epochs", "1", "--lr", "1e308", "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]  # after tqdm's progress lines
+    assert message.startswith("train.py: FloatingPointError: the "), message
+    assert "diverged with lr=1e+308" in message and "try a lower lr" in message
+
+
+def test_a_stopped_run_prints_the_command_that_continues_it_quoted(root, tmp_path):
+    """A time budget stops training after epoch 1; the command printed resumes it, with the
+    output path (which has a space) as one word."""
+    out = tmp_path / "my results" / "brick"
+    proc = train(root, tmp_path, "--time_budget", "0.001", "--output_dir", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("train.py: TimeBudgetReached: stopped after epoch 1 of 3"), proc.stderr[-3000:]
+    words = shlex.split(message.split("resume=True to continue: ", 1)[1])
+    assert words[-2:] == ["--resume", "True"] and str(out) in words
+    assert words[:2] == [sys.executable, str(ROOT / "scripts" / "train.py")]
+
+
+def test_default_output_goes_under_the_working_directory(root, tmp_path):
+    """With no --output_dir the run writes results/notebook02/... where the command runs (as the
+    notebook does under papermill), never into the repository it was started from."""
+    proc = train(root, tmp_path, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results" / "notebook02" / "brick" / "resnet18v2" / "metrics.json").exists()
+
+
+def test_a_grid_too_small_for_pred_steps_stops_before_the_data_is_read(tmp_path):
+    """The check runs in the configuration step: the missing data root is never reached."""
+    proc = train(tmp_path / "no such data", tmp_path, "--pred_steps", "20")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith("train.py: ParameterError: a 7x7 grid leaves no context for pred_steps=20"), \
+        proc.stderr

@@ -242,13 +242,14 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(sets, tmp_path, monk
 
 
 @pytest.mark.parametrize("with_val", [True, False])
-def test_infinite_learning_rate_raises_without_writing_nan_weights(with_val, sets, tmp_path):
-    """One step per epoch: the first step turns the weights into NaN. That must fail before
-    a checkpoint with NaN weights replaces the last good one."""
+def test_a_huge_learning_rate_raises_without_writing_nan_weights(with_val, sets, tmp_path):
+    """One step per epoch: the first step turns the weights into inf. That must fail before
+    a checkpoint with non-finite weights replaces the last good one, saying that the training
+    diverged and at which lr."""
     train, val = sets
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match=r"^the (loss|training) diverged with lr=1e\+308: .*; try a lower lr$"):
         cu.train_model(build("cpcad", 0), train, val if with_val else None,
-                       config(3, lr=float("inf"), batch_size=len(train)), tmp_path, progress=False)
+                       config(3, lr=1e308, batch_size=len(train)), tmp_path, progress=False)
     for name in ("last.pt", "best.pt"):
         if (tmp_path / name).exists():
             state = torch.load(tmp_path / name, weights_only=False)
@@ -310,6 +311,23 @@ def test_resolve_device_on_this_machine():
     assert cu.resolve_device("auto").type in (expected, "mps")
     assert cu.resolve_device("cpu") == torch.device("cpu")
     assert cu.resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
+    """An unknown name, CUDA without a GPU, a GPU index past the count: each a ParameterError
+    naming the device and what is accepted (stubbed, the same with or without a GPU)."""
+    with pytest.raises(cu.ParameterError, match=r"^device='gpu7': expected auto, cpu, cuda, cuda:N or mps$"):
+        cu.resolve_device("gpu7")
+    with pytest.raises(cu.ParameterError, match="device='meta': expected auto"):
+        cu.resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(cu.ParameterError, match="device='cuda': no CUDA device is available on this machine"):
+        cu.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cu.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(cu.ParameterError, match=r"device='cuda:3': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        cu.resolve_device("cuda:3")
 
 
 def test_autocast_is_a_no_op_on_cpu():
@@ -444,7 +462,7 @@ def test_a_collapsed_run_is_flagged(sets):
 def test_errors_name_only_checkpoints_that_exist(sets, tmp_path):
     train, val = sets
     with pytest.raises(FloatingPointError) as e:
-        cu.train_model(build("cpcad", 0), train, val, config(2, lr=float("inf"), batch_size=len(train)),
+        cu.train_model(build("cpcad", 0), train, val, config(2, lr=1e308, batch_size=len(train)),
                        tmp_path / "ck", progress=False)
     assert "no checkpoint was written" in str(e.value) and "kept in" not in str(e.value)
 
@@ -709,6 +727,12 @@ def test_auto_precision_follows_the_compute_capability(capability, expected, mon
     assert cu.resolve_precision("auto", torch.device("cuda")) == expected
     assert cu.resolve_precision("fp32", torch.device("cuda")) == "fp32"
     assert cu.resolve_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan")])
+def test_a_learning_rate_that_is_not_finite_is_refused_up_front(lr):
+    with pytest.raises(cu.ParameterError, match=r"^lr=(inf|nan): must be a finite number$"):
+        cu.TrainConfig(lr=lr)
 
 
 def test_precision_on_cpu():
