@@ -1586,7 +1586,8 @@ class CPCADConfig:
         0.910, loss + kNN of stage statistics (mean and spread of every stage, stem included,
         standardised Euclidean) 0.792 / 0.928, higher in every seed (criterion 0.860 ± 0.010
         against 0.838 ± 0.011; on gravel 0.67 against 0.60 image AUROC). The raw-pixel
-        baseline scores 0.74 / 0.90. Pure CPC-AD stays one parameter away (detector="cpcad")
+        baseline scores 0.74 / 0.90 on the same 15x15 grid (0.76 / 0.94 on the 29x29 grid of
+        dense_scoring, the default's). Pure CPC-AD stays one parameter away (detector="cpcad")
         and is always reported.
       * knn_bank 16384: with 16,384 train/good references instead of 4,096, loss +
         multi-scale kNN 0.765 / 0.910 (the criterion, the mean of the two, 0.838 against
