@@ -2093,16 +2093,23 @@ LEGACY_RUN_FILES = ("metrics.json", "model.pt", "run.json", "*.png", "*.ipynb")
 LEGACY_RUN_FOLDERS = ("checkpoints", "scored")
 
 
+def _foreign_entries(path: Path) -> list[str]:
+    """The entries of folder `path` that no run writes (a user's notes, data, another tree)."""
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir()
+                  if not ((e.is_file() and (e.name == RUN_MARKER or any(e.match(f) for f in LEGACY_RUN_FILES)))
+                          or (e.is_dir() and not e.is_symlink() and e.name in LEGACY_RUN_FOLDERS)))
+
+
 def is_run_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a run folder this module wrote (and so may replace): it carries
-    RUN_MARKER, or it is an earlier run's (a metrics.json or run.json and only what a run writes)."""
+    """Whether `path` is a run folder this module wrote and holds nothing else (so a run may
+    replace it): it carries RUN_MARKER, or, written before the marker existed, a metrics.json
+    or run.json; and every entry is what a run writes. A user's file added to a finished run's
+    folder makes it not replaceable: the next run stops and names it instead of deleting it."""
     path = Path(path)
-    if (path / RUN_MARKER).is_file():
-        return True
-    entries = list(path.iterdir()) if path.is_dir() else []
-    return any((path / f).is_file() for f in ("metrics.json", "run.json")) and all(
-        (e.is_file() and any(e.match(f) for f in LEGACY_RUN_FILES)) or (e.is_dir() and e.name in LEGACY_RUN_FOLDERS)
-        for e in entries)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    ours = any((path / f).is_file() for f in (RUN_MARKER, "metrics.json", "run.json"))
+    return ours and not _foreign_entries(path)
 
 
 def _check_replaceable(path: Path, what: str) -> None:
@@ -2115,6 +2122,11 @@ def _check_replaceable(path: Path, what: str) -> None:
                               "choose another output_dir")
     entries = sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir())
     if entries and not is_run_folder(path):
+        if (path / RUN_MARKER).is_file():  # our run, with something of the user's added
+            foreign = _foreign_entries(path)
+            raise FileExistsError(f"{what} {path} is an earlier run of cpc_utils, but it also holds "
+                                  f"{', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}, which no run "
+                                  "writes; move that out (a run replaces the whole folder) or choose another output_dir")
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise FileExistsError(f"{what} {path} is not empty and not a run folder of cpc_utils (it holds {shown}); "
                               "a run replaces only an earlier run's folder: choose a new or empty output_dir")

@@ -652,6 +652,22 @@ def test_an_output_dir_that_is_not_a_run_is_refused_and_kept(tmp_path, files):
     assert snapshot(tmp_path) == before  # nothing written, moved or deleted, and no lock left
 
 
+def test_a_users_file_in_an_earlier_run_folder_is_named_not_deleted(tmp_path):
+    """The marker proves the folder is ours, not every file in it: a note the user saved into a
+    finished run's folder stops the next run, which names it, and nothing is deleted."""
+    out = tmp_path / "run"
+    cu.finish_run(out, cu.begin_run(out, {}), {"n": 1})
+    assert cu.is_run_folder(out)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=r"is an earlier run of cpc_utils, but it also holds notes.txt"):
+        cu.begin_run(out, {})
+    assert snapshot(tmp_path) == before
+    (out / "notes.txt").unlink()
+    cu.finish_run(out, cu.begin_run(out, {}), {"n": 2})  # without it the run is replaced as before
+    assert json.loads((out / "metrics.json").read_text()) == {"n": 2}
+
+
 def test_a_file_as_output_dir_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'out'} is a file"):
@@ -681,9 +697,6 @@ def test_an_earlier_run_without_the_marker_is_replaced(tmp_path):
     cu.finish_run(out, cu.begin_run(out, {}), {"n": 2})
     assert sorted(p.name for p in out.iterdir()) == sorted([cu.RUN_MARKER, "metrics.json", "run.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    (out / "notes.txt").write_text("added later")  # a marked run folder stays ours: replaced as a whole
-    cu.finish_run(out, cu.begin_run(out, {}), {"n": 3})
-    assert json.loads((out / "metrics.json").read_text()) == {"n": 3} and not (out / "notes.txt").exists()
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
