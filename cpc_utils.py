@@ -883,26 +883,65 @@ def _demo_defect_image(spec: DemoCategory, defect: str, size: int, sources: dict
     return clean, bad, mask
 
 
+DEMO_MANIFEST = ".cpc_utils_demo"  # in each demo category folder: the files demo-data wrote there
+
+
 def _write_demo_category(out: Path, category: str, n_train: int, n_test_good: int, n_per_defect: int,
                          image_size: int, seed: int) -> None:
+    import io
     from PIL import Image
     spec = DEMO_CATEGORIES[category]
     rng = np.random.default_rng([seed, list(DEMO_CATEGORIES).index(category)])
     sources = _demo_sources(spec)
+    files: dict[str, bytes] = {}  # relative path -> PNG bytes: all drawn before anything is written
 
-    def save(arr: np.ndarray, path: Path) -> None:  # arr: (H, W, C) uint8 or (H, W) uint8
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr if arr.ndim == 2 or arr.shape[2] == 3 else arr[..., 0]).save(path, compress_level=1)
+    def save(arr: np.ndarray, name: str) -> None:  # arr: (H, W, C) uint8 or (H, W) uint8
+        buf = io.BytesIO()
+        Image.fromarray(arr if arr.ndim == 2 or arr.shape[2] == 3 else arr[..., 0]).save(buf, "PNG", compress_level=1)
+        files[name] = buf.getvalue()
 
-    d = out / category
     for split, n in (("train", n_train), ("test", n_test_good)):
         for i in range(n):
-            save(_to_uint8(_demo_clean(spec, image_size, sources, rng)[0]), d / split / "good" / f"{i:03d}.png")
+            save(_to_uint8(_demo_clean(spec, image_size, sources, rng)[0]), f"{split}/good/{i:03d}.png")
     for defect in demo_defects(category):
         for i in range(n_per_defect):
             _, bad, mask = _demo_defect_image(spec, defect, image_size, sources, rng)
-            save(bad, d / "test" / defect / f"{i:03d}.png")
-            save(mask.astype(np.uint8) * 255, d / "ground_truth" / defect / f"{i:03d}_mask.png")
+            save(bad, f"test/{defect}/{i:03d}.png")
+            save(mask.astype(np.uint8) * 255, f"ground_truth/{defect}/{i:03d}_mask.png")
+    _write_owned(out / category, files)
+
+
+def _write_owned(d: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (relative path -> bytes) under `d`, a demo category folder that is new or
+    was written by demo-data before (DEMO_MANIFEST lists its files, which are replaced).
+
+    No file demo-data did not write is overwritten or left among the data: a file under `d`
+    that the manifest does not list is FileExistsError naming it, unless it already holds
+    exactly the bytes to be written (the demo is deterministic: a folder written before the
+    manifest existed is taken over). Checked before anything is written.
+    """
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} is a file: expected a folder for the demo category")
+    try:
+        previous = set(json.loads((d / DEMO_MANIFEST).read_text())["files"]) if (d / DEMO_MANIFEST).is_file() else set()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read {d / DEMO_MANIFEST}, the list of what demo-data wrote there ({e}); "
+                         f"choose another folder") from e
+    previous = {f for f in previous if not Path(f).is_absolute() and ".." not in Path(f).parts}
+    existing = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() or p.is_symlink()) \
+        if d.is_dir() else []
+    foreign = [f for f in existing if f != DEMO_MANIFEST and f not in previous
+               and not (f in files and not (d / f).is_symlink() and (d / f).read_bytes() == files[f])]
+    if foreign:
+        raise FileExistsError(f"{d / foreign[0]} was not written by demo-data" + (f" (and {len(foreign) - 1} more "
+                              "files)" if len(foreign) > 1 else "") + ": it would be overwritten or mixed into the "
+                              "demo data; choose another folder, or move it away")
+    save_json({"written_by": "cpc_utils demo-data", "files": sorted(previous | set(files))}, d / DEMO_MANIFEST)
+    for f in sorted(previous - set(files)):  # an earlier, larger demo's files: not mixed into this one
+        (d / f).unlink(missing_ok=True)
+    for f, data in files.items():
+        save_atomic(data, d / f, lambda b, fh: fh.write(b))
+    save_json({"written_by": "cpc_utils demo-data", "files": sorted(files)}, d / DEMO_MANIFEST)
 
 
 def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None = None,
@@ -915,7 +954,8 @@ def make_demo_dataset(out: str | os.PathLike, categories: Sequence[str] | None =
     few px of shift, a few degrees of rotation and a few % of scale. Each test/<defect> image
     (demo_defects(category)) carries one synthetic defect, subtle or obvious at random, whose
     mask is exactly the changed pixels. Deterministic for `seed`, and each category's files
-    do not depend on which other categories are written.
+    do not depend on which other categories are written. A category folder is written only
+    when new or written by demo-data before (`_write_owned`): a user's file is never replaced.
     """
     out = Path(out)
     categories = list(categories or DEMO_CATEGORIES)
@@ -4254,8 +4294,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _CLI_ARGS if argv is None and _CLI_ARGS is not None else cli_parser().parse_args(argv)
     try:
         _run_command(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the user's input: one line, no traceback
-        raise SystemExit(f"python -m cpc_utils {args.command}: {e}") from None
+    except (OSError, ValueError) as e:  # the user's input or disk (a path below a file, a full disk): one line, no traceback
+        said = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else e  # no "[Errno 20]"
+        raise SystemExit(f"python -m cpc_utils {args.command}: {said}") from None
 
 
 def _run_command(args: argparse.Namespace) -> None:

@@ -46,6 +46,15 @@ def test_bad_input_is_one_line():
     assert proc.returncode == 1 and "unknown demo category 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_path_below_a_file_is_one_line(tmp_path):
+    """An OSError (here: writing below a file) is said in one line, without "[Errno 20]"."""
+    (tmp_path / "afile").write_text("x")
+    proc = run("demo-data", str(tmp_path / "afile" / "demo"), "--categories", "brick")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"python -m cpc_utils demo-data: cannot write {tmp_path}/afile/demo/brick/"
+                                   f"{cu.DEMO_MANIFEST}: Not a directory")
+
+
 def test_score_names_a_bad_device_before_reading_the_bundle(tmp_path):
     """--device is checked first: the message is about the device, not the bundle it would
     have been loaded onto (here no bundle exists at all)."""

@@ -648,7 +648,7 @@ def test_demo_data_deterministic(tmp_path):
     a = _tree_bytes(cu.make_demo_dataset(tmp_path / "a", seed=5, **kw))
     b = _tree_bytes(cu.make_demo_dataset(tmp_path / "b", seed=5, **kw))
     c = _tree_bytes(cu.make_demo_dataset(tmp_path / "c", seed=6, **kw))
-    assert len(a) == 2 + 1 + 2 * len(cu.demo_defects("tissue"))
+    assert len(a) == 2 + 1 + 2 * len(cu.demo_defects("tissue")) + 1  # + the DEMO_MANIFEST
     assert a == b
     assert a.keys() == c.keys() and a != c
     assert all(a[k] != c[k] for k in a if "/train/" in f"/{k}")
@@ -660,6 +660,26 @@ def test_demo_category_alone_equals_it_in_the_full_set(tmp_path):
     for cat in ("capsule", "grass"):
         alone = cu.make_demo_dataset(tmp_path / cat, categories=[cat], **kw)
         assert _tree_bytes(alone / cat) == _tree_bytes(full / cat)
+
+
+def test_demo_data_never_overwrites_or_mixes_in_a_users_files(tmp_path):
+    """A category folder holding files demo-data did not write is refused before anything is
+    written; its own earlier output (or an identical one) is rewritten, a larger one shrunk."""
+    kw = dict(categories=["tissue"], n_test_good=1, n_per_defect=1, image_size=32)
+    good = tmp_path / "d" / "tissue" / "train" / "good"
+    good.mkdir(parents=True)
+    (good / "000.png").write_bytes(b"mine")
+    (good / "900.png").write_bytes(b"also mine")
+    with pytest.raises(FileExistsError, match=r"000\.png was not written by demo-data \(and 1 more"):
+        cu.make_demo_dataset(tmp_path / "d", n_train=2, **kw)
+    assert sorted(p.name for p in (tmp_path / "d").rglob("*")) == ["000.png", "900.png", "good", "tissue", "train"]
+    assert (good / "000.png").read_bytes() == b"mine"
+
+    root = cu.make_demo_dataset(tmp_path / "own", n_train=3, **kw)
+    (root / "tissue" / cu.DEMO_MANIFEST).unlink()  # as written before the manifest: identical bytes are taken over
+    cu.make_demo_dataset(root, n_train=3, **kw)
+    cu.make_demo_dataset(root, n_train=2, **kw)
+    assert sorted(p.name for p in (root / "tissue" / "train" / "good").iterdir()) == ["000.png", "001.png"]
 
 
 def test_demo_unknown_category_fails_before_writing(tmp_path):
