@@ -205,8 +205,9 @@ def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     replicated to three equal channels, so one encoder shape serves all 15 categories and a
     grayscale category costs nothing extra to learn (the three channels stay identical).
     Depth: 16-bit grayscale (PIL mode "I;16", or "I" in some Pillow versions) is scaled to
-    8 bit as value / 257 (65535 -> 255) and float ("F") as value * 255 when it lies in [0, 1],
-    else clipped to [0, 255]; PIL's own `.convert("RGB")` would clip 16-bit data to white.
+    8 bit as value / 257 (65535 -> 255), a 32-bit integer image by the range its values show,
+    and float ("F") as value * 255 when it lies in [0, 1], as it is in [0, 255], other ranges
+    being a ValueError (`_to_8bit`); PIL's own `.convert("RGB")` would clip 16-bit data to white.
     """
     return _read_image_sized(path, image_size)[0]
 
@@ -242,17 +243,35 @@ def _upright(im: "PIL.Image.Image") -> "PIL.Image.Image":
 
 
 def _to_8bit(im):
-    """A 16-bit ("I;16*", "I") or float ("F") grayscale PIL image as mode "L"; others as they are."""
+    """A 16-bit ("I;16*"), 32-bit integer ("I") or float ("F") grayscale PIL image as mode "L";
+    others as they are.
+
+    "I;16*" and a 16-bit file read as "I" (PNG, a TIFF saying 16 bits per sample) are value / 257.
+    A 32-bit integer file declares no white level: its values are read as 8 bit when they all
+    lie in 0..255 (an 8-bit image stored wide), as 16 bit in 0..65535, else ValueError; dividing
+    an 8-bit image by 257 would silently turn it black. Float is * 255 in [0, 1], as it is in
+    [0, 255], else ValueError (e.g. [-1, 1] or 16-bit values as float: no scale is safe to guess).
+    """
     from PIL import Image
     if not (im.mode == "F" or im.mode.startswith("I")):
         return im
     a = np.asarray(im, dtype=np.float64)  # (H, W)
     if not np.isfinite(a).all():
         raise ValueError(f"{(~np.isfinite(a)).sum()} pixels are NaN or infinite")
-    if im.mode != "F":
-        a = a / 257                       # 16 bit: 65535 -> 255; 32-bit "I" is read as 16 bit
-    elif a.size and 0 <= a.min() and a.max() <= 1:
-        a = a * 255                       # float in [0, 1]
+    low, high = (a.min(), a.max()) if a.size else (0.0, 0.0)
+    sixteen = im.mode != "I" or im.format == "PNG" or getattr(im, "tag_v2", {}).get(258) == (16,)
+    if im.mode == "F":
+        if not -0.5 <= low <= high < 255.5:  # what rounds into 0..255
+            raise ValueError(f"float pixel values span {low:.6g}..{high:.6g}: expected 0..1 or 0..255")
+        a = a * 255 if high <= 1 else a   # float in [0, 1], else already 0..255
+    elif sixteen or high > 255:
+        if not 0 <= low <= high <= 65535:
+            raise ValueError(f"32-bit integer pixel values span {low:.0f}..{high:.0f}: expected 0..255 (8 bit) "
+                             "or 0..65535 (16 bit)")
+        a = a / 257                       # 16 bit: 65535 -> 255
+    elif low < 0:
+        raise ValueError(f"32-bit integer pixel values span {low:.0f}..{high:.0f}: expected 0..255 (8 bit) "
+                         "or 0..65535 (16 bit)")
     return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
 
 

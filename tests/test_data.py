@@ -273,21 +273,28 @@ def test_16bit_grayscale_scaled_to_8bit(tmp_path):
     assert x[0, 0, 0] == 0 and x[0, -1, -1] == 255 and (x < 255).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("mode, scale", [("I", 1 / 257), ("F", 255), ("F", 1)])
-def test_32bit_int_and_float_grayscale(tmp_path, mode, scale):
-    """"I" is read as 16 bit; "F" in [0, 1] is scaled by 255, any other float clipped to [0, 255]."""
-    if mode == "I":
-        a = np.arange(64, dtype=np.int32).reshape(8, 8) * 1040
-    elif scale == 255:
-        a = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
-    else:
-        a = np.linspace(-20, 300, 64, dtype=np.float32).reshape(8, 8)
+@pytest.mark.parametrize("mode, high, scale", [("I", 65520, 1 / 257), ("I", 255, 1), ("F", 1, 255), ("F", 255, 1)])
+def test_32bit_int_and_float_grayscale(tmp_path, mode, high, scale):
+    """A 32-bit integer image is read as 16 bit, or as 8 bit when its values all fit 0..255 (not
+    divided by 257 into black); float in [0, 1] is scaled by 255, in [0, 255] read as it is."""
+    a = np.linspace(0, high, 64).reshape(8, 8).astype(np.int32 if mode == "I" else np.float32)
     Image.fromarray(a, mode).save(tmp_path / "x.tif")
     with Image.open(tmp_path / "x.tif") as im:
         assert im.mode == mode
     x = cu.read_image(tmp_path / "x.tif", 8)
-    expected = np.rint(np.clip(a.astype(np.float64) * scale, 0, 255)).astype(np.uint8)
-    assert torch.equal(x[0], torch.from_numpy(expected)) and torch.equal(x[1], x[2])
+    expected = np.rint(a.astype(np.float64) * scale).astype(np.uint8)
+    assert torch.equal(x[0], torch.from_numpy(expected)) and torch.equal(x[1], x[2]) and x.max() == 255
+
+
+@pytest.mark.parametrize("mode, low, high", [("F", -1, 1), ("F", -20, 300), ("F", 0, 65535), ("I", -5, 200),
+                                             ("I", 0, 70000)])
+def test_grayscale_of_no_known_scale_is_an_error_naming_the_file(tmp_path, mode, low, high):
+    """Float in [-1, 1] or 0..65535, integers below 0 or above 16 bit: no scale is safe to guess
+    (clipping made [-1, 1] almost black and 16-bit floats white, silently)."""
+    a = np.linspace(low, high, 64).reshape(8, 8).astype(np.int32 if mode == "I" else np.float32)
+    Image.fromarray(a, mode).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=rf"cannot read image .*x\.tif: .*pixel values span {low}\.*0*\.\.{high}"):
+        cu.read_image(tmp_path / "x.tif", 8)
 
 
 def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
