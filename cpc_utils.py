@@ -369,6 +369,7 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
         warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
                       stacklevel=2)
     train_files, test_items = _category_files(cat_dir)  # test_items: (image, defect, mask or None)
+    _warn_nested_images(cat_dir)
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
     test_dir = cat_dir / "test"
@@ -395,7 +396,24 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
         train = list(pool.map(decode, [(f, "good", None) for f in train_files]))
         test = list(pool.map(decode, test_items))
+    empty = [mask for (_, defect, mask), (_, m, _, _) in zip(test_items, test) if defect != "good" and not m.any()]
+    if empty:
+        warnings.warn(f"{len(empty)} defect images have no defect pixel at {image_size}x{image_size} px (first: "
+                      f"{empty[0]}): an empty mask, or a defect too small for this size; they count as anomalous "
+                      "images but add no pixel to the pixel metrics", stacklevel=2)
     return {"train": _stack(train), "test": _stack(test)}
+
+
+def _warn_nested_images(cat_dir: Path) -> None:
+    """Warn about images in subfolders of train/good or test/<defect>: the layout reads only the
+    folder's own files, so train/good/batch2/*.png would otherwise be left out unsaid."""
+    folders = [cat_dir / "train" / "good", *((cat_dir / "test").iterdir() if (cat_dir / "test").is_dir() else ())]
+    nested = sorted(p for d in folders if d.is_dir() and not _is_macos_metadata(d.name) for p in d.rglob("*")
+                    if p.parent != d and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(map(_is_macos_metadata, p.relative_to(d).parts)))
+    if nested:
+        warnings.warn(f"ignoring {len(nested)} images in subfolders (first: {nested[0]}): only the images directly "
+                      "in train/good and test/<defect> are read", stacklevel=3)
 
 
 def _stack(items: list[tuple]) -> ImageSet:

@@ -414,6 +414,28 @@ def test_macos_metadata_ignored_with_one_warning(fresh_mvtec):
     assert set(data["test"].defect_types) == {"good", *FAKE_DEFECTS}
 
 
+def test_images_in_subfolders_are_named_in_a_warning(fresh_mvtec):
+    """train/good/batch2/*.png is not read (the layout is train/good/*.png): said, not silent."""
+    cat = fresh_mvtec / "widget"
+    for folder in ("train/good/batch2", "test/crack/more"):
+        (cat / folder).mkdir()
+        Image.open(cat / "train" / "good" / "000.png").save(cat / folder / "100.png")
+    with pytest.warns(UserWarning, match=r"ignoring 2 images in subfolders \(first: .*test/crack/more/100\.png\)"):
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert len(data["train"]) == FAKE_TRAIN
+
+
+def test_a_defect_image_with_no_defect_pixel_is_named_in_a_warning(fresh_mvtec):
+    """An empty mask (or a defect lost in resizing) leaves an anomalous image with no defect
+    pixel: it is still loaded as a defect image, with a warning naming the mask."""
+    mask = fresh_mvtec / "widget" / "ground_truth" / "dent" / "000_mask.png"
+    Image.fromarray(np.zeros((FAKE_SIZE, FAKE_SIZE), np.uint8)).save(mask)
+    with pytest.warns(UserWarning, match=rf"1 defect images have no defect pixel at {FAKE_SIZE}x{FAKE_SIZE} px "
+                                         rf"\(first: {mask}\)"):
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert data["test"].labels.sum() == sum(FAKE_DEFECTS.values())
+
+
 # ---- train / validation split --------------------------------------------------------
 
 def test_split_train_val_seeded_disjoint_complete(fake_widget):
