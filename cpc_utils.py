@@ -4243,6 +4243,14 @@ def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         if not paths:
             raise ValueError(f"no images to score: every image found in {' '.join(map(str, inputs))} is inside "
                              f"--out {out}, which is never read as input")
+    earlier = [p for p in paths if _in_score_output(p)]  # another --out's heatmaps and masks are not photos
+    if earlier:
+        paths = [p for p in paths if p not in earlier]
+        tqdm.write(f"{len(earlier)} images inside earlier score outputs (folders holding {SCORE_MANIFEST}; first: "
+                   f"{earlier[0]}) are not read as inputs")
+        if not paths:
+            raise ValueError(f"no images to score: every image found in {' '.join(map(str, inputs))} is inside an "
+                             f"earlier score output (first: {earlier[0]})")
     names = _output_names(paths)
     planned = _score_out_plan(out, names)
     save_json({"written_by": "cpc_utils score", "files": planned}, out / SCORE_MANIFEST)  # before any output
@@ -4284,6 +4292,11 @@ def score_files(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
             "resized": resized, "upsampled": sum(bool(r.get("upsampled")) for r in scored),
             "skipped": len(found) - len(paths), "threshold": thr, "pixel_threshold": pthr,
             "csv": out / "scores.csv", "seconds": time.perf_counter() - t0}
+
+
+def _in_score_output(path: Path) -> bool:
+    """Whether `path` lies in a folder a score run wrote (SCORE_MANIFEST in it or above it)."""
+    return any((d / SCORE_MANIFEST).is_file() for d in path.resolve().parents)
 
 
 def _score_row(path: Path, name: Path, original: np.ndarray, result: dict, j: int, thr: float, pthr: float,

@@ -202,6 +202,18 @@ def test_out_inside_the_scored_folder_is_never_read_as_input(trained, tmp_path, 
     assert "every image found" in score_error(trained["path"], out / "heatmaps", "--out", out)
 
 
+def test_an_earlier_score_output_among_the_inputs_is_not_scored(trained, tmp_path, capsys):
+    """photos/v1 from an earlier run: its heatmaps and masks are not photos, and a second run
+    into photos/v2 says it leaves them out instead of scoring them."""
+    copy_images(trained, tmp_path / "photos")
+    for run in ("v1", "v2"):
+        cu.main(["score", str(trained["path"]), str(tmp_path / "photos"), "--out", str(tmp_path / "photos" / run),
+                 "--device", "cpu"])
+        assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "photos" / run / "scores.csv")) == ["0.png", "1.png"]
+    assert "4 images inside earlier score outputs" in capsys.readouterr().out
+    assert "inside an earlier score output" in score_error(trained["path"], tmp_path / "photos" / "v1", "--out", tmp_path / "o")
+
+
 @pytest.mark.parametrize("where", ["masks", "heatmaps", ""])
 def test_an_out_holding_other_files_is_refused_before_scoring(trained, tmp_path, where):
     """--out whose masks/ (or heatmaps/, or itself) holds the input images: refused, inputs kept."""
