@@ -376,6 +376,9 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
     for f, defect, mask in test_items:
+        if defect != "good" and defect.casefold() == "good":  # else read as a defect type, or its masks missing
+            raise ValueError(f"{test_dir / defect}: the normal test images' folder must be named test/good "
+                             "(lower case); any other name is a defect type")
         if defect != "good" and mask is None:
             raise FileNotFoundError(f"defect image {f} has no mask: expected "
                                     f"{cat_dir / 'ground_truth' / defect / (f.stem + '_mask.png')}")

@@ -414,6 +414,14 @@ def test_macos_metadata_ignored_with_one_warning(fresh_mvtec):
     assert set(data["test"].defect_types) == {"good", *FAKE_DEFECTS}
 
 
+def test_a_test_good_folder_in_other_case_is_named(fresh_mvtec):
+    """test/Good would be a defect type "Good" (with masks it would silently count as defects)."""
+    test = fresh_mvtec / "widget" / "test"
+    (test / "good").rename(test / "Good")
+    with pytest.raises(ValueError, match=r"test/Good: the normal test images' folder must be named test/good"):
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+
+
 def test_images_in_subfolders_are_named_in_a_warning(fresh_mvtec):
     """train/good/batch2/*.png is not read (the layout is train/good/*.png): said, not silent."""
     cat = fresh_mvtec / "widget"
