@@ -116,11 +116,12 @@ EXPECTED_LAYOUT = """expected layout:
 
 def _configured_root(data_root: str | os.PathLike | None) -> tuple[Path, str] | None:
     """The root the user named, the argument else $MVTEC_ROOT, and how it was named (for
-    error messages); None when neither is set."""
+    error messages); None when neither is set. A leading ~ is the home folder, as in a shell
+    (a notebook's data_root = "~/mvtec_ad" gets no shell to expand it)."""
     if data_root:
-        return Path(data_root), f"data_root={str(data_root)!r}"
+        return Path(data_root).expanduser(), f"data_root={str(data_root)!r}"
     if os.environ.get("MVTEC_ROOT"):
-        return Path(os.environ["MVTEC_ROOT"]), f"$MVTEC_ROOT={os.environ['MVTEC_ROOT']}"
+        return Path(os.environ["MVTEC_ROOT"]).expanduser(), f"$MVTEC_ROOT={os.environ['MVTEC_ROOT']}"
     return None
 
 

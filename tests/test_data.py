@@ -24,6 +24,14 @@ def no_env(monkeypatch, tmp_path):
     return tmp_path
 
 
+def test_find_root_expands_the_home_folder(fresh_mvtec, no_env, monkeypatch):
+    """data_root = "~/mvtec" in a notebook (no shell expands it) and in $MVTEC_ROOT."""
+    monkeypatch.setenv("HOME", str(fresh_mvtec.parent))
+    assert cu.find_mvtec_root("~/mvtec") == fresh_mvtec
+    monkeypatch.setenv("MVTEC_ROOT", "~/mvtec")
+    assert cu.find_mvtec_root() == fresh_mvtec
+
+
 def test_find_root_explicit_argument(fake_mvtec, no_env):
     assert cu.find_mvtec_root(fake_mvtec) == fake_mvtec
     assert cu.find_mvtec_root(str(fake_mvtec)) == fake_mvtec
