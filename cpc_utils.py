@@ -370,7 +370,7 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
         warnings.warn(f"ignoring {n} macOS metadata entries (._* files, __MACOSX folders) under {cat_dir}",
                       stacklevel=2)
     train_files, test_items = _category_files(cat_dir)  # test_items: (image, defect, mask or None)
-    _warn_nested_images(cat_dir)
+    _warn_unread_files(cat_dir)
     if not train_files:
         raise FileNotFoundError(f"no images in {cat_dir / 'train' / 'good'}")
     test_dir = cat_dir / "test"
@@ -408,16 +408,23 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     return {"train": _stack(train), "test": _stack(test)}
 
 
-def _warn_nested_images(cat_dir: Path) -> None:
-    """Warn about images in subfolders of train/good or test/<defect>: the layout reads only the
-    folder's own files, so train/good/batch2/*.png would otherwise be left out unsaid."""
+def _warn_unread_files(cat_dir: Path) -> None:
+    """Warn about images in subfolders of train/good or test/<defect>, and about files there of
+    other types (.webp, .gif, ...): the layout reads only the folder's own IMAGE_EXTENSIONS files,
+    so train/good/batch2/*.png or train/good/*.webp would otherwise be left out unsaid. Dotfiles,
+    macOS metadata and Windows' Thumbs.db / desktop.ini are not data and are not mentioned."""
     folders = [cat_dir / "train" / "good", *((cat_dir / "test").iterdir() if (cat_dir / "test").is_dir() else ())]
-    nested = sorted(p for d in folders if d.is_dir() and not _is_macos_metadata(d.name) for p in d.rglob("*")
-                    if p.parent != d and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not any(map(_is_macos_metadata, p.relative_to(d).parts)))
+    files = [(d, p) for d in folders if d.is_dir() and not _is_macos_metadata(d.name) for p in d.rglob("*")
+             if p.is_file() and not any(map(_is_macos_metadata, p.relative_to(d).parts))]
+    nested = sorted(p for d, p in files if p.parent != d and p.suffix.lower() in IMAGE_EXTENSIONS)
+    other = sorted(p for d, p in files if p.parent == d and p.suffix.lower() not in IMAGE_EXTENSIONS
+                   and not p.name.startswith(".") and p.name.lower() not in ("thumbs.db", "desktop.ini"))
     if nested:
         warnings.warn(f"ignoring {len(nested)} images in subfolders (first: {nested[0]}): only the images directly "
                       "in train/good and test/<defect> are read", stacklevel=3)
+    if other:
+        warnings.warn(f"ignoring {len(other)} files that are not images ({' '.join(IMAGE_EXTENSIONS)}, any case) in "
+                      f"train/good and test/<defect> (first: {other[0]})", stacklevel=3)
 
 
 def _stack(items: list[tuple]) -> ImageSet:

@@ -400,7 +400,8 @@ def test_test_split_needs_normal_and_defect_images(fresh_mvtec, remove):
 def test_non_image_files_are_ignored(fresh_mvtec):
     (fresh_mvtec / "widget" / "train" / "good" / "notes.txt").write_text("not an image")
     (fresh_mvtec / "widget" / "train" / "good" / ".DS_Store").write_bytes(b"\0")
-    data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    with pytest.warns(UserWarning, match=r"ignoring 1 files that are not images .*notes\.txt"):  # said, not silent
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
     assert len(data["train"]) == FAKE_TRAIN
 
 
@@ -439,6 +440,18 @@ def test_images_in_subfolders_are_named_in_a_warning(fresh_mvtec):
     with pytest.warns(UserWarning, match=r"ignoring 2 images in subfolders \(first: .*test/crack/more/100\.png\)"):
         data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
     assert len(data["train"]) == FAKE_TRAIN
+
+
+def test_files_of_other_types_are_named_in_a_warning(fresh_mvtec):
+    """train/good/007.webp is not read: said; Thumbs.db and dotfiles are not data, not mentioned."""
+    good = fresh_mvtec / "widget" / "train" / "good"
+    Image.open(good / "000.png").save(good / "007.webp")
+    (good / "Thumbs.db").write_bytes(b"x")
+    (good / ".DS_Store").write_bytes(b"x")
+    with pytest.warns(UserWarning) as record:
+        data = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+    assert len(record) == 1 and "ignoring 1 files that are not images" in str(record[0].message)
+    assert f"(first: {good / '007.webp'})" in str(record[0].message) and len(data["train"]) == FAKE_TRAIN
 
 
 def test_a_defect_image_with_no_defect_pixel_is_named_in_a_warning(fresh_mvtec):
