@@ -1931,6 +1931,12 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+class RunBlocked(RuntimeError):
+    """A run cannot start or go on for a reason its user can fix (another process holds its
+    folder, a checkpoint that cannot be read): the message names the file and what to do, so
+    command-line entry points print it as one line, not a traceback."""
+
+
 class TimeBudgetReached(RuntimeError):
     """Training stopped at an epoch boundary because the next epoch would not fit in the time
     budget (a Kaggle session's 12 hours, a cluster job's limit); the checkpoint is kept."""
@@ -2044,7 +2050,7 @@ def fingerprint_diff(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[s
 
 
 def acquire_lock(path: str | os.PathLike) -> Path:
-    """Create lock file `path` ({"pid", "host", "started"}), or raise RuntimeError naming its holder.
+    """Create lock file `path` ({"pid", "host", "started"}), or raise RunBlocked naming its holder.
 
     A lock left by a process that no longer exists on this host is taken over; one held by
     this process (a notebook cell run again in the same kernel) is kept.
@@ -2066,13 +2072,13 @@ def acquire_lock(path: str | os.PathLike) -> Path:
             if holder.get("host") == host and not _alive(holder.get("pid")):
                 path.unlink(missing_ok=True)  # its process is gone: a crash, a killed kernel
                 continue
-            raise RuntimeError(f"{path.parent} is being written by process {holder.get('pid')} on "
+            raise RunBlocked(f"{path.parent} is being written by process {holder.get('pid')} on "
                                f"{holder.get('host')} since {holder.get('started')} (lock {path}); wait for it "
                                "to finish, or delete the lock file if that process is gone") from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me))
         return path
-    raise RuntimeError(f"cannot take the lock {path}")
+    raise RunBlocked(f"cannot take the lock {path}")
 
 
 def _alive(pid) -> bool:
@@ -2279,10 +2285,10 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain types
         what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
-        raise RuntimeError(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
+        raise RunBlocked(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
                            f"types ({what}), and loading it could run code; nothing in it was run; {remedy}") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for a bad file
-        raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+        raise RunBlocked(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
                            f"(truncated or corrupt); {remedy}") from e
 
 
