@@ -324,12 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # before anything runs: a typo must not cost a sweep
         raise SystemExit(f"sweep: no category {', '.join(map(repr, unknown))} under {root}; "
                          f"available: {', '.join(available)}")
+    if args.run in ("", ".", "..") or Path(args.run).name != args.run:  # "" would make <results> itself the run
+        raise SystemExit(f"sweep: --run {args.run!r}: expected a folder name (results go to <results>/<run>/)")
     run_dir = (work_dir() / args.results).resolve() / args.run
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # found now, not when the first pair writes
+        raise SystemExit(f"sweep: results folder {run_dir}: {blocking} is a file, not a folder; choose another "
+                         "--results or --run")
     pairs = [(c, e) for c in categories for e in args.encoders]
     shard = parse_shard(args.shard)
     if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
         pairs = pairs[shard[0] - 1::shard[1]]
-    budget = cu.parse_duration(args.time_budget)
+    try:
+        budget = cu.parse_duration(args.time_budget)
+    except ValueError as e:
+        raise SystemExit(f"sweep: --time-budget {args.time_budget!r}: {str(e).split(': ', 1)[1]}") from None
     devices = parse_devices(args.devices)
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"

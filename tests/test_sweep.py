@@ -251,6 +251,30 @@ def test_time_budget_too_small_starts_nothing(tmp_path):
     assert proc.returncode == 1 and "0 run, 0 skipped, 0 failed, 1 missing" in proc.stdout
 
 
+@pytest.mark.parametrize("case", ["time budget", "results is a file", "empty run name", "run is a path"])
+def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anything_runs(case, tmp_path):
+    """Each is said in one line, exit 1, nothing written: not a traceback (--time-budget 11x, a file in the
+    way of the first write) nor a run folder that is the results tree itself (--run "")."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    (tmp_path / "afile").write_text("a user's file")
+    results, run, extra = tmp_path / "r", "t", ()
+    if case == "time budget":
+        extra = ("--time-budget", "11x")
+    elif case == "results is a file":
+        results = tmp_path / "afile"
+    else:
+        run = "" if case == "empty run name" else "../escaped"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = sweep(root, results, "resnet18v2", run=run, extra=extra)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("sweep: ")
+    assert {"time budget": "'11x': expected seconds", "results is a file": f"{tmp_path / 'afile'} is a file",
+            "empty run name": "--run '': expected a folder name",
+            "run is a path": "--run '../escaped': expected a folder name"}[case] in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "a user's file"
+
+
 def test_two_pairs_at_once_on_two_cpu_devices(tmp_path):
     """--devices cpu,cpu: both pairs run (overlapping in time), each on its device, with the
     usual summary; OMP threads split between the kernels."""
