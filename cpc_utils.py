@@ -2163,13 +2163,20 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     run.json records the fingerprint and status, its RUN_MARKER that it is a run folder.
     An `out` that holds anything but an earlier run (`is_run_folder`), e.g. a data folder or
     a results tree, is a FileExistsError naming it and some of its entries, before anything
-    is written. resume=True continues an unfinished staging run, or else a copy of `out`'s
+    is written; an `out` inside the data folder of `fingerprint`'s category is a ValueError. resume=True continues an unfinished staging run, or else a copy of `out`'s
     checkpoints (to train a finished run further). Under torchrun only rank 0 prepares the
     folder; the others wait for it and get its path.
     """
     import shutil
     out = Path(out)
     work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    data = (fingerprint or {}).get("data") or {}
+    if data.get("root") and data.get("category"):  # its figures would be read as that category's images
+        cat_dir = Path(data["root"], data["category"]).resolve()
+        if cat_dir in out.resolve().parents:
+            raise ValueError(f"output_dir {out} is inside the data folder {cat_dir}: the run's files (figures, "
+                             f"model.pt) would be read as {data['category']}'s images by the next run; choose an "
+                             "output_dir outside the data")
     rank, world = _distributed()
     if rank != 0:
         torch.distributed.barrier()  # rank 0 has prepared `work`

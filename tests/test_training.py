@@ -668,6 +668,19 @@ def test_a_users_file_in_an_earlier_run_folder_is_named_not_deleted(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == {"n": 2}
 
 
+@pytest.mark.parametrize("inside", ["test/myrun", "train/good/myrun", "results"])
+def test_an_output_dir_inside_the_categorys_data_is_refused(fresh_mvtec, inside):
+    """A run writing into test/ would leave figures the next run loads as a defect type of its own."""
+    category = cu.list_categories(fresh_mvtec)[0]
+    out = fresh_mvtec / category / inside
+    before = snapshot(fresh_mvtec)
+    with pytest.raises(ValueError, match=f"output_dir {out} is inside the data folder {fresh_mvtec / category}"):
+        cu.begin_run(out, cu.run_fingerprint({"seed": 0}, fresh_mvtec, category))
+    assert snapshot(fresh_mvtec) == before  # no lock, staging folder or run written into the data
+    sibling = fresh_mvtec.parent / "runs" / category  # beside the data: fine
+    cu.finish_run(sibling, cu.begin_run(sibling, cu.run_fingerprint({"seed": 0}, fresh_mvtec, category)), {"n": 1})
+
+
 def test_a_file_as_output_dir_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'out'} is a file"):
