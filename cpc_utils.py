@@ -2196,6 +2196,8 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
         _remove_run(work)
         if resume and has_checkpoint(out):
             shutil.copytree(out / "checkpoints", work / "checkpoints")
+        elif resume:  # e.g. a mistyped output_dir: said, so hours of training from epoch 0 are no surprise
+            print(f"resume=True, but neither {out} nor its staging folder holds a checkpoint: training from the start")
     work.mkdir(parents=True, exist_ok=True)
     save_json({"written_by": "cpc_utils.begin_run", "output_dir": str(out)}, work / RUN_MARKER)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

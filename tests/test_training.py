@@ -616,6 +616,14 @@ def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path, f
     assert (work / folder / "last.pt").read_bytes() == b"epoch 4"
 
 
+def test_resume_without_a_checkpoint_says_it_starts_from_the_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    cu.begin_run(out, {}, resume=True)
+    assert f"resume=True, but neither {out} nor its staging folder holds a checkpoint" in capsys.readouterr().out
+    cu.begin_run(out, {}, resume=False)
+    assert capsys.readouterr().out == ""
+
+
 def test_an_interrupted_switch_over_is_undone(tmp_path):
     out = tmp_path / "run"
     cu.finish_run(out, cu.begin_run(out, {}), {"n": 1})
