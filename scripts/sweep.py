@@ -317,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         params["epochs"] = args.epochs
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
+    if not isinstance(resume, bool):  # "no" would be truthy: the pairs would resume against the user's word
+        raise SystemExit(f"sweep: --param resume={resume!r}: expected True or False")
     root = cu.resolve_data_root(args.data_root, work_dir() / "data" / "demo").resolve()
     available = cu.list_categories(root)
-    categories = args.categories or available
+    categories = list(dict.fromkeys(args.categories or available))  # named twice: one run per folder, not two
+    args.encoders = list(dict.fromkeys(args.encoders))
     unknown = [c for c in categories if c not in available]
     if unknown:  # before anything runs: a typo must not cost a sweep
         raise SystemExit(f"sweep: no category {', '.join(map(repr, unknown))} under {root}; "

@@ -275,6 +275,18 @@ def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anythin
     assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "a user's file"
 
 
+def test_a_pair_named_twice_runs_once_and_resume_must_be_a_bool(tmp_path):
+    """--categories brick brick: one pair, not two runs of one folder (with --devices, at once, one of
+    them then failing on the other's lock); --param resume=no: refused, not taken as resume=True."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", "resnet18v2", categories=("brick", "brick"), extra=("--dry-run",))
+    assert proc.returncode == 0 and "[1/1] brick/resnet18v2: would run" in proc.stdout, proc.stdout + proc.stderr
+    proc = sweep(root, tmp_path / "r", "resnet18v2", params=("resume=no",))
+    assert proc.returncode == 1 and proc.stderr.strip() == "sweep: --param resume='no': expected True or False"
+    assert not (tmp_path / "r").exists()
+
+
 def test_two_pairs_at_once_on_two_cpu_devices(tmp_path):
     """--devices cpu,cpu: both pairs run (overlapping in time), each on its device, with the
     usual summary; OMP threads split between the kernels."""
