@@ -106,13 +106,14 @@ def test_a_grid_too_small_for_pred_steps_stops_before_the_data_is_read(tmp_path)
         proc.stderr
 
 
-@pytest.mark.parametrize("case", ["locked", "truncated checkpoint"])
+@pytest.mark.parametrize("case", ["locked", "truncated checkpoint", "unwritable"])
 def test_train_script_says_in_one_line_why_a_run_cannot_go_on(case, root, tmp_path):
-    """A folder another process writes, or a last.pt cut short, is one line naming the file: no traceback."""
-    out = tmp_path / "out"
+    """A folder another process writes, a last.pt cut short, a path the file system refuses (as a full disk
+    or a read-only folder would): one line naming the file, no traceback."""
+    out = tmp_path / ("x" * 300 if case == "unwritable" else "out")  # a name the file system refuses, like a full disk
     if case == "locked":
         (tmp_path / ".out.lock").write_text(json.dumps({"pid": 1, "host": "another-host", "started": "earlier"}))
-    else:
+    elif case == "truncated checkpoint":
         (tmp_path / ".out.partial" / "checkpoints").mkdir(parents=True)
         (tmp_path / ".out.partial" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short")
         cu.save_json({"written_by": "cpc_utils.begin_run"}, tmp_path / ".out.partial" / cu.RUN_MARKER)
@@ -121,5 +122,7 @@ def test_train_script_says_in_one_line_why_a_run_cannot_go_on(case, root, tmp_pa
                           timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip()
-    assert "\n" not in line and line.startswith("train.py: RunBlocked: ")
-    assert (str(tmp_path / ".out.lock") if case == "locked" else str(tmp_path / ".out.partial" / "checkpoints" / "last.pt")) in line
+    assert "\n" not in line and line.startswith("train.py: OSError: " if case == "unwritable" else "train.py: RunBlocked: ")
+    assert {"locked": str(tmp_path / ".out.lock"), "truncated checkpoint": str(tmp_path / ".out.partial" / "checkpoints"
+                                                                               / "last.pt"),
+            "unwritable": "File name too long"}[case] in line
