@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = run_dir / f".sweep{suffix}.lock"
     try:
         cu.acquire_lock(lock)
-    except RuntimeError as e:
-        raise SystemExit(f"sweep: {e}")
+    except (RuntimeError, OSError) as e:  # another sweep's lock; a read-only or refused results folder
+        raise SystemExit(f"sweep: {e}") from None
     try:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
                      run_dir / f"failures{suffix}.json", budget, devices, rerun)

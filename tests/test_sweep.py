@@ -251,7 +251,8 @@ def test_time_budget_too_small_starts_nothing(tmp_path):
     assert proc.returncode == 1 and "0 run, 0 skipped, 0 failed, 1 missing" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["time budget", "results is a file", "empty run name", "run is a path"])
+@pytest.mark.parametrize("case", ["time budget", "results is a file", "empty run name", "run is a path",
+                                  "unwritable run folder"])
 def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anything_runs(case, tmp_path):
     """Each is said in one line, exit 1, nothing written: not a traceback (--time-budget 11x, a file in the
     way of the first write) nor a run folder that is the results tree itself (--run "")."""
@@ -263,6 +264,8 @@ def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anythin
         extra = ("--time-budget", "11x")
     elif case == "results is a file":
         results = tmp_path / "afile"
+    elif case == "unwritable run folder":
+        run = "x" * 300  # a name the file system refuses, as a read-only folder would be
     else:
         run = "" if case == "empty run name" else "../escaped"
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -271,7 +274,11 @@ def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anythin
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("sweep: ")
     assert {"time budget": "'11x': expected seconds", "results is a file": f"{tmp_path / 'afile'} is a file",
             "empty run name": "--run '': expected a folder name",
-            "run is a path": "--run '../escaped': expected a folder name"}[case] in proc.stderr
+            "run is a path": "--run '../escaped': expected a folder name",
+            "unwritable run folder": "File name too long"}[case] in proc.stderr
+    if case == "unwritable run folder":  # the results folder was made before its run folder was refused
+        assert not any((tmp_path / "r").iterdir())
+        (tmp_path / "r").rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "a user's file"
 
 
