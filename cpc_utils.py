@@ -2538,6 +2538,10 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
     if diff:
         raise ValueError(f"cannot resume from {path}: its configuration differs in {', '.join(diff)}; "
                          "use another checkpoint_dir or resume=False")
+    if state.get("epoch", 0) > cfg.epochs:  # else its model would be reported as one of cfg.epochs epochs
+        raise ValueError(f"cannot resume from {path}: it has trained {state['epoch']} epochs, more than "
+                         f"epochs={cfg.epochs}; ask for at least {state['epoch']}, or resume=False to train "
+                         f"{cfg.epochs} from the start")
 
 
 # ---- scoring and metrics -------------------------------------------------------------

@@ -255,6 +255,19 @@ def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     return "new", []
 
 
+def trained_epochs(out: Path, state: str) -> int:
+    """Epochs a pair's earlier run trained: its metrics.json's ("changed"), else its staged
+    progress.json's ("partial"); 0 when unknown. A run is continued only up to more epochs."""
+    try:
+        if state == "changed":
+            return int(read_json(out / "metrics.json").get("epochs_trained", 0))
+        if state == "partial":
+            return int(read_json(out.parent / f".{out.name}.partial" / "checkpoints" / "progress.json").get("epoch", 0))
+    except (OSError, ValueError, TypeError):  # no progress yet: the run resumes nothing, or begins again
+        pass
+    return 0
+
+
 def error_message(e: BaseException) -> str:
     """The notebook's own exception (papermill wraps it), else the exception itself."""
     if type(e).__name__ == "PapermillExecutionError":
@@ -458,7 +471,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 failures.pop(key, None)
             say(f"{tag}: finished before with these parameters, skipped")
             return
-        continues = resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+        continues = (resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+                     and trained_epochs(out, state) <= run_params["epochs"])  # fewer epochs: trained anew
         why = {"changed": f"finished before with other {', '.join(diff)}: running again"
                           + (" (continuing its training)" if continues else " (its results stay until this run finishes)"),
                "partial": "continuing an interrupted run" if continues else

@@ -67,7 +67,9 @@ def sweeps(tmp_path_factory) -> dict:
     m_wider = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
     fifth = sweep(root, results, "resnet18v2", epochs=2, params=("width=4",))
     m_longer = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
-    return {"root": root, "results": results, "run": run, "first": first, "second": second, "third": third,
+    sixth = sweep(root, results, "resnet18v2", epochs=1, params=("width=4",))
+    m_shorter = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
+    return {"sixth": sixth, "m_shorter": m_shorter, "root": root, "results": results, "run": run, "first": first, "second": second, "third": third,
             "fourth": fourth, "fifth": fifth, "failures_after_first": failures_after_first, "r18_mtime": mtime, "r18_mtime_third": mtime_third,
             "m_before": m_before, "m_wider": m_wider, "m_longer": m_longer}
 
@@ -150,7 +152,15 @@ def test_more_epochs_continue_training(sweeps):
     assert longer["epochs_trained"] == 2 and longer["history"][0] == wider["history"][0]
 
 
-def test_a_locked_run_folder_is_refused(sweeps):
+def test_fewer_epochs_train_anew(sweeps):
+    """epochs=1 after a 2-epoch run: a 1-epoch model, not the 2-epoch one relabelled (nor a failed pair)."""
+    sixth, shorter = sweeps["sixth"], sweeps["m_shorter"]
+    assert "(its results stay until this run finishes)" in sixth.stdout, sixth.stdout
+    assert "brick/resnet18v2: done in" in sixth.stdout  # (the sweep's exit 1 is broken's failure, kept from the first)
+    assert shorter["epochs"] == 1 and shorter["epochs_trained"] == 1 and len(shorter["history"]) == 1
+
+
+
     import socket
     lock = sweeps["run"] / ".sweep.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

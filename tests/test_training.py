@@ -178,6 +178,15 @@ def test_resume_finished_run_trains_no_more(sets, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_resume_with_fewer_epochs_than_trained_raises(sets, tmp_path):
+    """A 2-epoch model resumed with epochs=1 would be reported (metrics.json, the epochs plot) as 1 epoch's."""
+    train, val = sets
+    cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=f"cannot resume from {tmp_path / 'last.pt'}: it has trained 2 epochs, "
+                                         "more than epochs=1"):
+        cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, resume=True, progress=False)
+
+
 @pytest.mark.parametrize("change, field", [({"lr": 5e-4}, "train.lr"), ({"batch_size": 4}, "train.batch_size"),
                                            ({"seed": 1}, "train.seed")])
 def test_resume_with_another_train_config_raises(change, field, sets, tmp_path):
