@@ -356,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"sweep: --time-budget {args.time_budget!r}: {str(e).split(': ', 1)[1]}") from None
     devices = parse_devices(args.devices)
+    for device in devices or ():  # cuda:7 on a 2-GPU machine: said now, not by every pair failing
+        try:
+            cu.resolve_device(device)
+        except ValueError as e:
+            raise SystemExit(f"sweep: --devices {args.devices}: {e}") from None
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")

@@ -7,7 +7,8 @@ One tiny tree, one results folder, five sweeps in a row:
      failure record of broken stays (it still has no result), the summary covers all three;
   3. the same again: both skipped, nothing re-run;
   4. resnet18v2 with another width: run again from scratch, not reported as finished;
-  5. resnet18v2 with more epochs: its training continues from its checkpoint.
+  5. resnet18v2 with more epochs: its training continues from its checkpoint;
+  6. resnet18v2 with fewer epochs again: trained anew, not the longer model relabelled.
 Then, without training: a second sweep into a locked run folder, and a full disk.
 """
 from __future__ import annotations
@@ -262,7 +263,7 @@ def test_time_budget_too_small_starts_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["time budget", "results is a file", "empty run name", "run is a path",
-                                  "unwritable run folder"])
+                                  "unwritable run folder", "missing device"])
 def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anything_runs(case, tmp_path):
     """Each is said in one line, exit 1, nothing written: not a traceback (--time-budget 11x, a file in the
     way of the first write) nor a run folder that is the results tree itself (--run "")."""
@@ -272,6 +273,8 @@ def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anythin
     results, run, extra = tmp_path / "r", "t", ()
     if case == "time budget":
         extra = ("--time-budget", "11x")
+    elif case == "missing device":
+        extra = ("--devices", "cpu,cuda:99")
     elif case == "results is a file":
         results = tmp_path / "afile"
     elif case == "unwritable run folder":
@@ -285,7 +288,8 @@ def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anythin
     assert {"time budget": "'11x': expected seconds", "results is a file": f"{tmp_path / 'afile'} is a file",
             "empty run name": "--run '': expected a folder name",
             "run is a path": "--run '../escaped': expected a folder name",
-            "unwritable run folder": "File name too long"}[case] in proc.stderr
+            "unwritable run folder": "File name too long", "missing device": "--devices cpu,cuda:99: device='cuda:99'"
+            }[case] in proc.stderr
     if case == "unwritable run folder":  # the results folder was made before its run folder was refused
         assert not any((tmp_path / "r").iterdir())
         (tmp_path / "r").rmdir()
@@ -328,7 +332,7 @@ def test_an_unreadable_metrics_json_is_a_failed_pair_and_the_sweep_goes_on(sweep
     shutil.copytree(sweeps["run"], results / "t")
     broken = results / "t" / "brick" / "densenet" / "metrics.json"
     broken.write_text(broken.read_text()[:100])
-    args = dict(epochs=2, params=("width=4",))  # resnet18v2's last settings (sweep 5): finished, skipped
+    args = dict(epochs=1, params=("width=4",))  # resnet18v2's last settings (sweep 6): finished, skipped
     dry = sweep(sweeps["root"], results, "densenet", "resnet18v2", extra=("--dry-run",), **args)
     assert dry.returncode == 1 and "Traceback" not in dry.stderr, dry.stdout + dry.stderr
     assert f"[1/2] brick/densenet: would fail: cannot read {broken}: " in dry.stdout
