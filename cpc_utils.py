@@ -2019,6 +2019,12 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+class RunBlocked(RuntimeError):
+    """A run cannot start or go on for a reason its user can fix (another process holds its
+    folder, a checkpoint that cannot be read): the message names the file and what to do, so
+    command-line entry points print it as one line, not a traceback."""
+
+
 class TimeBudgetReached(RuntimeError):
     """Training stopped at an epoch boundary because the next epoch would not fit in the time
     budget (a Kaggle session's 12 hours, a cluster job's limit); the checkpoint is kept."""
@@ -2132,7 +2138,7 @@ def fingerprint_diff(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[s
 
 
 def acquire_lock(path: str | os.PathLike) -> Path:
-    """Create lock file `path` ({"pid", "host", "started"}), or raise RuntimeError naming its holder.
+    """Create lock file `path` ({"pid", "host", "started"}), or raise RunBlocked naming its holder.
 
     A lock left by a process that no longer exists on this host is taken over; one held by
     this process (a notebook cell run again in the same kernel) is kept.
@@ -2154,13 +2160,13 @@ def acquire_lock(path: str | os.PathLike) -> Path:
             if holder.get("host") == host and not _alive(holder.get("pid")):
                 path.unlink(missing_ok=True)  # its process is gone: a crash, a killed kernel
                 continue
-            raise RuntimeError(f"{path.parent} is being written by process {holder.get('pid')} on "
+            raise RunBlocked(f"{path.parent} is being written by process {holder.get('pid')} on "
                                f"{holder.get('host')} since {holder.get('started')} (lock {path}); wait for it "
                                "to finish, or delete the lock file if that process is gone") from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me))
         return path
-    raise RuntimeError(f"cannot take the lock {path}")
+    raise RunBlocked(f"cannot take the lock {path}")
 
 
 def _alive(pid) -> bool:
@@ -2245,13 +2251,20 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     run.json records the fingerprint and status, its RUN_MARKER that it is a run folder.
     An `out` that holds anything but an earlier run (`is_run_folder`), e.g. a data folder or
     a results tree, is a FileExistsError naming it and some of its entries, before anything
-    is written. resume=True continues an unfinished staging run, or else a copy of `out`'s
+    is written; an `out` inside the data folder of `fingerprint`'s category is a ValueError. resume=True continues an unfinished staging run, or else a copy of `out`'s
     checkpoints (to train a finished run further). Under torchrun only rank 0 prepares the
     folder; the others wait for it and get its path.
     """
     import shutil
     out = Path(out)
     work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    data = (fingerprint or {}).get("data") or {}
+    if data.get("root") and data.get("category"):  # its figures would be read as that category's images
+        cat_dir = Path(data["root"], data["category"]).resolve()
+        if cat_dir in out.resolve().parents:
+            raise ValueError(f"output_dir {out} is inside the data folder {cat_dir}: the run's files (figures, "
+                             f"model.pt) would be read as {data['category']}'s images by the next run; choose an "
+                             "output_dir outside the data")
     rank, world = _distributed()
     if rank != 0:
         torch.distributed.barrier()  # rank 0 has prepared `work`
@@ -2271,6 +2284,8 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
         _remove_run(work)
         if resume and has_checkpoint(out):
             shutil.copytree(out / "checkpoints", work / "checkpoints")
+        elif resume:  # e.g. a mistyped output_dir: said, so hours of training from epoch 0 are no surprise
+            print(f"resume=True, but neither {out} nor its staging folder holds a checkpoint: training from the start")
     work.mkdir(parents=True, exist_ok=True)
     save_json({"written_by": "cpc_utils.begin_run", "output_dir": str(out)}, work / RUN_MARKER)
     save_json({"status": "running", "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -2367,10 +2382,10 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain types
         what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
-        raise RuntimeError(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
+        raise RunBlocked(f"refusing checkpoint {path}: it holds Python objects, not only tensors and plain "
                            f"types ({what}), and loading it could run code; nothing in it was run; {remedy}") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for a bad file
-        raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+        raise RunBlocked(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
                            f"(truncated or corrupt); {remedy}") from e
 
 
@@ -2611,6 +2626,10 @@ def _check_resumable(state: dict, model: nn.Module, cfg: TrainConfig, path: Path
     if diff:
         raise ValueError(f"cannot resume from {path}: its configuration differs in {', '.join(diff)}; "
                          "use another checkpoint_dir or resume=False")
+    if state.get("epoch", 0) > cfg.epochs:  # else its model would be reported as one of cfg.epochs epochs
+        raise ValueError(f"cannot resume from {path}: it has trained {state['epoch']} epochs, more than "
+                         f"epochs={cfg.epochs}; ask for at least {state['epoch']}, or resume=False to train "
+                         f"{cfg.epochs} from the start")
 
 
 # ---- scoring and metrics -------------------------------------------------------------

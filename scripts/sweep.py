@@ -255,6 +255,19 @@ def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     return "new", []
 
 
+def trained_epochs(out: Path, state: str) -> int:
+    """Epochs a pair's earlier run trained: its metrics.json's ("changed"), else its staged
+    progress.json's ("partial"); 0 when unknown. A run is continued only up to more epochs."""
+    try:
+        if state == "changed":
+            return int(read_json(out / "metrics.json").get("epochs_trained", 0))
+        if state == "partial":
+            return int(read_json(out.parent / f".{out.name}.partial" / "checkpoints" / "progress.json").get("epoch", 0))
+    except (OSError, ValueError, TypeError):  # no progress yet: the run resumes nothing, or begins again
+        pass
+    return 0
+
+
 def error_message(e: BaseException) -> str:
     """The notebook's own exception (papermill wraps it), else the exception itself."""
     if type(e).__name__ == "PapermillExecutionError":
@@ -317,20 +330,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         params["epochs"] = args.epochs
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
+    if not isinstance(resume, bool):  # "no" would be truthy: the pairs would resume against the user's word
+        raise SystemExit(f"sweep: --param resume={resume!r}: expected True or False")
     root = cu.resolve_data_root(args.data_root, work_dir() / "data" / "demo").resolve()
     available = cu.list_categories(root)
-    categories = args.categories or available
+    categories = list(dict.fromkeys(args.categories or available))  # named twice: one run per folder, not two
+    args.encoders = list(dict.fromkeys(args.encoders))
     unknown = [c for c in categories if c not in available]
     if unknown:  # before anything runs: a typo must not cost a sweep
         raise SystemExit(f"sweep: no category {', '.join(map(repr, unknown))} under {root}; "
                          f"available: {', '.join(available)}")
+    if args.run in ("", ".", "..") or Path(args.run).name != args.run:  # "" would make <results> itself the run
+        raise SystemExit(f"sweep: --run {args.run!r}: expected a folder name (results go to <results>/<run>/)")
     run_dir = (work_dir() / args.results).resolve() / args.run
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # found now, not when the first pair writes
+        raise SystemExit(f"sweep: results folder {run_dir}: {blocking} is a file, not a folder; choose another "
+                         "--results or --run")
     pairs = [(c, e) for c in categories for e in args.encoders]
     shard = parse_shard(args.shard)
     if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
         pairs = pairs[shard[0] - 1::shard[1]]
-    budget = cu.parse_duration(args.time_budget)
+    try:
+        budget = cu.parse_duration(args.time_budget)
+    except ValueError as e:
+        raise SystemExit(f"sweep: --time-budget {args.time_budget!r}: {str(e).split(': ', 1)[1]}") from None
     devices = parse_devices(args.devices)
+    for device in devices or ():  # cuda:7 on a 2-GPU machine: said now, not by every pair failing
+        try:
+            cu.resolve_device(device)
+        except ValueError as e:
+            raise SystemExit(f"sweep: --devices {args.devices}: {e}") from None
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
     say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")
@@ -360,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = run_dir / f".sweep{suffix}.lock"
     try:
         cu.acquire_lock(lock)
-    except RuntimeError as e:
-        raise SystemExit(f"sweep: {e}")
+    except (RuntimeError, OSError) as e:  # another sweep's lock; a read-only or refused results folder
+        raise SystemExit(f"sweep: {e}") from None
     try:
         return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
                      run_dir / f"failures{suffix}.json", budget, devices, rerun)
@@ -446,7 +476,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
                 failures.pop(key, None)
             say(f"{tag}: finished before with these parameters, skipped")
             return
-        continues = resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+        continues = (resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+                     and trained_epochs(out, state) <= run_params["epochs"])  # fewer epochs: trained anew
         why = {"changed": f"finished before with other {', '.join(diff)}: running again"
                           + (" (continuing its training)" if continues else " (its results stay until this run finishes)"),
                "partial": "continuing an interrupted run" if continues else

@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 raise SystemExit(f"train.py: interrupted; to continue from the last checkpoint: "
                                  f"{rerun_command(argv)}") from None
-            except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
-                # bad input (an output_dir that is not a run folder), a data error, divergence
+            except (OSError, ValueError, FloatingPointError, cu.RunBlocked) as e:
+                # bad input (an output_dir that is not a run folder), a data error, a full disk or a
+                # read-only folder (cu.save_atomic names the file), divergence, a folder locked by
+                # another run, a checkpoint that cannot be read
                 raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
             if rank and "cu.train_model(" in source:
                 break  # training done: scoring, evaluation and files are rank 0's

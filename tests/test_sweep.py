@@ -7,7 +7,8 @@ One tiny tree, one results folder, five sweeps in a row:
      failure record of broken stays (it still has no result), the summary covers all three;
   3. the same again: both skipped, nothing re-run;
   4. resnet18v2 with another width: run again from scratch, not reported as finished;
-  5. resnet18v2 with more epochs: its training continues from its checkpoint.
+  5. resnet18v2 with more epochs: its training continues from its checkpoint;
+  6. resnet18v2 with fewer epochs again: trained anew, not the longer model relabelled.
 Then, without training: a second sweep into a locked run folder, and a full disk.
 """
 from __future__ import annotations
@@ -67,7 +68,9 @@ def sweeps(tmp_path_factory) -> dict:
     m_wider = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
     fifth = sweep(root, results, "resnet18v2", epochs=2, params=("width=4",))
     m_longer = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
-    return {"root": root, "results": results, "run": run, "first": first, "second": second, "third": third,
+    sixth = sweep(root, results, "resnet18v2", epochs=1, params=("width=4",))
+    m_shorter = json.loads((run / "brick" / "resnet18v2" / "metrics.json").read_text())
+    return {"sixth": sixth, "m_shorter": m_shorter, "root": root, "results": results, "run": run, "first": first, "second": second, "third": third,
             "fourth": fourth, "fifth": fifth, "failures_after_first": failures_after_first, "r18_mtime": mtime, "r18_mtime_third": mtime_third,
             "m_before": m_before, "m_wider": m_wider, "m_longer": m_longer}
 
@@ -150,7 +153,15 @@ def test_more_epochs_continue_training(sweeps):
     assert longer["epochs_trained"] == 2 and longer["history"][0] == wider["history"][0]
 
 
-def test_a_locked_run_folder_is_refused(sweeps):
+def test_fewer_epochs_train_anew(sweeps):
+    """epochs=1 after a 2-epoch run: a 1-epoch model, not the 2-epoch one relabelled (nor a failed pair)."""
+    sixth, shorter = sweeps["sixth"], sweeps["m_shorter"]
+    assert "(its results stay until this run finishes)" in sixth.stdout, sixth.stdout
+    assert "brick/resnet18v2: done in" in sixth.stdout  # (the sweep's exit 1 is broken's failure, kept from the first)
+    assert shorter["epochs"] == 1 and shorter["epochs_trained"] == 1 and len(shorter["history"]) == 1
+
+
+
     import socket
     lock = sweeps["run"] / ".sweep.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -251,6 +262,52 @@ def test_time_budget_too_small_starts_nothing(tmp_path):
     assert proc.returncode == 1 and "0 run, 0 skipped, 0 failed, 1 missing" in proc.stdout
 
 
+@pytest.mark.parametrize("case", ["time budget", "results is a file", "empty run name", "run is a path",
+                                  "unwritable run folder", "missing device"])
+def test_a_bad_results_folder_run_name_or_time_budget_is_one_line_before_anything_runs(case, tmp_path):
+    """Each is said in one line, exit 1, nothing written: not a traceback (--time-budget 11x, a file in the
+    way of the first write) nor a run folder that is the results tree itself (--run "")."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    (tmp_path / "afile").write_text("a user's file")
+    results, run, extra = tmp_path / "r", "t", ()
+    if case == "time budget":
+        extra = ("--time-budget", "11x")
+    elif case == "missing device":
+        extra = ("--devices", "cpu,cuda:99")
+    elif case == "results is a file":
+        results = tmp_path / "afile"
+    elif case == "unwritable run folder":
+        run = "x" * 300  # a name the file system refuses, as a read-only folder would be
+    else:
+        run = "" if case == "empty run name" else "../escaped"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = sweep(root, results, "resnet18v2", run=run, extra=extra)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("sweep: ")
+    assert {"time budget": "'11x': expected seconds", "results is a file": f"{tmp_path / 'afile'} is a file",
+            "empty run name": "--run '': expected a folder name",
+            "run is a path": "--run '../escaped': expected a folder name",
+            "unwritable run folder": "File name too long", "missing device": "--devices cpu,cuda:99: device='cuda:99'"
+            }[case] in proc.stderr
+    if case == "unwritable run folder":  # the results folder was made before its run folder was refused
+        assert not any((tmp_path / "r").iterdir())
+        (tmp_path / "r").rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "a user's file"
+
+
+def test_a_pair_named_twice_runs_once_and_resume_must_be_a_bool(tmp_path):
+    """--categories brick brick: one pair, not two runs of one folder (with --devices, at once, one of
+    them then failing on the other's lock); --param resume=no: refused, not taken as resume=True."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    proc = sweep(root, tmp_path / "r", "resnet18v2", "resnet18v2", categories=("brick", "brick"), extra=("--dry-run",))
+    assert proc.returncode == 0 and "[1/1] brick/resnet18v2: would run" in proc.stdout, proc.stdout + proc.stderr
+    proc = sweep(root, tmp_path / "r", "resnet18v2", params=("resume=no",))
+    assert proc.returncode == 1 and proc.stderr.strip() == "sweep: --param resume='no': expected True or False"
+    assert not (tmp_path / "r").exists()
+
+
 def test_two_pairs_at_once_on_two_cpu_devices(tmp_path):
     """--devices cpu,cpu: both pairs run (overlapping in time), each on its device, with the
     usual summary; OMP threads split between the kernels."""
@@ -275,7 +332,7 @@ def test_an_unreadable_metrics_json_is_a_failed_pair_and_the_sweep_goes_on(sweep
     shutil.copytree(sweeps["run"], results / "t")
     broken = results / "t" / "brick" / "densenet" / "metrics.json"
     broken.write_text(broken.read_text()[:100])
-    args = dict(epochs=2, params=("width=4",))  # resnet18v2's last settings (sweep 5): finished, skipped
+    args = dict(epochs=1, params=("width=4",))  # resnet18v2's last settings (sweep 6): finished, skipped
     dry = sweep(sweeps["root"], results, "densenet", "resnet18v2", extra=("--dry-run",), **args)
     assert dry.returncode == 1 and "Traceback" not in dry.stderr, dry.stdout + dry.stderr
     assert f"[1/2] brick/densenet: would fail: cannot read {broken}: " in dry.stdout

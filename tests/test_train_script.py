@@ -104,3 +104,25 @@ def test_a_grid_too_small_for_pred_steps_stops_before_the_data_is_read(tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().startswith("train.py: ParameterError: a 7x7 grid leaves no context for pred_steps=20"), \
         proc.stderr
+
+
+@pytest.mark.parametrize("case", ["locked", "truncated checkpoint", "unwritable"])
+def test_train_script_says_in_one_line_why_a_run_cannot_go_on(case, root, tmp_path):
+    """A folder another process writes, a last.pt cut short, a path the file system refuses (as a full disk
+    or a read-only folder would): one line naming the file, no traceback."""
+    out = tmp_path / ("x" * 300 if case == "unwritable" else "out")  # a name the file system refuses, like a full disk
+    if case == "locked":
+        (tmp_path / ".out.lock").write_text(json.dumps({"pid": 1, "host": "another-host", "started": "earlier"}))
+    elif case == "truncated checkpoint":
+        (tmp_path / ".out.partial" / "checkpoints").mkdir(parents=True)
+        (tmp_path / ".out.partial" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+        cu.save_json({"written_by": "cpc_utils.begin_run"}, tmp_path / ".out.partial" / cu.RUN_MARKER)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--data_root", str(root), *TINY,
+                           "--output_dir", str(out), "--resume", "True"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith("train.py: OSError: " if case == "unwritable" else "train.py: RunBlocked: ")
+    assert {"locked": str(tmp_path / ".out.lock"), "truncated checkpoint": str(tmp_path / ".out.partial" / "checkpoints"
+                                                                               / "last.pt"),
+            "unwritable": "File name too long"}[case] in line

@@ -178,6 +178,15 @@ def test_resume_finished_run_trains_no_more(sets, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_resume_with_fewer_epochs_than_trained_raises(sets, tmp_path):
+    """A 2-epoch model resumed with epochs=1 would be reported (metrics.json, the epochs plot) as 1 epoch's."""
+    train, val = sets
+    cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=f"cannot resume from {tmp_path / 'last.pt'}: it has trained 2 epochs, "
+                                         "more than epochs=1"):
+        cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, resume=True, progress=False)
+
+
 @pytest.mark.parametrize("change, field", [({"lr": 5e-4}, "train.lr"), ({"batch_size": 4}, "train.batch_size"),
                                            ({"seed": 1}, "train.seed")])
 def test_resume_with_another_train_config_raises(change, field, sets, tmp_path):
@@ -616,6 +625,14 @@ def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path, f
     assert (work / folder / "last.pt").read_bytes() == b"epoch 4"
 
 
+def test_resume_without_a_checkpoint_says_it_starts_from_the_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    cu.begin_run(out, {}, resume=True)
+    assert f"resume=True, but neither {out} nor its staging folder holds a checkpoint" in capsys.readouterr().out
+    cu.begin_run(out, {}, resume=False)
+    assert capsys.readouterr().out == ""
+
+
 def test_an_interrupted_switch_over_is_undone(tmp_path):
     out = tmp_path / "run"
     cu.finish_run(out, cu.begin_run(out, {}), {"n": 1})
@@ -666,6 +683,19 @@ def test_a_users_file_in_an_earlier_run_folder_is_named_not_deleted(tmp_path):
     (out / "notes.txt").unlink()
     cu.finish_run(out, cu.begin_run(out, {}), {"n": 2})  # without it the run is replaced as before
     assert json.loads((out / "metrics.json").read_text()) == {"n": 2}
+
+
+@pytest.mark.parametrize("inside", ["test/myrun", "train/good/myrun", "results"])
+def test_an_output_dir_inside_the_categorys_data_is_refused(fresh_mvtec, inside):
+    """A run writing into test/ would leave figures the next run loads as a defect type of its own."""
+    category = cu.list_categories(fresh_mvtec)[0]
+    out = fresh_mvtec / category / inside
+    before = snapshot(fresh_mvtec)
+    with pytest.raises(ValueError, match=f"output_dir {out} is inside the data folder {fresh_mvtec / category}"):
+        cu.begin_run(out, cu.run_fingerprint({"seed": 0}, fresh_mvtec, category))
+    assert snapshot(fresh_mvtec) == before  # no lock, staging folder or run written into the data
+    sibling = fresh_mvtec.parent / "runs" / category  # beside the data: fine
+    cu.finish_run(sibling, cu.begin_run(sibling, cu.run_fingerprint({"seed": 0}, fresh_mvtec, category)), {"n": 1})
 
 
 def test_a_file_as_output_dir_is_refused(tmp_path):
