@@ -2242,6 +2242,13 @@ def _remove_run(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def _named(out: str | os.PathLike) -> Path:
+    """`out` as a path with a name of its own: "." or "a/.." name no folder, so their staging
+    and previous-run siblings would land inside them; the absolute path does."""
+    out = Path(out)
+    return out.resolve() if out.name in ("", "..") else out
+
+
 def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -> Path:
     """Lock output folder `out` and return the staging folder this run writes into.
 
@@ -2256,7 +2263,7 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     folder; the others wait for it and get its path.
     """
     import shutil
-    out = Path(out)
+    out = _named(out)
     work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
     data = (fingerprint or {}).get("data") or {}
     if data.get("root") and data.get("category"):  # its figures would be read as that category's images
@@ -2302,7 +2309,7 @@ def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -
     in place; `out` is checked again (`begin_run`'s rule), so a folder that became something
     else meanwhile is kept and this run stays in `work`. Returns the path of the metrics.json written.
     """
-    out, work = Path(out), Path(work)
+    out, work = _named(out), Path(work)
     old = out.parent / f".{out.name}.old"
     _check_replaceable(out, "output_dir")
     _check_replaceable(old, "the previous run's copy")

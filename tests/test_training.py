@@ -698,6 +698,19 @@ def test_an_output_dir_inside_the_categorys_data_is_refused(fresh_mvtec, inside)
     cu.finish_run(sibling, cu.begin_run(sibling, cu.run_fingerprint({"seed": 0}, fresh_mvtec, category)), {"n": 1})
 
 
+def test_output_dir_dot_is_the_working_folder_with_its_siblings_outside(tmp_path, monkeypatch):
+    """output_dir "." (the working folder, empty here): the staging folder is its sibling, not
+    a "..partial" inside it, and the finished run lands in the folder itself."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    work = cu.begin_run(".", {})
+    assert work == tmp_path / ".work.partial"
+    cu.finish_run(".", work, {"n": 1})
+    assert json.loads((cwd / "metrics.json").read_text()) == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
 def test_a_file_as_output_dir_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'out'} is a file"):
