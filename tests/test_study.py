@@ -117,5 +117,5 @@ def test_study_refuses_weights_holding_code(tiny_study, tmp_path):
     proc = study("--data-root", str(data), "--categories", "brick", "--settings", "fast", "--seeds", "0",
                  "--epochs", "2", "--eval-every", "1", "--jobs", "1", "--out", str(out), "--rescore")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"FAILED RuntimeError: refusing checkpoint {weights}" in proc.stdout and "nothing in it was run" in proc.stdout
+    assert f"FAILED RunBlocked: refusing checkpoint {weights}" in proc.stdout and "nothing in it was run" in proc.stdout
     assert not marker.exists()

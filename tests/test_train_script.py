@@ -57,7 +57,8 @@ def test_train_script_refuses_a_data_folder_as_output_dir_before_training(root, 
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
     assert proc.returncode == 1 and proc.stderr.strip() == (
         f"train.py: FileExistsError: output_dir {out} is not empty and not a run folder of cpc_utils (it holds "
-        "ground_truth/, test/, train/); a run replaces only an earlier run's folder: choose a new or empty output_dir")
+        ".cpc_utils_demo, ground_truth/, test/, train/); a run replaces only an earlier run's folder: choose a new "
+        "or empty output_dir")
     assert " epochs in " not in proc.stdout  # stopped before training (the train cell prints "N epochs in T s")
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     assert not list(root.glob(".brick*"))  # no staging folder or lock
