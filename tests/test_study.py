@@ -94,7 +94,7 @@ def test_study_baseline_is_on_the_detectors_score_grid(tiny_study, tmp_path, mon
 
 
 class Payload:
-    """What a planted seed<k>.pt could hold: unpickling it with weights_only=False creates `marker`."""
+    """What a planted seed<k>.pt could hold: a full unpickle of it (not weights-only) creates `marker`."""
 
     def __init__(self, marker: Path):
         self.marker = marker

@@ -82,9 +82,9 @@ def test_history_and_checkpoints(name, sets, tmp_path, monkeypatch):
                 if h["val_loss"] < min([math.inf] + [g["val_loss"] for g in history[:i]])]
     assert [e for f, e in saved if f == "best.pt"] == improved
     assert leftovers(tmp_path) == []  # written through temporary files, none left behind
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and without_seconds(last["history"]) == without_seconds(history)
-    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["epoch"] == improved[-1]
     assert_same_weights(model.state_dict(), best["model"])  # the best weights are loaded at the end
     assert not model.training
@@ -117,8 +117,8 @@ def test_resume_gives_the_same_weights(name, sets, tmp_path):
 
     assert without_seconds(h_resumed) == without_seconds(h_straight)
     assert_same_weights(resumed.state_dict(), straight.state_dict())
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert_same_weights(a["model"], b["model"])
     assert torch.equal(a["generator"], b["generator"])
 
@@ -201,7 +201,7 @@ def test_resume_from_a_checkpoint_older_than_an_option(sets, tmp_path):
     """A last.pt written before the model config had `stem` resumes when the stem is the default."""
     train, val = sets
     cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     del state["config"]["model"]["stem"]
     torch.save(state, tmp_path / "last.pt")
     history = cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
@@ -241,11 +241,11 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(sets, tmp_path, monk
         cu.train_model(model, train, val, config(3), tmp_path / "nan", progress=False)
     assert "epoch 2" in str(e.value) and str(tmp_path / "nan") in str(e.value)
     assert leftovers(tmp_path / "nan") == []
-    last = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 1
     reference = build("cpcad", 0)
     cu.train_model(reference, train, val, config(1), tmp_path / "ref", progress=False)
-    good = torch.load(tmp_path / "ref" / "last.pt", weights_only=False)
+    good = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     assert_same_weights(last["model"], good["model"])
     model.load_state_dict(last["model"])  # loadable into the model
 
@@ -261,7 +261,7 @@ def test_a_huge_learning_rate_raises_without_writing_nan_weights(with_val, sets,
                        config(3, lr=1e308, batch_size=len(train)), tmp_path, progress=False)
     for name in ("last.pt", "best.pt"):
         if (tmp_path / name).exists():
-            state = torch.load(tmp_path / name, weights_only=False)
+            state = torch.load(tmp_path / name, weights_only=True)
             assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
 
 
@@ -273,7 +273,7 @@ def test_early_stopping(patience, sets, tmp_path):
                              progress=False)
     assert len(history) == patience + 1 < 10
     assert len({h["val_loss"] for h in history}) == 1
-    assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -485,11 +485,11 @@ def test_truncated_checkpoint_on_resume_names_the_file(name, sets, tmp_path):
     with pytest.raises(RuntimeError) as e:
         cu.train_model(build("cpcad", 0), train, val, config(2), tmp_path, resume=True, progress=False)
     assert f"cannot read checkpoint {tmp_path / name}" in str(e.value) and "resume=False" in str(e.value)
-    assert torch.load(tmp_path / ("best.pt" if name == "last.pt" else "last.pt"), weights_only=False)  # untouched
+    assert torch.load(tmp_path / ("best.pt" if name == "last.pt" else "last.pt"), weights_only=True)  # untouched
 
 
 class Payload:
-    """What a planted checkpoint could hold: unpickling it with weights_only=False creates `marker`."""
+    """What a planted checkpoint could hold: a full unpickle of it (not weights-only) creates `marker`."""
 
     def __init__(self, marker: Path):
         self.marker = marker
@@ -803,7 +803,7 @@ def test_training_records_its_precision_and_scaler(sets, tmp_path):
     train, val = sets
     history = cu.train_model(build("cpcad", 0), train, val, config(1), tmp_path, progress=False)
     assert history[0]["precision"] == "fp32"
-    assert "scaler" in torch.load(tmp_path / "last.pt", weights_only=False)
+    assert "scaler" in torch.load(tmp_path / "last.pt", weights_only=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -812,7 +812,7 @@ def test_fp16_training_step_with_a_gradient_scaler(sets, tmp_path):
     history = cu.train_model(build("cpcad", 0), train, val, config(2, device="cuda", precision="fp16"), tmp_path,
                              progress=False)
     assert history[-1]["precision"] == "fp16" and math.isfinite(history[-1]["train_loss"])
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["scaler"]["scale"] > 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
 @pytest.mark.parametrize("text, seconds", [(3600, 3600.0), ("90s", 90.0), ("30m", 1800.0), ("11h", 39600.0),
@@ -836,7 +836,7 @@ def test_time_budget_stops_at_an_epoch_boundary_and_resumes(sets, tmp_path, monk
         cu.train_model(build("cpcad", 0), train, val, config(3, time_budget=5.0), tmp_path / "a", progress=False)
     assert str(tmp_path / "a" / "last.pt") in str(e.value)
     stopped = int(str(e.value).split("epoch ")[1].split(" ")[0])
-    assert torch.load(tmp_path / "a" / "last.pt", weights_only=False)["epoch"] == stopped
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == stopped
     progress = json.loads((tmp_path / "a" / "progress.json").read_text())
     assert progress["epoch"] == stopped and progress["epochs"] == 3
     monkeypatch.undo()
