@@ -2258,8 +2258,9 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     run.json records the fingerprint and status, its RUN_MARKER that it is a run folder.
     An `out` that holds anything but an earlier run (`is_run_folder`), e.g. a data folder or
     a results tree, is a FileExistsError naming it and some of its entries, before anything
-    is written; an `out` inside the data folder of `fingerprint`'s category is a ValueError. resume=True continues an unfinished staging run, or else a copy of `out`'s
-    checkpoints (to train a finished run further). Under torchrun only rank 0 prepares the
+    is written; an `out` inside the data folder of `fingerprint`'s category is a ValueError.
+    resume=True continues an unfinished staging run, or else a copy of `out`'s checkpoints
+    (to train a finished run further). Under torchrun only rank 0 prepares the
     folder; the others wait for it and get its path.
     """
     import shutil
