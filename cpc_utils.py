@@ -764,8 +764,9 @@ DEMO_KIND_DEFECTS = {
     "texture": ("blob", "crack", "flat", "foreign", "shifted", "stain"),
     "object": ("blob", "crack", "extra", "foreign", "missing", "stain"),
 }
-_DEMO_EDITS = {"blob": "smooth_blob", "crack": "thin_line", "flat": "flat_fill", "foreign": "foreign_patch",
-               "shifted": "shifted_block", "stain": "colour_shift"}
+# demo defect type: the synthetic kind (SYNTHETIC_KINDS) whose edit makes it; "extra" and "missing" have none
+DEMO_EDITS = {"blob": "smooth_blob", "crack": "thin_line", "flat": "flat_fill", "foreign": "foreign_patch",
+              "shifted": "shifted_block", "stain": "colour_shift"}
 # Two halves for studies: decisions are made on the tuning half's validation data only; the
 # confirmation half is evaluated once per decision and never used to choose.
 DEMO_TUNING = ("brick", "gravel", "bottle", "screw")
@@ -890,7 +891,7 @@ def _demo_defect(defect: str, img: np.ndarray, layers: dict | None, foreign: np.
     lose a piece of it ("missing") or grow material outside the outline ("extra")."""
     subtle = rng.random() < 0.5
     if layers is None:
-        return _edit(_DEMO_EDITS[defect], img, rng, subtle, source=foreign if defect == "foreign" else None)
+        return _edit(DEMO_EDITS[defect], img, rng, subtle, source=foreign if defect == "foreign" else None)
     s = img.shape[0] / 256
     sdf = layers["sdf"]
     if defect == "missing":   # part of the object near its outline shows the background
@@ -900,7 +901,7 @@ def _demo_defect(defect: str, img: np.ndarray, layers: dict | None, foreign: np.
         region = _region(img.shape[:2], rng, (5, 10) if subtle else (10, 20), _pick((sdf > 2 * s) & (sdf < 8 * s), rng))
         return np.where(region[..., None], np.clip(layers["object"], 0, 1), img)
     centre = _pick(sdf < -6 * s, rng)
-    out = _edit(_DEMO_EDITS[defect], img, rng, subtle, centre, source=foreign if defect == "foreign" else None)
+    out = _edit(DEMO_EDITS[defect], img, rng, subtle, centre, source=foreign if defect == "foreign" else None)
     return out if defect == "blob" else np.where(layers["alpha"] > 0.99, out, img)  # edits stay on the object
 
 
@@ -1665,18 +1666,23 @@ class CPCADConfig:
     confirmation half and every test split were never used to choose). Numbers are tuning-half
     validation image AUROC (with the reduction named) / pixel AUROC, mean over 4 categories x
     3 seeds, 128 px images, 40 epochs; tables in results/study/.
-      * detector "cpcad_knn_stats": CPC-AD's loss standardised per grid position, plus the
-        distance of the patch's stage statistics (`PatchEncoder.multiscale`) to its nearest
-        train/good patch's. The loss alone measures how *unpredictable* a patch is, so a flat
-        fill or a smooth blob scores low: at 16 px patches, pure CPC-AD 0.72 (top10) / 0.74,
+      * detector "knn_stats" (decision 16 in results/study/README.md): the distance of the
+        patch's stage statistics (`PatchEncoder.multiscale`) of the CPC-trained encoder to
+        its nearest train/good patch's, standardised per grid position. On the dense grid it
+        scored 0.809 / 0.958 against 0.802 / 0.938 for the same plus CPC-AD's calibrated loss
+        ("cpcad_knn_stats", the default until 2026-11-30), higher in every seed (criterion
+        0.883 ± 0.015 against 0.870 ± 0.016); the same encoder untrained scores lower (the
+        "untrained" setting). Pure CPC-AD stays one parameter away (detector="cpcad") and
+        is always reported. Before: "cpcad_knn_stats" was chosen over CPC-AD's loss alone,
+        which measures how *unpredictable* a patch is, so a flat fill or a smooth blob
+        scores low: at 16 px patches, pure CPC-AD 0.72 (top10) / 0.74,
         per-position calibration 0.72 / 0.84, two-sided 0.72 / 0.81, loss + kNN of z 0.76 /
         0.89, loss + multi-scale kNN ("cpcad_knn_ms", cosine on mean-pooled stages) 0.765 /
         0.910, loss + kNN of stage statistics (mean and spread of every stage, stem included,
         standardised Euclidean) 0.792 / 0.928, higher in every seed (criterion 0.860 ± 0.010
         against 0.838 ± 0.011; on gravel 0.67 against 0.60 image AUROC). The raw-pixel
         baseline scores 0.74 / 0.90 on the same 15x15 grid (0.76 / 0.94 on the 29x29 grid of
-        dense_scoring, the default's). Pure CPC-AD stays one parameter away (detector="cpcad")
-        and is always reported.
+        dense_scoring, the default's).
       * knn_bank 16384: with 16,384 train/good references instead of 4,096, loss +
         multi-scale kNN 0.765 / 0.910 (the criterion, the mean of the two, 0.838 against
         0.828). The typicality term alone scores about the same criterion as with the loss
@@ -1718,6 +1724,7 @@ class CPCADConfig:
     pred_steps: int = 1
     target_offset: int = 0
     num_negatives: int | None = 63
+    negatives: str = "batch"      # training negatives: "batch" (num_negatives from the batch) | "image" (see patch_losses)
     test_negatives: int = 1024
     similarity: str = "cosine"
     temperature: float = 0.1
@@ -1725,13 +1732,14 @@ class CPCADConfig:
     directions: tuple[str, ...] = DIRECTIONS
     knn_bank: int = 16384         # train/good patches the kNN typicality scores compare with
     dense_scoring: bool = True    # anomaly maps on the grid of half the training stride (CPCAD.score_grid)
-    detector: str = "cpcad_knn_stats"  # how patch scores become the anomaly map: a key of DETECTORS
+    detector: str = "knn_stats"   # how patch scores become the anomaly map: a key of DETECTORS
     reduce: str = "top10"         # how the map becomes the image score: a name in REDUCES
 
     def __post_init__(self):
         _check_model_fields(self)
         check_param("target_offset", self.target_offset, "int", low=0)
         check_param("num_negatives", self.num_negatives, "int", low=1, optional=True)  # None: all in the batch
+        check_param("negatives", self.negatives, "str", choices=("batch", "image"))
         check_param("test_negatives", self.test_negatives, "int", low=1)
         check_param("knn_bank", self.knn_bank, "int", low=1)
         check_param("dense_scoring", self.dense_scoring, "bool")
@@ -1836,9 +1844,11 @@ class CPCAD(nn.Module):
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-patch InfoNCE loss, averaged over steps k and directions: (B', G, G).
 
-        Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it,
-        `num_negatives` patches of the same batch (training, all normal images), never a copy
-        of the target cut from another sub-image (same image, same position).
+        Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it, in
+        training (all normal images), never a copy of the target cut from another sub-image
+        (same image, same position), and with cfg.negatives "batch" `num_negatives` patches of
+        the whole batch, with "image" every other patch of the target's own image and none
+        else: the hard negatives of a texture, the same material at other places.
         """
         G, off = self.grid.grid, self.cfg.target_offset
         if bank is None:
@@ -1858,7 +1868,20 @@ class CPCAD(nn.Module):
                 ctx = zo[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, D)       # (B*rows*G, D)
                 pred = ctx @ self.W[d, k - 1].to(ctx.dtype)
                 pos_index = ids[:, off + k:].reshape(-1)
-                if bank is None:
+                if bank is None and self.cfg.negatives == "image":  # one image at a time, its own patches
+                    per_image = len(flat) // n_images
+                    parts = []
+                    for b in range(n_images):
+                        own = slice(b * per_image, (b + 1) * per_image)
+                        rows_b = pos_index // per_image == b
+                        pos_b = pos_index[rows_b]
+                        parts.append(info_nce(pred[rows_b], flat[pos_b], flat[own], None, pos_b - own.start, None,
+                                              self.cfg.similarity, self.cfg.temperature, pos_key=keys[pos_b],
+                                              cand_key=keys[own])[0])
+                    loss = torch.empty(len(pred), device=pred.device, dtype=parts[0].dtype)
+                    for b, part in enumerate(parts):  # back into pos_index's order
+                        loss[pos_index // per_image == b] = part
+                elif bank is None:
                     loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
                                        generator, self.cfg.similarity, self.cfg.temperature,
                                        pos_key=keys[pos_index], cand_key=keys)
@@ -3065,14 +3088,24 @@ def prediction_metrics(model: CPC, images: torch.Tensor, negatives: str = "image
             "chance_loss": math.log(candidates), "chance_accuracy": 1 / candidates}
 
 
+PROBE_DESCRIPTORS = ("z", "stats")
+
+
 @torch.no_grad()
 def patch_embeddings(encoder: nn.Module, images: torch.Tensor, grid: PatchGrid, batch_size: int = 32,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Frozen embeddings z of every grid patch: (N, n_sub * G * G, D) float32, on the CPU."""
+                     device: torch.device | str = "cpu", descriptor: str = "z") -> torch.Tensor:
+    """Frozen features of every grid patch: (N, n_sub * G * G, F) float32, on the CPU.
+
+    descriptor "z": the embedding CPC predicts (F = D); "stats": the stage statistics of
+    `PatchEncoder.multiscale` (the mean and spatial spread of every channel of every stage),
+    the descriptor the default detector (`knn_stats`) compares.
+    """
+    check_param("descriptor", descriptor, "str", choices=PROBE_DESCRIPTORS)
     encoder.eval().to(device)
     out = []
     for x in images.split(batch_size):
-        z = encode_grid(encoder, to_float(x.to(device)), grid)           # (b * n_sub, D, G, G)
+        z = encode_grid(encoder, to_float(x.to(device)), grid, multiscale=descriptor == "stats")
+        z = z[2] if descriptor == "stats" else z                            # (b * n_sub, F, G, G)
         out.append(z.float().permute(0, 2, 3, 1).reshape(len(x), -1, z.shape[1]).cpu())
     return torch.cat(out)
 
@@ -3143,19 +3176,26 @@ def patch_probes(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tenso
             "knn_image_auroc": float(roc_auc_score(image_labels, distance.max(1).values.numpy()))}
 
 
-PROBE_FEATURES = {"trained": "CPC-trained encoder", "random": "same encoder, random init", "pixel": "raw pixels"}
+# name: what it is; "trained" (the CPC-trained encoder read as the default detector reads it) is the headline
+PROBE_FEATURES = {"trained": "CPC-trained encoder, stage statistics", "random": "same encoder at random init, stage statistics",
+                  "trained_z": "CPC-trained encoder, embedding z", "random_z": "same encoder at random init, embedding z",
+                  "pixel": "raw pixels"}
 PROBE_METRICS = {"knn_auroc": "kNN, patch AUROC", "knn_image_auroc": "kNN, image AUROC",
                  "linear_auroc": "linear probe, patch AUROC"}  # the first is notebook 01's headline
 
 
 def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet, fit: ImageSet, test: ImageSet,
                           grid: PatchGrid, device: torch.device | str = "cpu", seed: int = 0) -> dict:
-    """`patch_probes` of three representations: the CPC-trained encoder, the same encoder at
-    its random initialisation, and raw pixels. fit: normals with synthetic anomalies (for the
-    linear probe), train: the normal images the kNN compares against, test: real defects.
-    Returns {"trained" | "random" | "pixel": {"linear_auroc", "knn_auroc", "knn_image_auroc"}}."""
-    features = {"trained": lambda s: patch_embeddings(trained, s.images, grid, device=device),
-                "random": lambda s: patch_embeddings(random, s.images, grid, device=device),
+    """`patch_probes` of five representations (`PROBE_FEATURES`): the CPC-trained encoder and
+    the same encoder at its random initialisation, each read as stage statistics (what the
+    default detector compares; the headline) and as the embedding z, and raw pixels. fit:
+    normals with synthetic anomalies (for the linear probe), train: the normal images the kNN
+    compares against, test: real defects.
+    Returns {name in PROBE_FEATURES: {"linear_auroc", "knn_auroc", "knn_image_auroc"}}."""
+    def encoded(encoder, descriptor):
+        return lambda s: patch_embeddings(encoder, s.images, grid, device=device, descriptor=descriptor)
+    features = {"trained": encoded(trained, "stats"), "random": encoded(random, "stats"),
+                "trained_z": encoded(trained, "z"), "random_z": encoded(random, "z"),
                 "pixel": lambda s: pixel_patch_features(s.images, grid)}
     fit_fraction, test_fraction = patch_defect_fraction(fit.masks, grid), patch_defect_fraction(test.masks, grid)
     return {name: patch_probes((f(fit), fit_fraction), (f(test), test_fraction), f(train), seed=seed)
@@ -3165,10 +3205,12 @@ def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet
 PROBE_MARGIN = 0.02  # AUROC the trained encoder must gain over its random init, on average and in every seed
 
 
-def probe_verdict(runs: list[dict], metric: str = "knn_auroc", margin: float = PROBE_MARGIN) -> tuple[bool, list[float]]:
-    """Does the trained encoder beat its random initialisation on `metric`? Over the seeds'
-    `probe_representations`: (mean gain >= margin and a gain in every seed, gain per seed)."""
-    gains = [r["trained"][metric] - r["random"][metric] for r in runs]
+def probe_verdict(runs: list[dict], metric: str = "knn_auroc", margin: float = PROBE_MARGIN,
+                  against: str = "random") -> tuple[bool, list[float]]:
+    """Does the trained encoder beat `against` (its random initialisation, or "pixel") on
+    `metric`? Over the seeds' `probe_representations`: (mean gain >= margin and a gain in
+    every seed, gain per seed)."""
+    gains = [r["trained"][metric] - r[against][metric] for r in runs]
     return bool(np.mean(gains) >= margin and min(gains) > 0), gains
 
 
@@ -3257,12 +3299,16 @@ def plot_prediction_accuracy(runs: list[dict], title: str = "") -> "matplotlib.f
 def plot_probes(runs: list[dict], title: str = "") -> "matplotlib.figure.Figure":
     """Did training help? The patch probes' AUROC for the trained encoder, the same encoder at
     random initialisation and raw pixels, mean and std over seeds; 0.5 is chance."""
-    fig, ax = _figure(figsize=(7, 3.5))
-    x, w = np.arange(len(PROBE_METRICS)), 0.8 / len(PROBE_FEATURES)
-    for i, (f, colour) in enumerate(zip(PROBE_FEATURES, ("tab:blue", "tab:gray", "tab:orange"))):
+    fig, ax = _figure(figsize=(8.5, 3.5))
+    names = [f for f in PROBE_FEATURES if f in runs[0]]
+    x, w = np.arange(len(PROBE_METRICS)), 0.8 / len(names)
+    colours = {"trained": "tab:blue", "random": "tab:gray", "trained_z": "lightskyblue", "random_z": "lightgray",
+               "pixel": "tab:orange"}
+    for i, f in enumerate(names):
         values = np.array([[r[f][m] for m in PROBE_METRICS] for r in runs])   # (seeds, metrics)
-        ax.bar(x + (i - 1) * w, values.mean(0), w, yerr=values.std(0, ddof=1) if len(values) > 1 else None,
-               capsize=3, color=colour, label=PROBE_FEATURES[f])
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, values.mean(0), w,
+               yerr=values.std(0, ddof=1) if len(values) > 1 else None, capsize=3, color=colours.get(f),
+               label=PROBE_FEATURES[f])
     ax.axhline(0.5, color="black", ls=":", lw=1)
     ax.set(xticks=x, xticklabels=[v.replace(", ", "\n") for v in PROBE_METRICS.values()], ylim=(0, 1), ylabel="AUROC",
            title=title or f"frozen features, {len(runs)} seed(s)")
@@ -3604,9 +3650,9 @@ COLUMN_LEGEND = {
                "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
     "calibration": "`ScoreCalibration.check`: ok, or `degenerate` (the calibration normals' scores had no spread, "
                    "e.g. identical training images: the detector's scores and thresholds are meaningless)",
-    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `cpcad_knn_stats` "
-                "the standardised loss plus the standardised distance of the patch's stage statistics to the "
-                "nearest normal patch's (`cpcad_knn_ms`: of its multi-scale descriptor)",
+    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `knn_stats` (the "
+                "default) the standardised distance of the patch's stage statistics, from the CPC-trained encoder, "
+                "to the nearest normal patch's, `cpcad_knn_stats` the standardised loss plus that distance",
     "image_reduce": "how a patch map becomes an image score: `mean` (the paper's), `max`, or `top10` "
                     "(the mean of the highest 10% of patches)",
     "image_auroc": "test image AUROC of the detector, image score = `image_reduce` of its patch map",

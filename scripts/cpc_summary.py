@@ -1,5 +1,6 @@
 """One table from notebook 01's runs: per category, CPC's same-image prediction accuracy and
-the patch probes of the trained encoder, its random initialisation and raw pixels.
+the patch probes of the trained encoder, its random initialisation (each as stage statistics
+and as the embedding z) and raw pixels.
 
     python scripts/cpc_summary.py results/notebook01            # prints markdown
     python scripts/cpc_summary.py results/notebook01 --out results/notebook01/summary.md
@@ -32,7 +33,7 @@ def summary(root: Path) -> str:
     head = ["category", "half", "encoder", "seeds", "learned",
             *(f"same-image acc. k={i + 1}" for i in range(k)), "chance",
             *(f"kNN patch AUROC: {f}" for f in cu.PROBE_FEATURES), *(f"linear: {f}" for f in cu.PROBE_FEATURES),
-            "kNN: trained beats random", "linear: trained beats random"]
+            "kNN: trained beats random", "kNN: trained beats pixels", "linear: trained beats random"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in metrics:
         r = m["runs"]
@@ -42,7 +43,8 @@ def summary(root: Path) -> str:
                  f"{m['same_image_chance_accuracy']:.3f}",
                  *(pm([x["probes"][f]["knn_auroc"] for x in r]) for f in cu.PROBE_FEATURES),
                  *(pm([x["probes"][f]["linear_auroc"] for x in r]) for f in cu.PROBE_FEATURES),
-                 *(verdict(m.get(key)) for key in ("probe_trained_beats_random", "linear_trained_beats_random"))]
+                 *(verdict(m.get(key)) for key in ("probe_trained_beats_random", "probe_trained_beats_pixel",
+                                                   "linear_trained_beats_random"))]
         lines.append("| " + " | ".join(cells) + " |")
     for half in dict.fromkeys(cu.demo_half(m["category"]) for m in metrics):  # the mean of the categories' means
         sel = [m for m in metrics if cu.demo_half(m["category"]) == half]
@@ -50,7 +52,7 @@ def summary(root: Path) -> str:
         cells = ["**mean**", half or "-", f"{len(sel)} categories", "", "",
                  *(mean(lambda m: [x["image"]["acc_per_step"][i] for x in m["runs"]]) for i in range(k)), "",
                  *(mean(lambda m: [x["probes"][f][p] for x in m["runs"]]) for p in ("knn_auroc", "linear_auroc")
-                   for f in cu.PROBE_FEATURES), "", ""]
+                   for f in cu.PROBE_FEATURES), "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

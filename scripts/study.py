@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,13 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
                 {"image_size": 256, "patch_size": 32, "stride": 16, "knn_bank": 16384}),
     "dense": ("patch16's trained models, 16,384 references, maps scored at half the training stride (29x29)",
               {"patch_size": 16, "stride": 8, "knn_bank": 16384, "dense_scoring": True, "weights_from": "patch16"}),
+    "retrain": ("the chosen setting (dense) trained again with today's code, with per-defect AUROC and saved weights",
+                {"patch_size": 16, "stride": 8, "knn_bank": 16384, "dense_scoring": True}),
+    "hardneg": ("the chosen setting trained with hard negatives: every other patch of the target's own image, "
+                "none from other images", {"patch_size": 16, "stride": 8, "knn_bank": 16384, "dense_scoring": True,
+                                           "negatives": "image"}),
+    "untrained": ("the chosen setting's network at its random initialisation, scored the same way: what training adds",
+                  {"patch_size": 16, "stride": 8, "knn_bank": 16384, "dense_scoring": True, "epochs": 0}),
 }
 CHOSEN = "dense"  # the setting the defaults come from (chosen on the tuning half's validation data)
 GRID_KEYS = ("image_size", "patch_size", "stride")
@@ -85,13 +93,18 @@ def setup(job: dict) -> tuple:
     return s, epochs, grid, cfg, train, calib, val, data["test"]
 
 
-def baseline(train, targets: dict, score_grid) -> dict:
-    """The raw-pixel baseline on the detector's own score grid, every reduction: like for like."""
+def baseline(train, targets: dict, score_grid, per_defect: dict | None = None) -> dict:
+    """The raw-pixel baseline on the detector's own score grid, every reduction: like for like.
+    With `per_defect` (split: {detector: ...}), its per-defect AUROC goes there as "pixel baseline"."""
     import cpc_utils as cu
     out = {"baseline_grid": score_grid.grid}
     for name, target in targets.items():
         maps = cu.pixel_baseline(train.images, target.images, score_grid, device="cpu")
-        out[f"baseline_{name}"] = cu.evaluate_maps(maps, target, score_grid, cu.REDUCES)["metrics"]
+        evaluated = cu.evaluate_maps(maps, target, score_grid, cu.REDUCES)
+        out[f"baseline_{name}"] = evaluated["metrics"]
+        if per_defect is not None:
+            per_defect.setdefault(name, {})["pixel baseline"] = {
+                r: cu.per_defect_auroc(target.defect_types, s) for r, s in evaluated["scores"].items()}
     return out
 
 
@@ -121,19 +134,24 @@ def run_one(job: dict) -> str:
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
     s, epochs, grid, cfg, train, calib, val, test = setup(job)
-    tcfg = cu.TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
-                          patience=epochs, device="cpu")
+    tcfg = cu.TrainConfig(epochs=max(epochs, 1), batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
+                          patience=max(epochs, 1), device="cpu")
     cu.seed_everything(job["seed"])
     model = cu.CPCAD(cfg, grid)
 
-    def evaluate(*targets: cu.ImageSet) -> list[dict]:
+    per_defect = {}  # split: {detector: {reduce: {defect type: image AUROC against the good images}}}
+
+    def evaluate(*targets: cu.ImageSet, splits: tuple[str, ...] = ()) -> list[dict]:
         scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
         results = []
-        for target in targets:
+        for i, target in enumerate(targets):
             raw = cu.score_patches(model, target.images, scoring["bank"], scoring["references"], device="cpu")
             maps = {d: cu.detector_maps(raw, scoring["calibration"], d) for d in cu.DETECTORS}
-            results.append({d: cu.evaluate_maps(m, target, model.score_grid, cu.REDUCES)["metrics"]
-                            for d, m in maps.items()})
+            evaluated = {d: cu.evaluate_maps(m, target, model.score_grid, cu.REDUCES) for d, m in maps.items()}
+            results.append({d: e["metrics"] for d, e in evaluated.items()})
+            if splits:
+                per_defect[splits[i]] = {d: {r: cu.per_defect_auroc(target.defect_types, s)
+                                             for r, s in e["scores"].items()} for d, e in evaluated.items()}
         return results
 
     def on_epoch(model, epoch):  # detection on the validation set during training: how long to train
@@ -150,25 +168,31 @@ def run_one(job: dict) -> str:
         model.eval()
         before = json.loads(trained.read_text())
         history, seconds = before["history"], before["train_seconds"]
+    elif epochs == 0:  # the untrained control: the network as initialised, scored like the others
+        history, seconds = [], 0.0
+        model.eval()
     else:
         t0 = time.perf_counter()
         history = cu.train_model(model, train, calib, tcfg, progress=False, on_epoch=on_epoch)
         seconds = time.perf_counter() - t0
-    val_metrics, test_metrics = evaluate(val, test)
+    val_metrics, test_metrics = evaluate(val, test, splits=("val", "test"))
     result = {"setting": job["setting"], "category": job["category"], "seed": job["seed"],
               "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
               "epochs": epochs, "train_seconds": seconds, "history": history,
-              "chance_loss": float(torch.log(torch.tensor(float(cfg.num_negatives + 1)))),
+              "chance_loss": math.log(grid.num_subimages ** 2 * grid.grid ** 2 if cfg.negatives == "image"
+                                      else cfg.num_negatives + 1),
               "val": val_metrics, "test": test_metrics,
               "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
                          "train": dataclasses.asdict(tcfg)}}
-    result.update(baseline(train, {"val": val, "test": test}, model.score_grid))
+    result.update(baseline(train, {"val": val, "test": test}, model.score_grid, per_defect))
+    result["per_defect"] = per_defect
     if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining
         cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
     cu.save_json(result, out)
     v, t, default = result["val"], result["test"], cu.CPCADConfig().detector
+    val_loss = f"{history[-1]['val_loss']:.2f}" if history else "- (untrained)"
     return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
-            f"{history[-1]['val_loss']:.2f}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
+            f"{val_loss}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
             f"{v['cpcad']['pixel_auroc']:.2f} {default} {v[default]['image_auroc_top10']:.2f}/"
             f"{v[default]['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
             f"{t['cpcad']['pixel_auroc']:.2f} baseline {result['baseline_test']['image_auroc_max']:.2f}/"

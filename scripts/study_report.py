@@ -37,7 +37,7 @@ def flat_rows(runs: list[dict]) -> list[dict]:
                 rows.append({"setting": r["setting"], "category": r["category"], "half": r["half"],
                              "seed": r["seed"], "split": split, "detector": det, "grid": score_grid(r),
                              **{k: m.get(k) for k in METRICS},
-                             "final_val_loss": r["history"][-1].get("val_loss"), "chance_loss": r["chance_loss"],
+                             "final_val_loss": r["history"][-1].get("val_loss") if r["history"] else None, "chance_loss": r["chance_loss"],
                              "epochs_trained": len(r["history"]), "train_seconds": r["train_seconds"]})
     return rows
 
@@ -120,6 +120,33 @@ def headline_table(rows: list[dict], entries: dict[str, tuple[str, str, str]]) -
     return "\n".join(lines)
 
 
+def defect_table(runs: list[dict], half: str, entries: dict[str, tuple[str, str, str]]) -> str:
+    """Image AUROC per demo defect type on test, beside the synthetic kind of the same edit on
+    validation (`cu.DEMO_EDITS`): where the validation set predicts the test split, and where
+    it does not. Mean over the half's categories and seeds of the runs that recorded it."""
+    import cpc_utils as cu
+    cols, lines = [], []
+    for name, (setting, det, reduce) in entries.items():
+        sel = [r for r in runs if r["setting"] == setting and r["half"] == half and "per_defect" in r]
+        if sel:
+            cols.append((name, sel, det, reduce))
+    if not cols:
+        return "(no run of this half recorded per-defect AUROC)"
+    defects = sorted({d for _, sel, det, red in cols for r in sel for d in r["per_defect"]["test"][det][red]})
+
+    def cell(sel, det, red, split, key):
+        v = [r["per_defect"][split][det][red][key] for r in sel if key in r["per_defect"][split][det][red]]
+        return f"{np.mean(v):.2f}" if v else "-"
+    lines = ["| test defect (validation kind) | " + " | ".join(f"{n}: val / test" for n, *_ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for d in defects:
+        kind = cu.DEMO_EDITS.get(d)
+        cells = [f"{cell(sel, det, red, 'val', kind) if kind else '-'} / {cell(sel, det, red, 'test', d)}"
+                 for _, sel, det, red in cols]
+        lines.append(f"| {d} ({kind or 'none'}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, chosen: tuple[str, str, str] | None = None) -> str:
     """Write tables.md and runs.csv under `out`; return the markdown."""
     import cpc_utils as cu
@@ -152,6 +179,7 @@ def write_report(out: Path, chosen: tuple[str, str, str] | None = None) -> str:
                                ("Confirmation half, validation (reported only)", "confirmation", "val")):
         md += [f"## {title}", "", half_table(rows, half, split), ""]
     entries = {**({f"**default** ({chosen[1]}, {chosen[2]})": chosen} if chosen else {}),
+               **({f"same network untrained ({chosen[1]}, {chosen[2]})": ("untrained",) + chosen[1:]} if chosen else {}),
                "pure CPC-AD (cpcad, mean)": (setting, "cpcad", "mean"),
                "paper preset (cpcad, mean)": ("paper", "cpcad", "mean"),
                **{f"pixel baseline ({r})": (setting, "pixel baseline", r) for r in ("top10", "max", "mean")},
@@ -164,6 +192,19 @@ def write_report(out: Path, chosen: tuple[str, str, str] | None = None) -> str:
     md += ["## Per category, test (image / pixel AUROC, mean over seeds)", "", category_table(rows, "test", per_cat), "",
            "## Per category, validation", "", category_table(rows, "val", per_cat), "",
            "## Validation detection by epoch, tuning half", "", epoch_table(runs), ""]
+    if chosen:
+        det, reduce = chosen[1], chosen[2]
+        per_defect = {f"default retrained ({det}, {reduce})": ("retrain", det, reduce),
+                      f"untrained ({det})": ("untrained", det, reduce),
+                      f"pixel baseline ({reduce})": ("untrained", "pixel baseline", reduce),  # no model in it
+                      "pure CPC-AD (cpcad, mean)": ("retrain", "cpcad", "mean")}
+        md += ["## Per defect type: validation against test", "",
+               "Image AUROC of each defect type against the good images: on validation the synthetic kind made by",
+               "the same edit as the test defect (`cu.DEMO_EDITS`; objects' *extra* and *missing* have none). Only",
+               "runs that recorded it: the `retrain` (tuning half only) and `untrained` settings; the baseline, which",
+               "has no model, from the `untrained` runs (the same splits and seeds).", ""]
+        for half in ("tuning", "confirmation"):
+            md += [f"### {half.capitalize()} half", "", defect_table(runs, half, per_defect), ""]
     text = "\n".join(md)
     cu.save_atomic(text.encode(), out / "tables.md", lambda o, f: f.write(o))
     return text

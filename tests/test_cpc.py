@@ -403,6 +403,24 @@ def test_patch_losses_match_loop(target_offset, shared):
     assert torch.allclose(out.double(), total / count, atol=1e-4)
 
 
+def test_cpcad_same_image_negatives_stay_inside_each_image():
+    """negatives="image" in training: a batch's patch losses are its images' one by one (no
+    other image is a negative), and on uniform images, whose patches are all alike, the loss
+    is at chance log(patches per image) exactly: knowing the image is no help."""
+    grid = cu.PatchGrid(64, 16, 8)                                            # 7x7 patches
+    model = tiny_cpcad(grid, negatives="image").eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = model.patch_losses(model.encode(x))
+        alone = torch.cat([model.patch_losses(model.encode(x[i:i + 1])) for i in range(3)])
+        assert torch.allclose(batch, alone, atol=1e-5)
+        flat = (torch.rand(4, 3, 1, 1) * 255).to(torch.uint8).expand(4, 3, 64, 64).contiguous()
+        uniform = model.loss(cu.to_float(flat))["loss"]
+    assert uniform.item() == pytest.approx(math.log(49), abs=1e-3)
+    with pytest.raises(ValueError, match="negatives"):
+        tiny_cpcad(grid, negatives="everything")
+
+
 def test_cpcad_loss_trains_every_part():
     model = tiny_cpcad(cu.PatchGrid(32, 16, 8))
     out = model.loss(torch.randn(3, 3, 32, 32), torch.Generator().manual_seed(0))

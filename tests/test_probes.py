@@ -33,6 +33,30 @@ def test_pixel_patch_features_pool_each_patch():
     assert cu.pixel_patch_features(x, GRID).shape == (1, 9, 48)
 
 
+def test_patch_embeddings_read_z_or_the_stage_statistics():
+    """"z" is the encoder's output per grid patch; "stats" the same pass's stage statistics,
+    the descriptor the knn_stats detector compares; anything else is refused by name."""
+    encoder = cu.build_encoder("resnet18v2", width=8).eval()
+    x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    z = cu.patch_embeddings(encoder, x, GRID)
+    stats = cu.patch_embeddings(encoder, x, GRID, descriptor="stats")
+    assert z.shape == (2, 9, encoder.out_dim) and stats.shape[:2] == (2, 9) and stats.shape[2] > encoder.out_dim
+    patch = cu.to_float(x[1:, :, 8:24, 8:24])       # grid patch (1, 1) of the second image
+    with torch.no_grad():
+        z_ref, _, stats_ref = encoder.multiscale(patch)
+    assert torch.allclose(z[1, 4], z_ref[0], atol=1e-5) and torch.allclose(stats[1, 4], stats_ref[0], atol=1e-5)
+    with pytest.raises(ValueError, match="descriptor"):
+        cu.patch_embeddings(encoder, x, GRID, descriptor="pixels")
+
+
+def test_probe_verdict_against_random_or_pixels():
+    runs = [{"trained": {"knn_auroc": 0.9}, "random": {"knn_auroc": 0.85}, "pixel": {"knn_auroc": a}}
+            for a in (0.88, 0.91)]
+    assert cu.probe_verdict(runs)[0]                                  # +0.05 in both seeds
+    beats, gains = cu.probe_verdict(runs, margin=0.0, against="pixel")
+    assert not beats and gains == pytest.approx([0.02, -0.01])        # not in every seed
+
+
 def _features(fraction: torch.Tensor, informative: bool, seed: int) -> torch.Tensor:
     """(N, n, 8) noise; with `informative`, feature 0 is the defect fraction plus a little noise."""
     g = torch.Generator().manual_seed(seed)
@@ -93,20 +117,21 @@ def _image_set(n: int, defective: bool, seed: int) -> cu.ImageSet:
 
 
 def test_probe_representations_rows_and_random_reference():
-    """Three rows; an encoder identical to its random init gets the same numbers as it."""
+    """Five rows; an encoder identical to its random init gets the same numbers as it, read either way."""
     train = _image_set(6, False, 0)
     fit, test = (cu.concat_sets([_image_set(4, False, s), _image_set(4, True, s + 1)]) for s in (1, 3))
     encoder = cu.build_encoder("resnet18v2", width=8)
     res = cu.probe_representations(encoder, encoder, train, fit, test, GRID)
     assert set(res) == set(cu.PROBE_FEATURES)
-    assert res["trained"] == res["random"]
+    assert res["trained"] == res["random"] and res["trained_z"] == res["random_z"]
+    assert res["trained"] != res["trained_z"]  # two descriptors of one encoder: not the same features
     assert all(0 <= v <= 1 for row in res.values() for v in row.values())
 
 
 def test_tables_show_mean_and_std_over_seeds():
     runs = [{f: {m: 0.5 + 0.1 * i for m in cu.PROBE_METRICS} for f in cu.PROBE_FEATURES} for i in range(3)]
     table = cu.probe_table(runs)
-    assert table.count("\n") == 4 and "0.600 ± 0.100" in table and "raw pixels" in table
+    assert table.count("\n") == len(cu.PROBE_FEATURES) + 1 and "0.600 ± 0.100" in table and "raw pixels" in table
     pm = {"loss_per_step": [1.0, 2.0], "acc_per_step": [0.5, 0.25], "chance_loss": math.log(49),
           "chance_accuracy": 1 / 49}
     table = cu.prediction_table([{"batch": pm, "image": pm}] * 2)
@@ -118,7 +143,7 @@ def test_probe_and_prediction_figures():
     runs = [{f: {m: 0.5 + 0.1 * i for m in cu.PROBE_METRICS} for f in cu.PROBE_FEATURES} for i in range(2)]
     fig = cu.plot_probes(runs)
     bars = [p.get_height() for p in fig.axes[0].patches]
-    assert len(bars) == 9 and bars[0] == pytest.approx(0.55)
+    assert len(bars) == len(cu.PROBE_METRICS) * len(cu.PROBE_FEATURES) and bars[0] == pytest.approx(0.55)
     pm = {"loss_per_step": [1.0, 2.0], "acc_per_step": [0.5, 0.25], "chance_loss": 3.0, "chance_accuracy": 0.02}
     fig = cu.plot_prediction_accuracy([{"batch": pm, "image": pm}] * 3)
     assert np.allclose(fig.axes[0].lines[0].get_ydata(), [0.5, 0.25])
