@@ -119,3 +119,29 @@ def test_study_refuses_weights_holding_code(tiny_study, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAILED RunBlocked: refusing checkpoint {weights}" in proc.stdout and "nothing in it was run" in proc.stdout
     assert not marker.exists()
+
+
+def test_untrained_control_and_per_defect_auroc(tiny_study, tmp_path, monkeypatch):
+    """The untrained setting scores the network as initialised (no history, no training time),
+    and each run records every detector's and the baseline's image AUROC per defect type, on
+    validation by synthetic kind and on test by defect folder; the report tabulates them."""
+    import shutil
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import study as st
+    import study_report
+    monkeypatch.setitem(st.SETTINGS, "untrained", ("test: untrained", {"epochs": 0}))
+    out = tmp_path / "out"
+    shutil.copytree(tiny_study["out"], out)
+    job = dict(setting="untrained", category="brick", seed=0, epochs=2, eval_every=1, threads=1,
+               data_root=str(tiny_study["root"]), out=str(out / "runs" / "untrained" / "brick" / "seed0.json"))
+    assert "(untrained)" in st.run_one(job)
+    run = json.loads(Path(job["out"]).read_text())
+    assert run["history"] == [] and run["train_seconds"] == 0 and run["epochs"] == 0
+    assert set(run["per_defect"]) == {"val", "test"}
+    assert set(run["per_defect"]["test"]) == set(cu.DETECTORS) | {"pixel baseline"}
+    assert set(run["per_defect"]["test"]["knn_stats"]["top10"]) == set(cu.demo_defects("brick"))
+    assert set(run["per_defect"]["val"]["knn_stats"]["top10"]) <= set(cu.SYNTHETIC_KINDS)
+    text = study_report.write_report(out, ("fast", "knn_stats", "top10"))
+    assert "same network untrained (knn_stats, top10) | untrained |" in text
+    section = text.split("## Per defect type: validation against test")[1]
+    assert "| flat (flat_fill) |" in section and "untrained (knn_stats): val / test" in section
