@@ -1869,18 +1869,15 @@ class CPCAD(nn.Module):
                 pred = ctx @ self.W[d, k - 1].to(ctx.dtype)
                 pos_index = ids[:, off + k:].reshape(-1)
                 if bank is None and self.cfg.negatives == "image":  # one image at a time, its own patches
-                    per_image = len(flat) // n_images
-                    parts = []
+                    per_image = len(flat) // n_images                          # all its sub-images' patches
+                    owner = pos_index // per_image
+                    loss = pred.new_empty(len(pred), dtype=torch.float32)
                     for b in range(n_images):
-                        own = slice(b * per_image, (b + 1) * per_image)
-                        rows_b = pos_index // per_image == b
+                        own, rows_b = slice(b * per_image, (b + 1) * per_image), owner == b
                         pos_b = pos_index[rows_b]
-                        parts.append(info_nce(pred[rows_b], flat[pos_b], flat[own], None, pos_b - own.start, None,
-                                              self.cfg.similarity, self.cfg.temperature, pos_key=keys[pos_b],
-                                              cand_key=keys[own])[0])
-                    loss = torch.empty(len(pred), device=pred.device, dtype=parts[0].dtype)
-                    for b, part in enumerate(parts):  # back into pos_index's order
-                        loss[pos_index // per_image == b] = part
+                        loss[rows_b] = info_nce(pred[rows_b], flat[pos_b], flat[own], None, pos_b - own.start, None,
+                                                self.cfg.similarity, self.cfg.temperature, pos_key=keys[pos_b],
+                                                cand_key=keys[own])[0].float()
                 elif bank is None:
                     loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
                                        generator, self.cfg.similarity, self.cfg.temperature,
