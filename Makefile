@@ -45,6 +45,8 @@ study: env
 	$(PY) scripts/study.py --jobs 2 --settings fast patch16 patch16_refs16k dense paper
 	$(PY) scripts/study.py --jobs 2 --settings stem_norm offset1 width32 epochs80 densenet resnet50v2 width32_p16 size256 --categories brick gravel bottle screw
 	$(PY) scripts/study.py --jobs 2 --settings stem_small --seeds 0 --categories brick gravel bottle screw
+	$(PY) scripts/study.py --jobs 2 --settings untrained
+	$(PY) scripts/study.py --jobs 2 --settings retrain hardneg --categories brick gravel bottle screw
 
 test: env
 	$(PY) -m pytest -q tests
