@@ -134,8 +134,8 @@ def run_one(job: dict) -> str:
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
     s, epochs, grid, cfg, train, calib, val, test = setup(job)
-    tcfg = cu.TrainConfig(epochs=max(epochs, 1), batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
-                          patience=max(epochs, 1), device="cpu")
+    tcfg = cu.TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
+                          patience=epochs, device="cpu") if epochs else None  # None: the untrained control
     cu.seed_everything(job["seed"])
     model = cu.CPCAD(cfg, grid)
 
@@ -183,7 +183,7 @@ def run_one(job: dict) -> str:
                                       else cfg.num_negatives + 1),
               "val": val_metrics, "test": test_metrics,
               "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
-                         "train": dataclasses.asdict(tcfg)}}
+                         "train": dataclasses.asdict(tcfg) if tcfg else None}}
     result.update(baseline(train, {"val": val, "test": test}, model.score_grid, per_defect))
     result["per_defect"] = per_defect
     if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining

@@ -37,7 +37,8 @@ def flat_rows(runs: list[dict]) -> list[dict]:
                 rows.append({"setting": r["setting"], "category": r["category"], "half": r["half"],
                              "seed": r["seed"], "split": split, "detector": det, "grid": score_grid(r),
                              **{k: m.get(k) for k in METRICS},
-                             "final_val_loss": r["history"][-1].get("val_loss") if r["history"] else None, "chance_loss": r["chance_loss"],
+                             "final_val_loss": r["history"][-1].get("val_loss") if r["history"] else None,
+                             "chance_loss": r["chance_loss"],
                              "epochs_trained": len(r["history"]), "train_seconds": r["train_seconds"]})
     return rows
 
@@ -125,7 +126,7 @@ def defect_table(runs: list[dict], half: str, entries: dict[str, tuple[str, str,
     validation (`cu.DEMO_EDITS`): where the validation set predicts the test split, and where
     it does not. Mean over the half's categories and seeds of the runs that recorded it."""
     import cpc_utils as cu
-    cols, lines = [], []
+    cols = []
     for name, (setting, det, reduce) in entries.items():
         sel = [r for r in runs if r["setting"] == setting and r["half"] == half and "per_defect" in r]
         if sel:
