@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -179,8 +178,7 @@ def run_one(job: dict) -> str:
     result = {"setting": job["setting"], "category": job["category"], "seed": job["seed"],
               "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
               "epochs": epochs, "train_seconds": seconds, "history": history,
-              "chance_loss": math.log(grid.num_subimages ** 2 * grid.grid ** 2 if cfg.negatives == "image"
-                                      else cfg.num_negatives + 1),
+              "chance_loss": model.chance_loss(s["batch_size"]),
               "val": val_metrics, "test": test_metrics,
               "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
                          "train": dataclasses.asdict(tcfg) if tcfg else None}}

@@ -416,7 +416,9 @@ def test_cpcad_same_image_negatives_stay_inside_each_image():
         assert torch.allclose(batch, alone, atol=1e-5)
         flat = (torch.rand(4, 3, 1, 1) * 255).to(torch.uint8).expand(4, 3, 64, 64).contiguous()
         uniform = model.loss(cu.to_float(flat))["loss"]
-    assert uniform.item() == pytest.approx(math.log(49), abs=1e-3)
+    assert uniform.item() == pytest.approx(math.log(49), abs=1e-3) == model.chance_loss(batch_size=4)
+    assert tiny_cpcad(grid).chance_loss(batch_size=4) == pytest.approx(math.log(9))          # 8 batch negatives
+    assert tiny_cpcad(grid, num_negatives=None).chance_loss(4) == pytest.approx(math.log(4 * 49))  # all of them
     with pytest.raises(ValueError, match="negatives"):
         tiny_cpcad(grid, negatives="everything")
 

@@ -267,6 +267,18 @@ def test_notebook02_flags_a_degenerate_calibration(tiny_root, tmp_path):
     assert "degenerate calibration" in shown
 
 
+def test_notebook02_trains_with_same_image_negatives(tiny_root, tmp_path):
+    """negatives="image" reaches the model, and the chance loss the run is judged against is
+    that of its candidates: every patch of one 64 px image on the 7x7 grid, not 64 batch ones."""
+    out = tmp_path / "out"
+    pm.execute_notebook(str(NOTEBOOKS["02"]), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                        parameters={**small_parameters("02", tiny_root, out, tmp_path), "negatives": "image"},
+                        progress_bar=False, kernel_name="python3")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model"]["negatives"] == "image" and m["config"]["parameters"]["negatives"] == "image"
+    assert m["chance_loss"] == pytest.approx(math.log(49))
+
+
 def test_notebook02_wrong_category_stops_with_cpc_utils_error(tiny_root, tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="unknown category 'no_such_category'"):
         pm.execute_notebook(str(NOTEBOOKS["02"]), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
