@@ -3110,13 +3110,21 @@ def patch_embeddings(encoder: nn.Module, images: torch.Tensor, grid: PatchGrid, 
     the descriptor the default detector (`knn_stats`) compares.
     """
     check_param("descriptor", descriptor, "str", choices=PROBE_DESCRIPTORS)
+    return _patch_descriptors(encoder, images, grid, batch_size, device)[descriptor]
+
+
+@torch.no_grad()
+def _patch_descriptors(encoder: nn.Module, images: torch.Tensor, grid: PatchGrid, batch_size: int = 32,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every PROBE_DESCRIPTORS reading of every grid patch from one encoding pass:
+    {"z" | "stats": (N, n_sub * G * G, F) float32, on the CPU}."""
     encoder.eval().to(device)
-    out = []
+    out = {d: [] for d in PROBE_DESCRIPTORS}
     for x in images.split(batch_size):
-        z = encode_grid(encoder, to_float(x.to(device)), grid, multiscale=descriptor == "stats")
-        z = z[2] if descriptor == "stats" else z                            # (b * n_sub, F, G, G)
-        out.append(z.float().permute(0, 2, 3, 1).reshape(len(x), -1, z.shape[1]).cpu())
-    return torch.cat(out)
+        z, _, stats = encode_grid(encoder, to_float(x.to(device)), grid, multiscale=True)  # (b * n_sub, F, G, G)
+        for d, t in (("z", z), ("stats", stats)):
+            out[d].append(t.float().permute(0, 2, 3, 1).reshape(len(x), -1, t.shape[1]).cpu())
+    return {d: torch.cat(v) for d, v in out.items()}
 
 
 def pixel_patch_features(images: torch.Tensor, grid: PatchGrid, size: int = 4) -> torch.Tensor:
@@ -3201,14 +3209,15 @@ def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet
     normals with synthetic anomalies (for the linear probe), train: the normal images the kNN
     compares against, test: real defects.
     Returns {name in PROBE_FEATURES: {"linear_auroc", "knn_auroc", "knn_image_auroc"}}."""
-    def encoded(encoder, descriptor):
-        return lambda s: patch_embeddings(encoder, s.images, grid, device=device, descriptor=descriptor)
-    features = {"trained": encoded(trained, "stats"), "random": encoded(random, "stats"),
-                "trained_z": encoded(trained, "z"), "random_z": encoded(random, "z"),
-                "pixel": lambda s: pixel_patch_features(s.images, grid)}
+    sets = {"fit": fit, "test": test, "train": train}
+    features = {"pixel": {k: pixel_patch_features(v.images, grid) for k, v in sets.items()}}
+    for name, encoder in (("trained", trained), ("random", random)):  # one encoding pass per encoder and set
+        both = {k: _patch_descriptors(encoder, v.images, grid, device=device) for k, v in sets.items()}
+        features[name] = {k: d["stats"] for k, d in both.items()}
+        features[f"{name}_z"] = {k: d["z"] for k, d in both.items()}
     fit_fraction, test_fraction = patch_defect_fraction(fit.masks, grid), patch_defect_fraction(test.masks, grid)
-    return {name: patch_probes((f(fit), fit_fraction), (f(test), test_fraction), f(train), seed=seed)
-            for name, f in features.items()}
+    return {name: patch_probes((features[name]["fit"], fit_fraction), (features[name]["test"], test_fraction),
+                               features[name]["train"], seed=seed) for name in PROBE_FEATURES}
 
 
 PROBE_MARGIN = 0.02  # AUROC the trained encoder must gain over its random init, on average and in every seed
