@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: env demo cpc study test unit notebooks bench clean
+.PHONY: env demo cpc compare study test unit notebooks bench clean
 
 env: $(VENV)/.installed
 
@@ -36,6 +36,23 @@ cpc: env
 	$(PY) scripts/cpc_summary.py results/notebook01 --out results/notebook01/summary.md; \
 	cat results/notebook01/summary.md; \
 	if [ -n "$$failed" ]; then echo "==> failed:$$failed"; exit 1; fi
+
+# notebook 03's table, class x encoder x training length, as an epoch ladder scaled to 2 CPU cores:
+# two textures and two objects (the demo's tuning half) x the three encoders x 20/40/60 epochs x 2 seeds,
+# each pair trained once to 60 epochs, two at a time; then notebook 03 reads it. A failing pair
+# does not stop the others, nor the notebook, and makes the target fail at the end.
+COMPARE_CATEGORIES ?= brick gravel bottle screw
+COMPARE_EPOCHS ?= 20 40 60
+COMPARE_SEEDS ?= 0 1
+compare: env
+	$(PY) -m cpc_utils demo-data data/demo
+	@status=0; $(PY) scripts/sweep.py --data-root data/demo --run compare --categories $(COMPARE_CATEGORIES) \
+	  --epochs $(COMPARE_EPOCHS) --seeds $(COMPARE_SEEDS) --devices cpu,cpu || status=$$?; \
+	$(VENV)/bin/papermill notebooks/03_encoder_comparison.ipynb results/compare/notebook03/03_encoder_comparison.ipynb \
+	  -p results_dir results/compare -p run_comparison False -p output_dir results/compare/notebook03 \
+	  --no-progress-bar -k python3 || status=1; \
+	echo "==> results in results/compare/ (summary.md; notebook03/: the executed notebook, tables, figures)"; \
+	exit $$status
 
 # the study behind the defaults (scripts/study.py): settings x demo categories x 3 seeds;
 # the chosen setting, the paper preset and the first defaults on both halves, the rejected

@@ -2360,6 +2360,43 @@ def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -
     return out / "metrics.json"
 
 
+def stage_continuation(out: str | os.PathLike, source: str | os.PathLike, fingerprint: dict) -> Path:
+    """Prepare `out`'s staging folder to continue the training of the finished run `source`.
+
+    What an epoch ladder does (scripts/sweep.py --epochs 20 40 60): the 40-epoch rung takes
+    up the 20-epoch rung's training instead of starting over. Its checkpoints (best.pt, then
+    last.pt, each copied to a temporary name and renamed) go into `out`'s staging folder, and
+    `begin_run(out, fingerprint, resume=True)` with `train_model(resume=True)` continue from
+    there. train_model resumes exactly (weights, optimizer, every RNG, early stopping's
+    count), so the rung is the run a separate training to its epochs would give: same
+    weights, same metrics. `train_model` still refuses a `source` whose configuration differs
+    in more than the epochs. A staging folder already there (an interrupted rung of ours) is
+    replaced; `out` itself is not touched. Returns the staging folder.
+    """
+    import shutil
+    out, source = _named(out), Path(source)
+    last = source / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"{source} holds no checkpoints/last.pt to continue from")
+    work = out.parent / f".{out.name}.partial"
+    lock = acquire_lock(out.parent / f".{out.name}.lock")
+    try:
+        _check_replaceable(work, "the staging folder")
+        _remove_run(work)
+        (work / "checkpoints").mkdir(parents=True)
+        save_json({"written_by": "cpc_utils.stage_continuation", "output_dir": str(out)}, work / RUN_MARKER)
+        save_json({"status": "staged", "continues": str(source), "output_dir": str(out), "fingerprint": fingerprint},
+                  work / "run.json")
+        for name in ("best.pt", "last.pt"):  # last.pt last: without it the staging folder is not resumed
+            if (source / "checkpoints" / name).is_file():
+                tmp = work / "checkpoints" / f".{name}.tmp"
+                shutil.copyfile(source / "checkpoints" / name, tmp)
+                os.replace(tmp, work / "checkpoints" / name)
+    finally:
+        lock.unlink(missing_ok=True)
+    return work
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return list(order.split(batch_size))
@@ -2641,6 +2678,15 @@ def learning_check(history: list[dict], chance_loss: float, margin: float = 0.05
     if best >= (1 - margin) * chance_loss:
         return {"status": "at_chance", "message": f"nothing learned: the loss stayed at chance ({numbers})"}
     return {"status": "ok", "message": f"learned: {numbers}"}
+
+
+def chosen_epoch(history: list[dict]) -> int:
+    """The epoch whose weights `train_model` ended on: that of the best validation loss (the
+    first of equals, as best.pt is only replaced by a lower loss), else the last epoch. With
+    early stopping it can lie well before the epochs asked for; an epoch ladder records it
+    per rung."""
+    val = [(h["val_loss"], h["epoch"]) for h in history if h.get("val_loss") is not None]
+    return min(val, key=lambda v: v[0])[1] if val else history[-1]["epoch"]
 
 
 def _model_config(model: nn.Module) -> dict:
@@ -3599,13 +3645,14 @@ def has_epoch_series(rows: list[dict]) -> bool:
     return any(len(b) > 1 for b in budgets.values())
 
 
-def plot_epochs(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc", "pixel_auroc")
-                ) -> "matplotlib.figure.Figure":
+def plot_epochs(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc", "pixel_auroc"),
+                max_columns: int = 4) -> "matplotlib.figure.Figure":
     """Does training longer help? `metrics` against the epoch budget, one line per encoder.
 
-    One panel per category that has several budgets (columns) and metric (rows); runs
-    sharing a point (seeds) are averaged, with a ± std error bar; the raw-pixel baseline,
-    which does not train, is a horizontal black line.
+    One panel per category that has several budgets and per metric (a metric's panels in rows
+    of up to `max_columns`, so 15 MVTec AD classes stay readable); runs sharing a point (seeds)
+    are averaged, with a ± std error bar; the raw-pixel floor, which does not train, is a
+    horizontal black line.
     """
     import matplotlib.ticker as mticker
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -3614,29 +3661,59 @@ def plot_epochs(rows: list[dict], metrics: str | Sequence[str] = ("image_auroc",
     if not series:
         raise ValueError("every (category, encoder) has one epoch budget: nothing to draw against epochs")
     colour = _encoder_colours(r["encoder"] for r in rows)
-    fig, axes = _figure(len(metrics), len(series), figsize=(max(5.5, 1 + 3.2 * len(series)), 1.2 + 2.8 * len(metrics)),
-                        squeeze=False, sharex="col", sharey="row", layout="constrained")
+    panels = {c: [r for r in rows if r["category"] == c] for c in series}
+    means = _category_means(rows, series, metrics) if len(series) > 1 else []
+    if means:  # the headline first: each encoder's mean over the categories
+        panels = {f"mean of {len(series)} categories": means, **panels}
+    ncols = min(len(panels), max_columns)
+    per_metric = -(-len(panels) // ncols)  # rows of panels per metric
+    fig, axes = _figure(len(metrics) * per_metric, ncols, figsize=(max(5.5, 1 + 3.2 * ncols),
+                                                                   1.2 + 2.8 * len(metrics) * per_metric),
+                        squeeze=False, sharey="row", layout="constrained")
     for m, metric in enumerate(metrics):
-        for col, cat in enumerate(series):
-            ax, sel = axes[m, col], [r for r in rows if r["category"] == cat]
-            for enc in _encoder_order(sel):
+        for i, (cat, sel) in enumerate(panels.items()):
+            ax = axes[m * per_metric + i // ncols, i % ncols]
+            encoders = _encoder_order(sel)
+            budgets = [b for b in (_budget(r) for r in sel) if b is not None]
+            dodge = 0.012 * (max(budgets) - min(budgets)) if budgets else 0  # error bars side by side, not on top
+            for j, enc in enumerate(encoders):
                 points = _group([r for r in sel if r["encoder"] == enc], metric, _budget)
                 x = sorted(points)
                 mean, std = np.array([_mean_std(points[b]) for b in x]).reshape(-1, 2).T
-                ax.errorbar(x, mean, std if std.any() else None, fmt="o-", color=colour[enc], capsize=2, label=enc)
-            base = [r[f"baseline_{metric}"] for r in sel if r.get(f"baseline_{metric}") is not None]
+                ax.errorbar(np.array(x, dtype=float) + (j - (len(encoders) - 1) / 2) * dodge, mean,
+                            std if std.any() else None, fmt="o-", color=colour[enc], capsize=2, label=enc)
+            base = _floor(sel, metric)
             if base:
                 ax.axhline(np.mean(base), color="k", lw=1.5, label="raw-pixel baseline")
             ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-            if m == 0:
-                ax.set_title(f"{cat} ({_half(sel[0])} half)" if _half(sel[0]) else cat, fontsize=10)
-            if m == len(metrics) - 1:
+            ax.set_title(f"{cat} ({_half(sel[0])} half)" if _half(sel[0]) else cat, fontsize=10)
+            if i + ncols >= len(panels):  # the last panel of its column
                 ax.set_xlabel("training epochs (asked for)")
-            if col == 0:
+            if i % ncols == 0:
                 ax.set_ylabel(_metric_label(sel, metric))
+        for i in range(len(panels), per_metric * ncols):  # empty places of the last row
+            axes[m * per_metric + i // ncols, i % ncols].set_visible(False)
     _figure_legend(fig, axes, _encoder_order(rows))
     fig.suptitle("Does training longer help? Test AUROC against the training epochs", fontsize=11)
     return fig
+
+
+def _category_means(rows: list[dict], categories: list[str], metrics: Sequence[str]) -> list[dict]:
+    """Rows of a pseudo-category: per (encoder, epochs, seed) present in every one of
+    `categories`, the mean of each metric and its baseline over them."""
+    keys = [(r["encoder"], _budget(r), _seed(r)) for r in rows]
+    out = []
+    for key in sorted(set(keys), key=str):
+        sel = [r for r, k in zip(rows, keys) if k == key and r["category"] in categories]
+        if {r["category"] for r in sel} != set(categories):
+            continue
+        row = {"category": "mean", "half": "", "encoder": key[0], "epochs": key[1], "seed": key[2],
+               "detector": sel[0].get("detector"), "image_reduce": sel[0].get("image_reduce")}
+        for m in (*metrics, *(f"baseline_{m}" for m in metrics)):
+            values = [r[m] for r in sel if r.get(m) is not None]
+            row[m] = float(np.mean(values)) if len(values) == len(sel) else None
+        out.append(row)
+    return out
 
 
 def _save_figure(fig, path: str | os.PathLike) -> None:
@@ -3650,20 +3727,23 @@ def _save_figure(fig, path: str | os.PathLike) -> None:
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
 # results tree into summary.md, summary.csv and the figures.
 
-SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "calibration", "detector",
+SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs", "epochs_trained", "chosen_epoch", "learned",
+                   "calibration", "detector",
                    "image_reduce",
                    "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
                    "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
                    "image_f1_max", "train_seconds")
-TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs_trained", "learned", "calibration", "detector",
-                "image_reduce")
+TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs", "epochs_trained", "chosen_epoch", "learned",
+                "calibration", "detector", "image_reduce")
 COLUMN_LEGEND = {
     "category": "the MVTec AD class (or demo category) trained on and tested",
     "half": "demo half: `tuning` (the study made its choices looking at these categories, so their test "
             "numbers are not independent of them) or `confirmation` (untouched); empty for MVTec AD",
     "encoder": "the patch encoder (`cu.ENCODERS`), as the command line spells it",
     "seed": "the run's seed (train/held-out split, initialisation, negatives)",
+    "epochs": "epochs asked for (an epoch ladder's rung: scripts/sweep.py --epochs 20 40 60)",
     "epochs_trained": "epochs actually trained (early stopping can end a run before its `epochs`)",
+    "chosen_epoch": "the epoch whose weights were scored: that of the best validation loss (`chosen_epoch`)",
     "learned": "`learning_check`: ok, or `at_chance` (the loss stayed at chance: nothing learned) or "
                "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
     "calibration": "`ScoreCalibration.check`: ok, or `degenerate` (the calibration normals' scores had no spread, "
@@ -3744,11 +3824,17 @@ def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()
 
 
 def _summary_row(row: dict) -> dict:
-    """`row` with the derived columns: half, learned, seed (top-level or from config.parameters)."""
-    params = (row.get("config") or {}).get("parameters") or {}
+    """`row` with the derived columns: half, learned, calibration, seed (top-level or from
+    config.parameters), chosen_epoch (from the history for a run that did not record it)."""
+    chosen = row.get("chosen_epoch") or (chosen_epoch(row["history"]) if row.get("history") else None)
     return {**row, "half": _half(row), "learned": (row.get("learning") or {}).get("status", ""),
             "calibration": (row.get("calibration") or {}).get("status", ""),
-            "seed": row.get("seed", params.get("seed"))}
+            "seed": _seed(row), "chosen_epoch": chosen}
+
+
+def summary_records(rows: list[dict]) -> list[dict]:
+    """`rows` cut to the SUMMARY_COLUMNS (derived ones included): what summary.csv holds."""
+    return [{c: r.get(c) for c in SUMMARY_COLUMNS} for r in map(_summary_row, rows)]
 
 
 def _fmt(column: str, value) -> str:
@@ -3771,7 +3857,7 @@ def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) ->
     numeric = [c for c in columns if c not in TEXT_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     order = {c: i for i, c in enumerate(_category_order(rows))}  # by half, then A-Z
-    for r in sorted(rows, key=lambda r: (order[r["category"]], r["encoder"], r.get("epochs_trained", 0),
+    for r in sorted(rows, key=lambda r: (order[r["category"]], r["encoder"], _budget(r) or 0,
                                          r["seed"] if isinstance(r["seed"], int) else -1)):
         lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |")
     for half, enc in sorted({(r["half"], r["encoder"]) for r in rows}, key=lambda k: (_half_rank(k[0]), k)):
@@ -3831,6 +3917,151 @@ def comparison_table(rows: list[dict], metric: str | Sequence[str] = "image_auro
                      for cells in per_column]
             label = f"**mean {half}**" if half else "**mean**"
             lines.append(f"| {label} | {n} | " + " | ".join(fmt(m, spread=False) for m in means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _seed(row: dict):
+    """A run's seed: top-level (the study's rows) or its notebook parameter."""
+    return row.get("seed", ((row.get("config") or {}).get("parameters") or {}).get("seed"))
+
+
+def _cell_stats(values: list[float], digits: int = 2, each: bool = False) -> str:
+    """"0.84" for one run, "0.84 ± 0.02" for several that differ, "-" for none; with `each`,
+    every run's value ("38, 40")."""
+    if not values:
+        return "-"
+    if each:
+        return ", ".join(f"{v:.{digits}f}" for v in values)
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(set(values)) > 1 else "")
+
+
+def _floor(rows: list[dict], metric: str) -> list[float]:
+    """The raw-pixel floor of `metric` per seed (`baseline_<metric>`, averaged over the seed's
+    runs, which share it: it trains nothing and is computed on the same split and grid)."""
+    per_seed = _group(rows, f"baseline_{metric}", _seed)
+    return [float(np.mean(v)) for v in per_seed.values()]
+
+
+def _one_grid(rows: list[dict]) -> None:
+    """A like-for-like floor needs one score grid: rows of several (image or patch sizes) are refused."""
+    grids = {(r.get("score_grid"), r.get("baseline_grid")) for r in rows}
+    if len(grids) > 1:
+        raise ValueError(f"the rows were scored on several grids ({', '.join(map(str, sorted(grids, key=str)))}: "
+                         "(detector, baseline) G); compare runs of one geometry at a time")
+
+
+def ladder_table(rows: list[dict], metric: str = "image_auroc", digits: int = 2, each: bool = False) -> str:
+    """The study's table for one `metric`: Class | <encoder> e<N> ... | pixel floor.
+
+    One line per category (tuning half, confirmation half, then others), one column per
+    encoder (registry order) x epochs asked for (ascending), as an epoch ladder
+    (scripts/sweep.py --epochs 20 40 60) or separate runs give them; then the raw-pixel
+    floor (same grid and reduction; mean ± std over seeds). Runs that share a cell (seeds)
+    show mean ± std; "-" marks a cell with no run. A mean line per half: the mean over its
+    categories of the cell means. Rows must come from one detector, image reduction and
+    score grid (`check_one_detector`), so no column pools two methods. `digits`: 2 for scores
+    (reruns move them by about 0.02), 0 for e.g. `chosen_epoch`; `each`: a cell lists every
+    run's value (in seed order) instead of their mean ± std.
+    """
+    check_one_detector(rows)
+    _one_grid(rows)
+    encoders = _encoder_order(rows)
+    budgets = {e: sorted({_budget(r) for r in rows if r["encoder"] == e}, key=lambda b: b or 0) for e in encoders}
+    columns = [(e, b) for e in encoders for b in budgets[e]]
+    has_floor = any(r.get(f"baseline_{metric}") is not None for r in rows)
+    by_seed = sorted(rows, key=lambda r: (str(type(_seed(r))), _seed(r) if _seed(r) is not None else 0))
+    cells = _group(by_seed, metric, lambda r: (r["category"], r["encoder"], _budget(r)))
+    head = [f"{e} e{b}" for e, b in columns] + (["pixel floor"] if has_floor else [])
+    lines = ["| Class | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    categories = _category_order(rows)
+    halves = {c: _half(next(r for r in rows if r["category"] == c)) for c in categories}
+    floors = {c: _floor([r for r in rows if r["category"] == c], metric) for c in categories}
+    for half in sorted(set(halves.values()), key=_half_rank):
+        mine = [c for c in categories if halves[c] == half]
+        for c in mine:
+            values = [_cell_stats(cells.get((c, e, b), []), digits, each) for e, b in columns]
+            floor = [_cell_stats(floors[c], digits)] if has_floor else []
+            lines.append(f"| {c} | " + " | ".join(values + floor) + " |")
+        means = [[float(np.mean(cells[c, e, b])) for c in mine if (c, e, b) in cells] for e, b in columns]
+        means += [[float(np.mean(floors[c])) for c in mine if floors[c]]] if has_floor else []
+        label = f"**mean {half}**" if half else "**mean**"
+        lines.append(f"| {label} | " + " | ".join(f"{np.mean(m):.{digits}f}" if m else "-" for m in means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]:
+    """One sentence per category: which encoder scores best, and is its lead real?
+
+    Encoders are compared at the longest training every one of them has in that category (the
+    budget asked for, not the best-scoring epoch: picking that on test numbers would flatter
+    the winner), by their mean over seeds. The lead over the runner-up counts as larger than
+    the seed spread when it exceeds both encoders' standard deviation over seeds; with one
+    seed the spread is unknown and the sentence says so. The raw-pixel floor is named too.
+    """
+    check_one_detector(rows)
+    words = _metric_label(rows, metric)
+    out = []
+    for c in _category_order(rows):
+        sel = [r for r in rows if r["category"] == c and r.get(metric) is not None]
+        encoders = _encoder_order(sel)
+        common = set.intersection(*({_budget(r) for r in sel if r["encoder"] == e} for e in encoders)) if sel else set()
+        if len(encoders) < 2 or not common:
+            out.append(f"{c}: {'only ' + encoders[0] + ' was run' if len(encoders) == 1 else 'no encoders to compare'}"
+                       + ("" if len(encoders) < 2 else " (no training length that every encoder has)") + ".")
+            continue
+        at = max(common, key=lambda b: b or 0)
+        stats = {e: _mean_std([r[metric] for r in sel if r["encoder"] == e and _budget(r) == at]) + (
+                 sum(r["encoder"] == e and _budget(r) == at for r in sel),) for e in encoders}
+        best, runner = sorted(encoders, key=lambda e: -stats[e][0])[:2]
+        (m1, s1, n1), (m2, s2, n2) = stats[best], stats[runner]
+        lead = m1 - m2
+        text = f"{c}: {best} is best at {at} epochs ({words} {m1:.3f}, {runner} next at {m2:.3f})"
+        if min(n1, n2) < 2:
+            text += (f"; one seed, so whether its lead of {lead:.3f} is larger than the seed spread is unknown "
+                     "(run more: scripts/sweep.py --seeds 0 1 2)")
+        else:
+            spread = max(s1, s2)
+            text += (f"; its lead of {lead:.3f} is {'larger than' if lead > spread else 'within'} the seed spread "
+                     f"(std up to {spread:.3f} over {min(n1, n2)} seeds)")
+        floor = _floor(sel, metric)
+        if floor:
+            f = float(np.mean(floor))
+            text += f"; the raw-pixel floor is {f:.3f}, {'below' if f < m1 else 'not below'} it"
+        out.append(text + ".")
+    return out
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Markdown table of what each encoder costs: parameters (the encoder at the runs' width
+    and at the standard width 64, the whole CPC-AD model, whose W_k grow as D^2), D, and
+    seconds per training epoch and per scoring, measured by the runs themselves (mean ± std
+    over runs; an epoch ladder's rungs share their epochs, so each chain counts once, by its
+    longest rung). Seconds depend on the device and on what ran beside it."""
+    longest: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["category"], r["encoder"], _seed(r))
+        if key not in longest or len(r.get("history") or []) > len(longest[key].get("history") or []):
+            longest[key] = r
+    lines = ["| Encoder | Encoder parameters | at width 64 | CPC-AD parameters | D | s / epoch | s / scoring | runs | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in _encoder_order(rows):
+        sel = [r for r in rows if r["encoder"] == e]
+        chains = [r for k, r in longest.items() if k[1] == e]
+        epoch_s = [float(np.mean([h["seconds"] for h in r["history"]])) for r in chains if r.get("history")]
+        models = sorted({(m["width"], m.get("norm", "layer"), m.get("stem", "imagenet"))
+                         for m in (((r.get("config") or {}).get("model") or {}) for r in sel) if m.get("width")})
+        widths = ", ".join(str(w) for w, _, _ in models)
+        enc_params = ", ".join(f"{count_parameters(build_encoder(e, norm=n, width=w, stem=st)):,}"
+                               for w, n, st in models) if e in ENCODERS else ""
+        full = f"{count_parameters(build_encoder(e, width=64)):,}" if e in ENCODERS else ""
+        cpcad = ", ".join(f"{n:,}" for n in sorted({r["num_parameters"] for r in sel if r.get("num_parameters")}))
+        dims = ", ".join(str(d) for d in sorted({r["embedding_dim"] for r in sel if r.get("embedding_dim")}))
+        score_s = [r["score_seconds"] for r in sel if r.get("score_seconds") is not None]
+        devices = ", ".join(sorted({str(r["device"]) for r in sel if r.get("device")}))
+        fmt = lambda v: "-" if not v else f"{_mean_std(v)[0]:.1f}" + (f" ± {_mean_std(v)[1]:.1f}" if len(v) > 1 else "")  # noqa: E731
+        lines.append(f"| {e} | {enc_params}{f' (width {widths})' if widths else ''} | {full} | {cpcad} | {dims} | "
+                     f"{fmt(epoch_s)} | {fmt(score_s)} | {len(sel)} | {devices} |")
     return "\n".join(lines) + "\n"
 
 
@@ -3927,7 +4158,8 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     """Write summary.md, summary.csv, comparison.png (and epochs.png when some pair has several
     epoch budgets) for a results tree; return its rows.
 
-    status ({"category/encoder": "finished" | "failed" | "missing"}, from scripts/sweep.py) and
+    status ({"category/encoder[/seed<k>][/e<N>]": "finished" | "failed" | "missing", the runs'
+    folders under `run_dir`, from scripts/sweep.py) and
     failures add the pairs that have no current result. The "learned" column flags runs whose
     loss stayed at chance or diverged (`learning_check`). skip: metrics files to leave out
     (`load_results`).
@@ -3939,14 +4171,15 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     rows = load_results(run_dir, skip)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
-    others = {f"{r['category']}/{r['encoder']}" for r in rows} - set(status or {})
+    others = {p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("metrics.json")
+              if not any(part.startswith(".") for part in p.relative_to(run_dir).parts)} - set(status or {})
     written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = summary_markdown(rows, run_dir.name, written, pair_status_table(status, failures, others) if status else "")
     save_atomic(text.encode(), run_dir / "summary.md", lambda o, f: f.write(o))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, SUMMARY_COLUMNS)
     w.writeheader()
-    w.writerows(_summary_row(r) for r in rows)
+    w.writerows(summary_records(rows))
     save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
     groups = detector_groups(rows)
     for (detector, reduce), group in groups.items():

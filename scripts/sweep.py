@@ -5,7 +5,17 @@ r"""Run notebook 02 (CPC-AD) through papermill for every category x encoder.
         --epochs 50 --run mvtec --param image_size=256 patch_size=64 stride=32 width=64
 
 Each pair writes results/<run>/<category>/<encoder>/: the executed notebook, metrics.json and
-the figures. results/ is relative to where the command runs (--results; on Kaggle under
+the figures.
+
+An epoch ladder, the study's experiment (class x encoder x training length):
+
+    python scripts/sweep.py --data-root /data/mvtec --epochs 30 55 70 --seeds 0 1 2 --devices auto
+
+trains each pair once, to the largest budget, and evaluates it at every one: the 55-epoch rung
+continues the 30-epoch rung's training from its checkpoint (exact resume: the same weights and
+metrics as a separate 55-epoch run with that seed), and each rung gets its own folder,
+<category>/<encoder>[/seed<K>]/e<N>/ (with metrics.json recording `chosen_epoch`, the epoch
+of the weights early stopping kept). Notebook 03 reads such a tree as the study's table. results/ is relative to where the command runs (--results; on Kaggle under
 /kaggle/working, as notebook 02 does), never the repository's folder unless the command runs
 there: the code may be a read-only copy (a Kaggle dataset under /kaggle/input).
 
@@ -237,6 +247,17 @@ def pair_parameters(params: dict, root: Path, category: str, encoder: str, out: 
     return {**params, "data_root": str(root), "category": category, "encoder": encoder, "output_dir": str(out)}
 
 
+def rung(run_dir: Path, root: Path, params: dict, category: str, encoder: str, seed: int | None,
+         epochs: int | None, ladder: bool) -> tuple[str, Path, dict]:
+    """(key, folder, notebook parameters) of one run: <category>/<encoder>[/seed<K>][/e<N>], the
+    seed folder with --seeds, the epochs folder in a ladder (several --epochs)."""
+    parts = [category, encoder] + ([f"seed{seed}"] if seed is not None else []) + ([f"e{epochs}"] if ladder else [])
+    out = run_dir.joinpath(*parts)
+    pair = pair_parameters(params, root, category, encoder, out)
+    pair.update({k: v for k, v in (("seed", seed), ("epochs", epochs)) if v is not None})
+    return "/".join(parts), out, pair
+
+
 def pair_state(out: Path, fingerprint: dict) -> tuple[str, list[str]]:
     """("finished" | "changed" | "partial" | "new", fields that differ from `fingerprint`).
 
@@ -300,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", nargs="+", help="default: every category under the data root")
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, metavar="ENCODER",
                         help="%(choices)s; default: all")
-    parser.add_argument("--epochs", type=int, help="default: the notebook's")
+    parser.add_argument("--epochs", type=int, nargs="+", metavar="N", help="default: the notebook's; several "
+                        "(e.g. 30 55 70): an epoch ladder, each pair trained once and evaluated at each, in e<N>/")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="K", help="one run per seed, in seed<K>/ "
+                        "(default: the notebook's seed, no seed folder)")
     parser.add_argument("--run", default="sweep", help="results go to <results>/<run>/ (default: %(default)s)")
     parser.add_argument("--results", default="results", help="a relative path is under the current directory, "
                         "on Kaggle under /kaggle/working (default: %(default)s)")
@@ -327,8 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("category", "encoder", "output_dir", "data_root"):
         if key in params:
             raise SystemExit(f"--param {key}=... is set by the sweep itself; use its own option")
-    if args.epochs is not None:
-        params["epochs"] = args.epochs
+    for key, option in (("epochs", "--epochs"), ("seed", "--seeds")):
+        if key in params and getattr(args, option[2:]):
+            raise SystemExit(f"sweep: give {key} once: --param {key}=... or {option}, not both")
+    if any(n < 1 for n in args.epochs or ()):
+        raise SystemExit(f"sweep: --epochs {' '.join(map(str, args.epochs))}: expected whole numbers of at least 1")
+    rungs = sorted(set(args.epochs)) if args.epochs else [None]  # None: the notebook's (or --param's) epochs
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [None]
+    ladder = len(rungs) > 1
+    if len(rungs) == 1 and rungs[0] is not None:
+        params["epochs"] = rungs[0]
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
     if not isinstance(resume, bool):  # "no" would be truthy: the pairs would resume against the user's word
         raise SystemExit(f"sweep: --param resume={resume!r}: expected True or False")
@@ -347,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     if blocking is not None and not blocking.is_dir():  # found now, not when the first pair writes
         raise SystemExit(f"sweep: results folder {run_dir}: {blocking} is a file, not a folder; choose another "
                          "--results or --run")
-    pairs = [(c, e) for c in categories for e in args.encoders]
+    pairs = [(c, e, k) for c in categories for e in args.encoders for k in seeds]
     shard = parse_shard(args.shard)
     if shard:  # a deterministic share: every N-th pair from the I-th, the same on every machine
         pairs = pairs[shard[0] - 1::shard[1]]
+    chains = [[rung(run_dir, root, {**defaults, **params}, c, e, k, n, ladder) for n in rungs] for c, e, k in pairs]
     try:
         budget = cu.parse_duration(args.time_budget)
     except ValueError as e:
@@ -361,30 +394,33 @@ def main(argv: list[str] | None = None) -> int:
             cu.resolve_device(device)
         except ValueError as e:
             raise SystemExit(f"sweep: --devices {args.devices}: {e}") from None
-    shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")}
-    say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders from {root}\n"
+    shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")
+             and not (k == "epochs" and ladder) and not (k == "seed" and args.seeds)}
+    axes = (f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if args.seeds else "") + (
+        f" x an epoch ladder ({', '.join(map(str, rungs))}: each pair trained once, to {rungs[-1]})" if ladder else "")
+    say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders{axes} from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")
 
     rerun = shlex.join([sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
 
-    if args.dry_run:  # each pair's parameters checked by the notebook's own setup cells, nothing written
-        cells, bad = setup_cells(notebook), 0
-        for n, (category, encoder) in enumerate(pairs, 1):
-            out = run_dir / category / encoder
-            pair = pair_parameters({**defaults, **params}, root, category, encoder, out)
+    if args.dry_run:  # each run's parameters checked by the notebook's own setup cells, nothing written
+        cells, bad, total = setup_cells(notebook), 0, sum(map(len, chains))
+        for n, (key, out, pair) in enumerate((r for chain in chains for r in chain), 1):
             problem = check_parameters(cells, {**pair, "resume": resume})
             try:
-                state, diff = pair_state(out, cu.run_fingerprint(pair, root, category))
+                state, diff = pair_state(out, cu.run_fingerprint(pair, root, pair["category"]))
             except ValueError as e:
                 problem = problem or str(e)
             if problem:
                 bad += 1
-                say(f"[{n}/{len(pairs)}] {category}/{encoder}: would fail: {problem}")
+                say(f"[{n}/{total}] {key}: would fail: {problem}")
                 continue
-            what = {"finished": "skip (finished with these parameters)", "new": "run",
+            first = out.name == f"e{rungs[0]}" or not ladder
+            what = {"finished": "skip (finished with these parameters)",
+                    "new": "run" if first or not resume else "continue the previous rung's training",
                     "changed": f"run again (finished with other {', '.join(diff)})",
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
-            say(f"[{n}/{len(pairs)}] {category}/{encoder}: would {what[state]}")
+            say(f"[{n}/{total}] {key}: would {what[state]}")
         return 1 if bad else 0
     suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
     lock = run_dir / f".sweep{suffix}.lock"
@@ -393,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as e:  # another sweep's lock; a read-only or refused results folder
         raise SystemExit(f"sweep: {e}") from None
     try:
-        return sweep(notebook, run_dir, root, pairs, {**defaults, **params}, resume,
+        return sweep(notebook, run_dir, root, chains, {**defaults, **params}, resume,
                      run_dir / f"failures{suffix}.json", budget, devices, rerun)
     except KeyboardInterrupt:
         say("\nsweep: interrupted. Run the same command again to resume (finished pairs are skipped, "
@@ -437,12 +473,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]], params: dict,
+def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str, Path, dict]]], params: dict,
           resume: bool, failures_file: Path, budget: float | None = None, devices: list[str] | None = None,
           rerun: str = "the same command") -> int:
-    """Run every (category, encoder) pair not finished with these parameters; write the summary.
+    """Run every run not finished with these parameters; write the summary.
 
-    With several `devices`, as many pairs run at once, each pinned to its own device. `rerun`:
+    `chains`: per (category, encoder, seed), its runs as (key, folder, notebook parameters),
+    one per epoch budget of a ladder in ascending order (`rung`); a chain's runs go in order,
+    each later one continuing the training of the one before (cu.stage_continuation). With
+    several `devices`, as many chains run at once, each pinned to its own device. `rerun`:
     the command that resumes this sweep, shell-quoted, printed when it stops early.
     """
     import cpc_utils as cu
@@ -451,31 +490,54 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
     except ValueError as e:
         say(f"sweep: {e}; delete it to start a new failure record")
         return 2
-    unreadable = set()  # metrics.json files that cannot be read: their pairs fail, the summary leaves them out
+    unreadable = set()  # metrics.json files that cannot be read: their runs fail, the summary leaves them out
+    total = sum(map(len, chains))
     t_start, status, counts = time.perf_counter(), {}, {"done": 0, "skipped": 0}
-    guard, stop = threading.Lock(), threading.Event()  # shared state of the workers; stop: start no new pair
+    guard, stop = threading.Lock(), threading.Event()  # shared state of the workers; stop: start no new run
 
-    def run(n: int, category: str, encoder: str, device: str | None) -> None:
-        out = run_dir / category / encoder
-        key, tag = f"{category}/{encoder}", f"[{n}/{len(pairs)}] {category}/{encoder}"
-        run_params = {**pair_parameters(params, root, category, encoder, out), **({"device": device} if device else {})}
+    def fail(key: str, out: Path, run_params: dict, error: str, notebook_copy: Path | None) -> None:
+        with guard:
+            failures[key] = {"category": run_params["category"], "encoder": run_params["encoder"], "error": error,
+                             "output_dir": str(out), "notebook": str(notebook_copy) if notebook_copy else None}
+            status[key] = "failed"
+
+    def continued_from(out: Path, state: str, diff: list[str], before: Path | None, fingerprint: dict) -> Path | None:
+        """The previous rung whose training this one takes up, when that is further along than
+        its own (none, or an interrupted or earlier run of fewer epochs) and differs only in epochs."""
+        if not resume or before is None:
+            return None
         try:
-            state, diff = pair_state(out, cu.run_fingerprint(run_params, root, category))
-        except ValueError as e:  # a damaged result is not replaced (nor its pair run) without the user's say
+            previous = read_json(before / "metrics.json")
+        except (OSError, ValueError):
+            return None
+        if set(cu.fingerprint_diff(previous.get("fingerprint"), fingerprint)) - {"parameters.epochs"}:
+            return None
+        own = (state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
+               and trained_epochs(out, state) <= fingerprint["parameters"].get("epochs", 0))
+        if own and trained_epochs(out, state) >= int(previous.get("epochs_trained", 0)):
+            return None
+        return before if (before / "checkpoints" / "last.pt").is_file() else None
+
+    def run(n: int, key: str, out: Path, run_params: dict, device: str | None, before: Path | None) -> str:
+        """One run; "finished", "failed" or "stopped" (the sweep stops: a time budget, a full disk)."""
+        tag = f"[{n}/{total}] {key}"
+        run_params = {**run_params, **({"device": device} if device else {})}
+        try:
+            fingerprint = cu.run_fingerprint(run_params, root, run_params["category"])
+            state, diff = pair_state(out, fingerprint)
+        except ValueError as e:  # a damaged result is not replaced (nor its run repeated) without the user's say
             with guard:
                 unreadable.add(out / "metrics.json")
-                failures[key] = {"category": category, "encoder": encoder, "output_dir": str(out), "notebook": None,
-                                 "error": f"{e}; delete that file to run this pair again"}
-                status[key] = "failed"
+            fail(key, out, run_params, f"{e}; delete that file to run this pair again", None)
             say(f"{tag}: FAILED: {failures[key]['error']}")
-            return
+            return "failed"
         if state == "finished":
             with guard:
                 counts["skipped"] += 1
                 status[key] = "finished"
                 failures.pop(key, None)
             say(f"{tag}: finished before with these parameters, skipped")
-            return
+            return "finished"
         continues = (resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
                      and trained_epochs(out, state) <= run_params["epochs"])  # fewer epochs: trained anew
         why = {"changed": f"finished before with other {', '.join(diff)}: running again"
@@ -487,8 +549,16 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         if left is not None and left < MIN_PAIR_SECONDS:
             say(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
                   f"Run the same command again (in the next session) to resume:\n  {rerun}")
-            stop.set()
-            return
+            return "stopped"
+        source = continued_from(out, state, diff, before, fingerprint)
+        if source is not None:  # a ladder's rung: take up the previous rung's training, do not repeat it
+            try:
+                cu.stage_continuation(out, source, fingerprint)
+            except (OSError, cu.RunBlocked) as e:
+                fail(key, out, run_params, f"{type(e).__name__}: {e}", None)
+                say(f"{tag}: FAILED: {failures[key]['error']}")
+                return "failed"
+            why, continues = f"continuing the training of {source.name} to {run_params['epochs']} epochs", True
         say(f"{tag}: {why}{f' on {device}' if device else ''} ...")
         if left is not None and "time_budget" in params:
             run_params["time_budget"] = left  # training stops at an epoch boundary before it runs out
@@ -496,7 +566,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
         progress.start()
         try:
             run_pair(notebook, out, {**run_params, "resume": bool(continues or (resume and state == "new"))})
-        except Exception as e:  # one bad pair must not stop the sweep: record it and go on
+        except Exception as e:  # one bad run must not stop the sweep: record it and go on
             progress.finish()
             message = error_message(e)
             if message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the kernel first
@@ -504,18 +574,14 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             if message.startswith("TimeBudgetReached"):  # not a failure: resumable
                 say(f"{tag}: {message}\nsweep: time budget reached; stopping. Run the same command "
                       f"again (in the next session) to resume:\n  {rerun}")
-                stop.set()
-                return
-            with guard:
-                failures[key] = {"category": category, "encoder": encoder, "error": message,
-                                 "output_dir": str(out), "notebook": str(failed_notebook(out))}
-                status[key] = "failed"
+                return "stopped"
+            fail(key, out, run_params, message, failed_notebook(out))
             say(f"{tag}: FAILED after {fmt_time(time.perf_counter() - t0)}: {message}")
             if "No space left on device" in message or "disk is full" in message:
                 say("sweep: the disk is full; stopping. Free some space and run the same command to resume:"
                     f"\n  {rerun}")
-                stop.set()
-            return
+                return "stopped"
+            return "failed"
         finally:
             progress.finish()
         m = json.loads((out / "metrics.json").read_text())
@@ -524,20 +590,40 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             status[key] = "finished"
             failures.pop(key, None)
         learned = m.get("learning", {}).get("status", "ok")
+        chosen = m.get("chosen_epoch")
         say(f"{tag}: done in {fmt_time(time.perf_counter() - t0)} (elapsed {fmt_time(time.perf_counter() - t_start)}): "
               f"{m.get('detector', 'cpcad')}: image AUROC ({m.get('image_reduce', 'mean')}) {m['image_auroc']:.3f} "
               f"(baseline {m['baseline_image_auroc']:.3f}), pixel AUROC {m['pixel_auroc']:.3f} "
               f"(baseline {m['baseline_pixel_auroc']:.3f}), {m['epochs_trained']} epochs"
+              + (f" (weights of epoch {chosen})" if chosen is not None and chosen != m["epochs_trained"] else "")
               + ("" if learned == "ok" else f"; WARNING {m['learning']['message']}"))
+        return "finished"
 
-    todo = list(enumerate(pairs, 1))
+    def run_chain(first: int, chain: list[tuple[str, Path, dict]], device: str | None) -> None:
+        before = None
+        for i, (key, out, run_params) in enumerate(chain):
+            if stop.is_set():
+                return
+            result = run(first + i, key, out, run_params, device, before)
+            if result == "stopped":
+                stop.set()
+                return
+            if result == "failed":  # the longer rungs would continue it: not run, said why
+                for j, (later, later_out, later_params) in enumerate(chain[i + 1:], first + i + 1):
+                    fail(later, later_out, later_params, f"not run: {key}, the shorter rung it continues, failed", None)
+                    say(f"[{j}/{total}] {later}: not run ({key} failed)")
+                return
+            before = out
+
+    starts = [1 + sum(map(len, chains[:i])) for i in range(len(chains))]
+    todo = list(zip(starts, chains))
     def worker(device: str | None) -> None:
         while not stop.is_set():
             with guard:
                 if not todo:
                     return
-                n, (category, encoder) = todo.pop(0)
-            run(n, category, encoder, device)
+                first, chain = todo.pop(0)
+            run_chain(first, chain, device)
 
     if not devices or len(devices) == 1:
         worker(devices[0] if devices else None)
@@ -554,8 +640,9 @@ def sweep(notebook: Path, run_dir: Path, root: Path, pairs: list[tuple[str, str]
             stop_children()
             raise
     done, skipped = counts["done"], counts["skipped"]
-    for category, encoder in pairs:
-        status.setdefault(f"{category}/{encoder}", "missing")  # not reached: the sweep stopped early
+    for chain in chains:
+        for key, _, _ in chain:
+            status.setdefault(key, "missing")  # not reached: the sweep stopped early
     for key in failures:
         status.setdefault(key, "failed")  # failed in an earlier sweep and not run since
 

@@ -204,7 +204,8 @@ def test_plot_epochs_only_for_several_budgets():
     assert image.get_title() == "brick (tuning half)" and pixel.get_xlabel()
     lines = {c.get_label(): c.lines[0] for c in image.containers}  # errorbar(): the label is the container's
     assert list(lines) == ["resnet18v2", "densenet"]
-    assert list(lines["resnet18v2"].get_xdata()) == [2, 5]
+    assert np.allclose(lines["resnet18v2"].get_xdata(), [2, 5], atol=0.05)  # dodged: the error bars side by side
+    assert lines["resnet18v2"].get_xdata()[-1] < lines["densenet"].get_xdata()[-1]
     assert list(lines["resnet18v2"].get_ydata()) == pytest.approx([0.8, 0.8])  # (0.9 + 0.7) / 2 at 5 epochs
     assert image.containers[0].has_yerr and not image.containers[1].has_yerr  # two runs at 5 epochs: ± std
     (baseline,) = [line for line in image.get_lines() if line.get_label() == "raw-pixel baseline"]
@@ -269,7 +270,8 @@ def test_summary_table():
     # header, rule, one line per run, one mean line per (half, encoder): tuning x 2, confirmation, MVTec ("")
     assert len(lines) == 2 + len(ROWS) + 2 + 4
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [c[:5] for c in cells[:6]] == [  # tuning half, confirmation half, then other categories
+    trained = cu.SUMMARY_COLUMNS.index("epochs_trained")
+    assert [c[:4] + [c[trained]] for c in cells[:6]] == [  # tuning half, confirmation half, then other categories
         ["brick", "tuning", "densenet", "", "5"], ["brick", "tuning", "resnet18v2", "", "2"],
         ["brick", "tuning", "resnet18v2", "", "5"], ["gravel", "tuning", "resnet18v2", "", "5"],
         ["tissue", "confirmation", "resnet18v2", "3", "5"], ["cable", "", "densenet", "", "5"]]
@@ -355,7 +357,7 @@ def test_write_summary(summary_tree):
     assert parts == sorted(parts)  # parameters, class x encoder table, every run, the legend of its columns
     assert cu.comparison_table(rows, ("image_auroc", "pixel_auroc")) in text and cu.summary_table(rows) in text
     assert all(f"- `{c}`: {cu.COLUMN_LEGEND[c]}" in text for c in cu.SUMMARY_COLUMNS)
-    assert "| gravel | tuning | densenet | 0 | 5 |" in text and "0.81 |" in text and "0.812" not in text
+    assert "| gravel | tuning | densenet | 0 |  | 5 |" in text and "0.81 |" in text and "0.812" not in text
     with open(summary_tree / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(cu.SUMMARY_COLUMNS)
