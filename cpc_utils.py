@@ -3944,8 +3944,9 @@ def _floor(rows: list[dict], metric: str) -> list[float]:
 
 
 def _one_grid(rows: list[dict]) -> None:
-    """A like-for-like floor needs one score grid: rows of several (image or patch sizes) are refused."""
-    grids = {(r.get("score_grid"), r.get("baseline_grid")) for r in rows}
+    """A like-for-like floor needs one score grid: rows of several (image or patch sizes) are
+    refused; rows that record none (older runs) are not checked."""
+    grids = {(r.get("score_grid"), r.get("baseline_grid")) for r in rows if r.get("score_grid") is not None}
     if len(grids) > 1:
         raise ValueError(f"the rows were scored on several grids ({', '.join(map(str, sorted(grids, key=str)))}: "
                          "(detector, baseline) G); compare runs of one geometry at a time")
@@ -4016,7 +4017,7 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
         best, runner = sorted(encoders, key=lambda e: -stats[e][0])[:2]
         (m1, s1, n1), (m2, s2, n2) = stats[best], stats[runner]
         lead = m1 - m2
-        text = f"{c}: {best} is best at {at} epochs ({words} {m1:.3f}, {runner} next at {m2:.3f})"
+        text = f"{c}: {best} is best at {at} epochs: {words} {m1:.3f} against {runner}'s {m2:.3f}"
         if min(n1, n2) < 2:
             text += (f"; one seed, so whether its lead of {lead:.3f} is larger than the seed spread is unknown "
                      "(run more: scripts/sweep.py --seeds 0 1 2)")

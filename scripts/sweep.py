@@ -15,7 +15,11 @@ trains each pair once, to the largest budget, and evaluates it at every one: the
 continues the 30-epoch rung's training from its checkpoint (exact resume: the same weights and
 metrics as a separate 55-epoch run with that seed), and each rung gets its own folder,
 <category>/<encoder>[/seed<K>]/e<N>/ (with metrics.json recording `chosen_epoch`, the epoch
-of the weights early stopping kept). Notebook 03 reads such a tree as the study's table. results/ is relative to where the command runs (--results; on Kaggle under
+of the weights early stopping kept); only the longest rung keeps its checkpoints/ unless
+--keep-checkpoints. --seeds 0 1 2 runs every pair once per seed, in seed<K>/. Notebook 03 reads
+such a tree as the study's table.
+
+results/ is relative to where the command runs (--results; on Kaggle under
 /kaggle/working, as notebook 02 does), never the repository's folder unless the command runs
 there: the code may be a read-only copy (a Kaggle dataset under /kaggle/input).
 
@@ -54,6 +58,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -325,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. 30 55 70): an epoch ladder, each pair trained once and evaluated at each, in e<N>/")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="K", help="one run per seed, in seed<K>/ "
                         "(default: the notebook's seed, no seed folder)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="in a ladder, keep every rung's "
+                        "checkpoints/ (default: only the longest rung's, which a longer ladder continues; "
+                        "a shorter rung's model.pt is all that scoring needs)")
     parser.add_argument("--run", default="sweep", help="results go to <results>/<run>/ (default: %(default)s)")
     parser.add_argument("--results", default="results", help="a relative path is under the current directory, "
                         "on Kaggle under /kaggle/working (default: %(default)s)")
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"sweep: --devices {args.devices}: {e}") from None
     shown = {k: v for k, v in {**defaults, **params}.items() if k not in ("category", "encoder", "output_dir", "data_root", "resume")
              and not (k == "epochs" and ladder) and not (k == "seed" and args.seeds)}
-    axes = (f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if args.seeds else "") + (
+    axes = (f" x {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})" if args.seeds else "") + (
         f" x an epoch ladder ({', '.join(map(str, rungs))}: each pair trained once, to {rungs[-1]})" if ladder else "")
     say(f"sweep {args.run}: {len(categories)} categories x {len(args.encoders)} encoders{axes} from {root}\n"
           f"parameters: {', '.join(f'{k}={v!r}' for k, v in shown.items())}\nresults: {run_dir}")
@@ -430,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"sweep: {e}") from None
     try:
         return sweep(notebook, run_dir, root, chains, {**defaults, **params}, resume,
-                     run_dir / f"failures{suffix}.json", budget, devices, rerun)
+                     run_dir / f"failures{suffix}.json", budget, devices, rerun, args.keep_checkpoints)
     except KeyboardInterrupt:
         say("\nsweep: interrupted. Run the same command again to resume (finished pairs are skipped, "
               f"an interrupted one continues from its last checkpoint):\n  {rerun}")
@@ -475,14 +483,17 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str, Path, dict]]], params: dict,
           resume: bool, failures_file: Path, budget: float | None = None, devices: list[str] | None = None,
-          rerun: str = "the same command") -> int:
+          rerun: str = "the same command", keep_checkpoints: bool = False) -> int:
     """Run every run not finished with these parameters; write the summary.
 
     `chains`: per (category, encoder, seed), its runs as (key, folder, notebook parameters),
     one per epoch budget of a ladder in ascending order (`rung`); a chain's runs go in order,
     each later one continuing the training of the one before (cu.stage_continuation). With
     several `devices`, as many chains run at once, each pinned to its own device. `rerun`:
-    the command that resumes this sweep, shell-quoted, printed when it stops early.
+    the command that resumes this sweep, shell-quoted, printed when it stops early. Once a
+    rung has finished, the checkpoints/ of the rung it continued are deleted (they are
+    training state, and the longer rung now holds it; model.pt stays) unless `keep_checkpoints`:
+    on Kaggle's 20 GB a ladder would otherwise keep three copies of every pair's training state.
     """
     import cpc_utils as cu
     try:
@@ -613,6 +624,8 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
                     fail(later, later_out, later_params, f"not run: {key}, the shorter rung it continues, failed", None)
                     say(f"[{j}/{total}] {later}: not run ({key} failed)")
                 return
+            if before is not None and not keep_checkpoints and cu.is_run_folder(before):
+                shutil.rmtree(before / "checkpoints", ignore_errors=True)  # out continued it, or finished before
             before = out
 
     starts = [1 + sum(map(len, chains[:i])) for i in range(len(chains))]

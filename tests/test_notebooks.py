@@ -54,14 +54,18 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fake_results(tmp_path_factory) -> Path:
-    """A results tree as sweeps of notebook 02 write it, for notebook 03 to read."""
+    """An epoch ladder as scripts/sweep.py --epochs 1 2 --seeds 0 1 writes it, for notebook 03 to read."""
     root = tmp_path_factory.mktemp("results")
     for i, enc in enumerate(cu.ENCODERS):
-        for epochs in (1, 2):
-            cu.save_json({"category": "brick", "encoder": enc, "epochs": epochs, "epochs_trained": epochs,
-                          "image_auroc": 0.5 + 0.1 * i, "pixel_auroc": 0.6, "aupro": 0.3,
-                          "detector": cu.CPCADConfig().detector, "image_reduce": cu.CPCADConfig().reduce},
-                         root / f"e{epochs}" / "brick" / enc / "metrics.json")
+        for seed in (0, 1):
+            for epochs in (1, 2):
+                history = [{"epoch": e, "train_loss": 4.0, "val_loss": 4.0 - e, "seconds": 1.0 + i} for e in range(1, epochs + 1)]
+                cu.save_json({"category": "brick", "encoder": enc, "epochs": epochs, "epochs_trained": epochs,
+                              "chosen_epoch": epochs, "history": history, "config": {"parameters": {"seed": seed}},
+                              "image_auroc": 0.5 + 0.1 * i + 0.02 * seed, "pixel_auroc": 0.6, "aupro": 0.3,
+                              "baseline_image_auroc": 0.55, "baseline_pixel_auroc": 0.7, "baseline_aupro": 0.2,
+                              "detector": cu.CPCADConfig().detector, "image_reduce": cu.CPCADConfig().reduce},
+                             root / "brick" / enc / f"seed{seed}" / f"e{epochs}" / "metrics.json")
     return root
 
 
@@ -72,9 +76,9 @@ def small_parameters(key: str, tiny_root: Path, out: Path, fake_results: Path) -
     if key == "02":
         return {**TINY, "data_root": str(tiny_root), "category": "brick", "test_negatives": 128, "val_fraction": 0.5,
                 "output_dir": str(out)}
-    return {**{k: v for k, v in TINY.items() if k != "epochs"}, "results_dir": str(fake_results),
-            "run_comparison": True, "data_root": str(tiny_root), "category": "gravel", "epochs": 1, "val_fraction": 0.5,
-            "batch_size": 2, "throughput_steps": 1, "output_dir": str(out)}
+    tiny02 = {**{k: v for k, v in TINY.items() if k not in ("epochs", "seed")}, "test_negatives": 128, "val_fraction": 0.5}
+    return {"results_dir": str(fake_results), "run_comparison": True, "data_root": str(tiny_root), "category": "gravel",
+            "epochs": [1, 2], "seeds": [0], "notebook02_parameters": tiny02, "devices": "cpu,cpu", "output_dir": str(out)}
 
 
 def code_cells(nb) -> list:
@@ -228,22 +232,31 @@ def test_notebook02_bad_parameter_stops_before_touching_the_previous_run(bad, te
     assert not list(out.parent.glob(f".{out.name}*"))
 
 
-def test_notebook03_compares_encoders(executed):
+def test_notebook03_shows_the_study_table_of_a_ladder(executed):
+    """The ladder read from results_dir (brick: 3 encoders x 2 rungs x 2 seeds) and the one it ran
+    itself through scripts/sweep.py (gravel: 3 encoders x 2 rungs, seed 0): one table per metric
+    with classes as rows and encoder x epochs as columns, the floor, a sentence per class, the
+    plots against epochs and the cost of each encoder."""
     out = executed["03"]
     c = json.loads((out / "comparison.json").read_text())
-    assert set(c["cost"]) == set(cu.ENCODERS)
-    assert all(v["train_images_per_second"] > 0 and v["D"] > 0 for v in c["cost"].values())
-    # 6 rows read from the results tree + 3 trained here
-    assert len(c["rows"]) == 9 and sum(r.get("source") == "notebook03" for r in c["rows"]) == 3
-    for r in c["rows"]:  # the rows trained here are notebook 02's default detector, with the same-grid baseline
-        assert (r["detector"], r["image_reduce"]) == (cu.CPCADConfig().detector, cu.CPCADConfig().reduce)
-        assert r.get("source") != "notebook03" or 0 <= r["baseline_image_auroc"] <= 1
-    table = (out / "table_image_auroc.md").read_text()
-    assert table.startswith("| Class | Epochs | resnet18v2 | resnet50v2 | densenet |")
-    assert "| brick | 2 | 0.50 | 0.60 | 0.70 |" in table and "| gravel | 1 |" in table
-    assert {"comparison.png", "image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
+    assert len(c["runs"]) == 12 + 6 and sum(r["category"] == "gravel" for r in c["runs"]) == 6
     for enc in cu.ENCODERS:
-        assert (out / "runs" / "gravel" / enc / "metrics.json").exists()
+        for n in (1, 2):  # notebook 02's own runs, as rungs of a ladder
+            m = json.loads((out / "runs" / "gravel" / enc / "seed0" / f"e{n}" / "metrics.json").read_text())
+            assert (m["epochs"], m["detector"], m["image_reduce"]) == (n, cu.CPCADConfig().detector, cu.CPCADConfig().reduce)
+            assert 0 <= m["baseline_image_auroc"] <= 1 and m["chosen_epoch"] in (1, 2)
+    table = (out / "table_image_auroc.md").read_text().splitlines()
+    assert table[0] == ("| Class | resnet18v2 e1 | resnet18v2 e2 | resnet50v2 e1 | resnet50v2 e2 | densenet e1 | densenet e2 "
+                        "| pixel floor |")
+    assert table[2] == "| brick | 0.51 ± 0.01 | 0.51 ± 0.01 | 0.61 ± 0.01 | 0.61 ± 0.01 | 0.71 ± 0.01 | 0.71 ± 0.01 | 0.55 |"
+    assert table[3].startswith("| gravel | ") and " - " not in table[3]  # every encoder and rung ran
+    assert (out / "table_chosen_epoch.md").read_text().splitlines()[2] == "| brick | 1, 1 | 2, 2 | 1, 1 | 2, 2 | 1, 1 | 2, 2 |"
+    verdicts = (out / "verdicts.md").read_text().splitlines()
+    assert verdicts[0].startswith("* brick: densenet is best at 2 epochs") and "larger than the seed spread" in verdicts[0]
+    assert verdicts[1].startswith("* gravel: ") and "one seed" in verdicts[1]
+    cost = (out / "cost.md").read_text()
+    assert all(f"| {enc} | " in cost for enc in cu.ENCODERS) and "(width 8)" in cost
+    assert {"comparison.png", "image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
 
 
 def test_notebook02_flags_a_degenerate_calibration(tiny_root, tmp_path):
@@ -294,8 +307,10 @@ def test_notebook02_wrong_category_stops_with_cpc_utils_error(tiny_root, tmp_pat
 def test_notebook_passes_nbval_lax(key, tiny_root, fake_results, tmp_path):
     """nbval runs every cell of a copy with the tiny parameters injected (lax: outputs not compared)."""
     copy = tmp_path / NOTEBOOKS[key].name
-    pm.execute_notebook(str(NOTEBOOKS[key]), str(copy), prepare_only=True,
-                        parameters=small_parameters(key, tiny_root, tmp_path / "out", fake_results))
+    parameters = small_parameters(key, tiny_root, tmp_path / "out", fake_results)
+    if key == "03":  # results_dir holds runs: "auto" reads them and trains nothing (the papermill run trains)
+        parameters["run_comparison"] = "auto"
+    pm.execute_notebook(str(NOTEBOOKS[key]), str(copy), prepare_only=True, parameters=parameters)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
                            "--nbval-current-env", str(copy)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900)

@@ -215,6 +215,96 @@ def test_plot_epochs_only_for_several_budgets():
     assert len(cu.plot_epochs(ROWS, "image_auroc").axes) == 1
 
 
+def ladder_row(category: str, encoder: str, epochs: int, seed: int, auroc: float, base: float = 0.7, **extra) -> dict:
+    """A rung of an epoch ladder as notebook 02 records it (seed in config.parameters)."""
+    return {"category": category, "encoder": encoder, "epochs": epochs, "epochs_trained": epochs,
+            "image_auroc": auroc, "pixel_auroc": auroc + 0.05, "baseline_image_auroc": base,
+            "baseline_pixel_auroc": base + 0.1, "detector": "knn_stats", "image_reduce": "top10",
+            "score_grid": 29, "baseline_grid": 29, "config": {"parameters": {"seed": seed}}, **extra}
+
+
+# brick: densenet leads resnet18v2 by 0.10 at 60 epochs, seed spread 0.01: a real lead; gravel: a lead
+# of 0.01 inside a spread of 0.07; screw: one seed
+LADDER = [ladder_row("brick", "resnet18v2", 20, 0, 0.70), ladder_row("brick", "resnet18v2", 60, 0, 0.80),
+          ladder_row("brick", "resnet18v2", 20, 1, 0.72), ladder_row("brick", "resnet18v2", 60, 1, 0.81),
+          ladder_row("brick", "densenet", 20, 0, 0.75), ladder_row("brick", "densenet", 60, 0, 0.90),
+          ladder_row("brick", "densenet", 20, 1, 0.77), ladder_row("brick", "densenet", 60, 1, 0.91),
+          ladder_row("gravel", "resnet18v2", 60, 0, 0.60, base=0.5), ladder_row("gravel", "resnet18v2", 60, 1, 0.70, base=0.6),
+          ladder_row("gravel", "densenet", 60, 0, 0.66, base=0.5), ladder_row("gravel", "densenet", 60, 1, 0.66, base=0.6),
+          ladder_row("screw", "resnet18v2", 60, 0, 0.90), ladder_row("screw", "densenet", 60, 0, 0.85)]
+
+
+def test_ladder_table_has_classes_as_rows_and_encoder_x_epochs_as_columns():
+    lines = cu.ladder_table(LADDER).splitlines()
+    assert lines[0] == "| Class | resnet18v2 e20 | resnet18v2 e60 | densenet e20 | densenet e60 | pixel floor |"
+    assert lines[2] == "| brick | 0.71 ± 0.01 | 0.81 ± 0.01 | 0.76 ± 0.01 | 0.91 ± 0.01 | 0.70 |"  # floor: one per seed
+    assert lines[3] == "| gravel | - | 0.65 ± 0.07 | - | 0.66 | 0.55 ± 0.07 |"  # no 20-epoch rung; equal seeds: no ±
+    assert lines[4] == "| screw | - | 0.90 | - | 0.85 | 0.70 |"
+    assert lines[5].startswith("| **mean tuning** | 0.71 | 0.79 | 0.76 | 0.81 | 0.65 |")
+    pixel = cu.ladder_table(LADDER, "pixel_auroc").splitlines()
+    assert pixel[2].endswith("| 0.80 |")  # the floor of the same metric
+    chosen = [dict(r, chosen_epoch=r["epochs"] - r["config"]["parameters"]["seed"]) for r in LADDER]
+    assert cu.ladder_table(chosen, "chosen_epoch", 0, each=True).splitlines()[2] == \
+        "| brick | 20, 19 | 60, 59 | 20, 19 | 60, 59 |"  # every seed's epoch, in seed order; no floor
+
+
+def test_ladder_table_never_pools_two_detectors_or_grids():
+    with pytest.raises(ValueError, match="mix detectors"):
+        cu.ladder_table(LADDER + [dict(LADDER[0], detector="cpcad")])
+    with pytest.raises(ValueError, match="several grids"):
+        cu.ladder_table(LADDER + [dict(LADDER[0], score_grid=15, baseline_grid=15)])
+
+
+def test_encoder_verdicts_name_the_best_and_weigh_the_lead_against_the_seed_spread():
+    brick, gravel, screw = cu.encoder_verdicts(LADDER)
+    assert brick.startswith("brick: densenet is best at 60 epochs: image AUROC (top10 of the patch map) 0.905 "
+                            "against resnet18v2's 0.805; its lead of 0.100 is larger than the seed spread")
+    assert "raw-pixel floor is 0.700, below it" in brick
+    assert "densenet is best" in gravel and "lead of 0.010 is within the seed spread (std up to 0.071 over 2 seeds)" in gravel
+    assert "resnet18v2 is best" in screw and "one seed, so whether its lead of 0.050 is larger" in screw
+    # compared at the longest budget every encoder has, never at a better-scoring shorter one
+    short = [r for r in LADDER if r["category"] == "brick"] + [ladder_row("brick", "resnet18v2", 100, 0, 0.5)]
+    assert cu.encoder_verdicts(short)[0].startswith("brick: densenet is best at 60 epochs")
+    assert cu.encoder_verdicts([LADDER[0]]) == ["brick: only resnet18v2 was run."]
+
+
+def test_cost_table_counts_each_chain_once_by_its_longest_rung():
+    history = lambda n, s: [{"epoch": e, "seconds": s} for e in range(1, n + 1)]  # noqa: E731
+    rows = [dict(ladder_row("brick", "resnet18v2", 20, 0, 0.7), history=history(20, 1.0), num_parameters=100,
+                 embedding_dim=64, score_seconds=5.0, device="cpu", config={"model": {"width": 16}}),
+            dict(ladder_row("brick", "resnet18v2", 60, 0, 0.8), history=history(20, 1.0) + history(40, 3.0),
+                 num_parameters=100, embedding_dim=64, score_seconds=7.0, device="cpu", config={"model": {"width": 16}})]
+    lines = cu.cost_table(rows).splitlines()
+    assert lines[0].startswith("| Encoder | Encoder parameters | at width 64 | CPC-AD parameters | D | s / epoch |")
+    width16 = cu.count_parameters(cu.build_encoder("resnet18v2", width=16))
+    width64 = cu.count_parameters(cu.build_encoder("resnet18v2", width=64))
+    # (20 x 1 s + 40 x 3 s) / 60 epochs, from the 60-epoch rung only; scoring: both rungs
+    assert lines[2] == f"| resnet18v2 | {width16:,} (width 16) | {width64:,} | 100 | 64 | 2.3 | 6.0 ± 1.4 | 2 | cpu |"
+
+
+def test_plot_epochs_leads_with_the_mean_and_wraps_many_categories():
+    fig = cu.plot_epochs(LADDER + [dict(r, category=c) for c in ("tissue", "grass", "nut", "cable")
+                                   for r in LADDER if r["category"] == "brick"], "image_auroc", max_columns=3)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown][:2] == ["mean of 5 categories", "brick (tuning half)"]
+    assert len(shown) == 6 and len(fig.axes) == 6  # 1 mean + 5 categories with several budgets, 3 per row
+    (mean_r18,) = [c.lines[0] for c in shown[0].containers if c.get_label() == "resnet18v2"]
+    assert np.allclose(mean_r18.get_ydata(), [0.71, 0.805])
+
+
+def test_chosen_epoch_is_the_best_validation_epoch():
+    history = [{"epoch": 1, "val_loss": 3.0}, {"epoch": 2, "val_loss": 2.0}, {"epoch": 3, "val_loss": 2.0},
+               {"epoch": 4, "val_loss": 2.5}]
+    assert cu.chosen_epoch(history) == 2  # the first of equals: best.pt is replaced only by a lower loss
+    assert cu.chosen_epoch([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}]) == 2  # no validation
+
+
+def test_summary_records_hold_the_summary_columns_with_derived_ones():
+    (record,) = cu.summary_records([dict(LADDER[1], history=[{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 2.0}])])
+    assert list(record) == list(cu.SUMMARY_COLUMNS)
+    assert (record["seed"], record["epochs"], record["chosen_epoch"], record["half"]) == (0, 60, 1, "tuning")
+
+
 # ---- results -------------------------------------------------------------------------
 
 @pytest.fixture

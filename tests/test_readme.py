@@ -2,7 +2,7 @@
 
 Every command in the README (its code blocks and its inline `code`) is found here and run:
 `make` targets as a dry run (`make -n`), the demo-data command for real into a temporary
-folder, every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
+folder, a papermill command by its notebook and the parameters it sets, every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
 categories checked, nothing trained) against a tiny tree standing in for its data, and the
 score command for real with an untrained model's bundle standing in for a trained one. A command
 that is neither is an error, so a new README command must be covered here.
@@ -75,6 +75,13 @@ def test_readme_command_runs_as_written(command, trees, tmp_path):
     if words[0] == "make":
         proc = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+        return
+    if words[0].endswith("papermill"):  # the notebook exists and takes every parameter given (-p name value)
+        import papermill as pm
+        assert (ROOT / words[1]).is_file(), f"{command}: no notebook {words[1]}"
+        known = pm.inspect_notebook(str(ROOT / words[1]))
+        given = [words[i + 1] for i, w in enumerate(words) if w in ("-p", "--parameters")]
+        assert given and set(given) <= set(known), f"{command}: {set(given) - set(known)} are not parameters of {words[1]}"
         return
     if words[0] == "torchrun":  # the same launcher, as a module of this Python
         words = ["python", "-m", "torch.distributed.run", *words[1:]]

@@ -39,10 +39,11 @@ def load_sweep():
     return module
 
 
-def sweep(data_root: Path, results: Path, *encoders: str, epochs: int = 1, params: tuple = (),
+def sweep(data_root: Path, results: Path, *encoders: str, epochs: int | tuple = 1, params: tuple = (),
           run: str = "t", categories: tuple = ("brick",), extra: tuple = ()) -> subprocess.CompletedProcess:
+    ladder = epochs if isinstance(epochs, tuple) else (epochs,)
     return subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--categories", *categories,
-                           "--encoders", *encoders, "--epochs", str(epochs), "--run", run, "--results", str(results),
+                           "--encoders", *encoders, "--epochs", *map(str, ladder), "--run", run, "--results", str(results),
                            *extra, "--param", *TINY, *params], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
 
@@ -416,3 +417,115 @@ def test_a_sweep_run_from_elsewhere_writes_nothing_into_the_code(tmp_path):
     pair = work / "results" / "mvtec" / "brick" / "resnet18v2"
     assert (pair / "metrics.json").exists() and (pair / "02_cpc_anomaly_detection.ipynb").exists()
     assert (work / "results" / "mvtec" / "summary.md").exists()
+
+
+# ---- an epoch ladder ------------------------------------------------------------------
+
+TIMING = ("train_seconds", "train_wall_seconds", "score_seconds")
+
+
+@pytest.fixture(scope="module")
+def ladders(tmp_path_factory) -> dict:
+    """One tiny tree, and in order: a ladder of 1 and 2 epochs (seed 3); the same rungs trained
+    separately (resume=False); the ladder again (nothing to do); the ladder extended to 3 epochs;
+    a ladder on a category that fails; a dry run of a ladder with a new rung."""
+    tmp = tmp_path_factory.mktemp("ladder")
+    root = cu.make_demo_dataset(tmp / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    shutil.copytree(root / "brick" / "train", root / "broken" / "train")  # no defect images: fails when loaded
+    shutil.copytree(root / "brick" / "test" / "good", root / "broken" / "test" / "good")
+    results, seed = tmp / "results", ("--seeds", "3")
+    out = {"root": root, "results": results}
+    out["ladder"] = sweep(root, results, "resnet18v2", epochs=(2, 1), run="ladder", extra=seed)  # any order
+    out["separate"] = sweep(root, results, "resnet18v2", epochs=(1, 2), run="separate", extra=seed,
+                            params=("resume=False",))
+    out["again"] = sweep(root, results, "resnet18v2", epochs=(1, 2), run="ladder", extra=seed)
+    out["metrics"] = {n: json.loads((results / "ladder" / "brick" / "resnet18v2" / "seed3" / f"e{n}" / "metrics.json")
+                                    .read_text()) for n in (1, 2)}
+    out["longer"] = sweep(root, results, "resnet18v2", epochs=(1, 2, 3), run="ladder", extra=seed)
+    out["broken"] = sweep(root, results, "resnet18v2", epochs=(1, 2), run="ladder", categories=("broken",))
+    out["dry"] = sweep(root, results, "resnet18v2", epochs=(1, 2, 3, 4), run="ladder", extra=(*seed, "--dry-run"))
+    return out
+
+
+def test_a_ladder_trains_once_and_each_rung_gets_its_folder(ladders):
+    proc, rungs = ladders["ladder"], ladders["results"] / "ladder" / "brick" / "resnet18v2" / "seed3"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x 1 seed (3) x an epoch ladder (1, 2: each pair trained once, to 2)" in proc.stdout
+    assert "[1/2] brick/resnet18v2/seed3/e1: running ..." in proc.stdout
+    assert "[2/2] brick/resnet18v2/seed3/e2: continuing the training of e1 to 2 epochs ..." in proc.stdout
+    e1, e2 = ladders["metrics"][1], ladders["metrics"][2]
+    assert (e1["epochs"], e1["epochs_trained"], e2["epochs"], e2["epochs_trained"]) == (1, 1, 2, 2)
+    assert e1["config"]["parameters"]["seed"] == e2["config"]["parameters"]["seed"] == 3
+    assert e2["history"][0] == e1["history"][0]  # the first epoch was trained once, by the 1-epoch rung
+    assert e2["chosen_epoch"] == cu.chosen_epoch(e2["history"]) and 1 <= e2["chosen_epoch"] <= 2
+    for rung in ("e1", "e2"):
+        assert (rungs / rung / "02_cpc_anomaly_detection.ipynb").exists() and (rungs / rung / "roc.png").exists()
+    summary = (ladders["results"] / "ladder" / "summary.md").read_text()
+    assert "| brick | 1 |" in summary and "| brick | 2 |" in summary  # one line per rung in the class table
+    assert (ladders["results"] / "ladder" / "epochs.png").exists()
+
+
+def test_a_rung_is_identical_to_a_separate_run_of_its_epochs(ladders):
+    """The 2-epoch rung continued the 1-epoch rung; the separate one trained 2 epochs from the
+    start (resume=False): every metric, threshold and loss is the same, to the last digit."""
+    separate = ladders["separate"]
+    assert separate.returncode == 0 and "continuing" not in separate.stdout, separate.stdout + separate.stderr
+    for n in (1, 2):
+        a = ladders["metrics"][n]
+        b = json.loads((ladders["results"] / "separate" / "brick" / "resnet18v2" / "seed3" / f"e{n}" / "metrics.json")
+                       .read_text())
+        differ = sorted(k for k in a if a[k] != b.get(k))
+        assert differ == sorted(["config", "history", *TIMING]), differ  # when and where (seconds), not what
+        assert [{k: v for k, v in h.items() if k != "seconds"} for h in a["history"]] == \
+               [{k: v for k, v in h.items() if k != "seconds"} for h in b["history"]]
+        assert a["fingerprint"] == b["fingerprint"] and a["image_auroc"] == b["image_auroc"]
+
+
+def test_a_finished_rung_is_never_recomputed_and_a_longer_ladder_continues_the_longest(ladders):
+    again, longer = ladders["again"], ladders["longer"]
+    assert again.returncode == 0 and again.stdout.count("finished before with these parameters, skipped") == 2
+    assert "0 run, 2 skipped, 0 failed, 0 missing" in again.stdout
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    assert longer.stdout.count("finished before with these parameters, skipped") == 2
+    assert "[3/3] brick/resnet18v2/seed3/e3: continuing the training of e2 to 3 epochs ..." in longer.stdout
+    e3 = json.loads((ladders["results"] / "ladder" / "brick" / "resnet18v2" / "seed3" / "e3" / "metrics.json").read_text())
+    assert e3["history"][:2] == ladders["metrics"][2]["history"] and e3["epochs_trained"] == 3
+    rungs = ladders["results"] / "ladder" / "brick" / "resnet18v2" / "seed3"  # training state: the longest rung's only
+    assert [(rungs / f"e{n}" / "checkpoints").exists() for n in (1, 2, 3)] == [False, False, True]
+    assert all((rungs / f"e{n}" / "model.pt").exists() for n in (1, 2, 3))  # what scoring needs stays
+
+
+def test_a_failed_rung_stops_its_ladder_and_the_longer_rungs_say_why(ladders):
+    broken = ladders["broken"]
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stdout + broken.stderr
+    assert "[1/2] broken/resnet18v2/e1: FAILED" in broken.stdout
+    assert "[2/2] broken/resnet18v2/e2: not run (broken/resnet18v2/e1 failed)" in broken.stdout
+    failures = json.loads((ladders["results"] / "ladder" / "failures.json").read_text())
+    assert "AUROC needs both" in failures["broken/resnet18v2/e1"]["error"]
+    assert failures["broken/resnet18v2/e2"]["error"] == "not run: broken/resnet18v2/e1, the shorter rung it continues, failed"
+    summary = (ladders["results"] / "ladder" / "summary.md").read_text()
+    assert "- broken/resnet18v2/e2: failed: not run" in summary
+    assert "brick/resnet18v2/seed3/e3" in summary  # the other ladder's rungs, from earlier sweeps, are kept
+
+
+def test_a_dry_run_of_a_ladder_says_what_each_rung_would_do(ladders):
+    dry = ladders["dry"]
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "[1/4] brick/resnet18v2/seed3/e1: would skip (finished with these parameters)" in dry.stdout
+    assert "[4/4] brick/resnet18v2/seed3/e4: would continue the previous rung's training" in dry.stdout
+    assert not (ladders["results"] / "ladder" / "brick" / "resnet18v2" / "seed3" / "e4").exists()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--epochs", "1", "2", "--param", "epochs=3"], "give epochs once"),
+    (["--seeds", "1", "--param", "seed=3"], "give seed once"),
+    (["--epochs", "0", "2"], "expected whole numbers of at least 1"),
+])
+def test_ladder_and_seed_options_are_checked_before_anything_runs(args, text, tmp_path):
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=4, n_test_good=1, n_per_defect=1,
+                                image_size=32)
+    proc = subprocess.run([sys.executable, str(SWEEP), "--data-root", str(root), "--results", str(tmp_path / "r"),
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()

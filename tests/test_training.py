@@ -625,6 +625,36 @@ def test_resume_continues_a_staged_run_or_a_copy_of_the_finished_one(tmp_path, f
     assert (work / folder / "last.pt").read_bytes() == b"epoch 4"
 
 
+def test_a_rung_continues_the_shorter_rung_and_equals_a_separate_run(sets, tmp_path):
+    """An epoch ladder's 3-epoch rung, staged from the finished 1-epoch rung
+    (stage_continuation), trains to the same weights and history as a separate 3-epoch run,
+    and leaves the shorter rung's folder as it was."""
+    train, val = sets
+    fp = {"parameters": {"epochs": 1}}
+    e1, e3 = tmp_path / "e1", tmp_path / "e3"
+    work = cu.begin_run(e1, fp)
+    cu.train_model(build("cpcad", 0), train, val, config(1), work / "checkpoints", progress=False, fingerprint=fp)
+    cu.finish_run(e1, work, {"epochs": 1})
+    before = snapshot(e1)
+    longer = {"parameters": {"epochs": 3}}
+    staged = cu.stage_continuation(e3, e1, longer)
+    assert json.loads((staged / "run.json").read_text())["fingerprint"] == longer and cu.is_run_folder(staged)
+    assert sorted(p.name for p in (staged / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert not (tmp_path / ".e3.lock").exists()  # taken while staging, given back
+    work = cu.begin_run(e3, longer, resume=True)
+    assert work == staged and (work / "checkpoints" / "last.pt").exists()  # kept: the rung continues from it
+    rung = build("cpcad", 1234)  # other initial weights: everything must come from the copied last.pt
+    h_rung = cu.train_model(rung, train, val, config(3), work / "checkpoints", resume=True, progress=False,
+                            fingerprint=longer)
+    separate = build("cpcad", 0)
+    h_separate = cu.train_model(separate, train, val, config(3), tmp_path / "separate", progress=False)
+    assert without_seconds(h_rung) == without_seconds(h_separate) and len(h_rung) == 3
+    assert_same_weights(rung.state_dict(), separate.state_dict())
+    assert snapshot(e1) == before
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints/last.pt"):
+        cu.stage_continuation(tmp_path / "e5", tmp_path / "separate", longer)
+
+
 def test_resume_without_a_checkpoint_says_it_starts_from_the_start(tmp_path, capsys):
     out = tmp_path / "run"
     cu.begin_run(out, {}, resume=True)
