@@ -48,6 +48,7 @@ compare: env
 	$(PY) -m cpc_utils demo-data data/demo
 	@status=0; $(PY) scripts/sweep.py --data-root data/demo --run compare --categories $(COMPARE_CATEGORIES) \
 	  --epochs $(COMPARE_EPOCHS) --seeds $(COMPARE_SEEDS) --devices cpu,cpu || status=$$?; \
+	mkdir -p results/compare/notebook03; \
 	$(VENV)/bin/papermill notebooks/03_encoder_comparison.ipynb results/compare/notebook03/03_encoder_comparison.ipynb \
 	  -p results_dir results/compare -p run_comparison False -p output_dir results/compare/notebook03 \
 	  --no-progress-bar -k python3 || status=1; \

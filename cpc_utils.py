@@ -4036,7 +4036,8 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
 def cost_table(rows: list[dict]) -> str:
     """Markdown table of what each encoder costs: parameters (the encoder at the runs' width
     and at the standard width 64, the whole CPC-AD model, whose W_k grow as D^2), D, and
-    seconds per training epoch and per scoring, measured by the runs themselves (mean ± std
+    seconds per training epoch and to score the test split (`score_seconds`: bank, references
+    and test maps), measured by the runs themselves (mean ± std
     over runs; an epoch ladder's rungs share their epochs, so each chain counts once, by its
     longest rung). Seconds depend on the device and on what ran beside it."""
     longest: dict[tuple, dict] = {}
@@ -4044,7 +4045,7 @@ def cost_table(rows: list[dict]) -> str:
         key = (r["category"], r["encoder"], _seed(r))
         if key not in longest or len(r.get("history") or []) > len(longest[key].get("history") or []):
             longest[key] = r
-    lines = ["| Encoder | Encoder parameters | at width 64 | CPC-AD parameters | D | s / epoch | s / scoring | runs | device |",
+    lines = ["| Encoder | Encoder parameters | at width 64 | CPC-AD parameters | D | s / epoch | s / test scoring | runs | device |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e in _encoder_order(rows):
         sel = [r for r in rows if r["encoder"] == e]
