@@ -3998,7 +3998,8 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
     budget asked for, not the best-scoring epoch: picking that on test numbers would flatter
     the winner), by their mean over seeds. The lead over the runner-up counts as larger than
     the seed spread when it exceeds both encoders' standard deviation over seeds; with one
-    seed the spread is unknown and the sentence says so. The raw-pixel floor is named too.
+    seed the spread is unknown and the sentence says so. The best's distance from the raw-pixel
+    floor closes it.
     """
     check_one_detector(rows)
     words = _metric_label(rows, metric)
@@ -4028,7 +4029,7 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
         floor = _floor(sel, metric)
         if floor:
             f = float(np.mean(floor))
-            text += f"; the raw-pixel floor is {f:.3f}, {'below' if f < m1 else 'not below'} it"
+            text += f"; against the raw-pixel floor ({f:.3f}) the best is {m1 - f:+.3f}"
         out.append(text + ".")
     return out
 

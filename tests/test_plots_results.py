@@ -259,7 +259,7 @@ def test_encoder_verdicts_name_the_best_and_weigh_the_lead_against_the_seed_spre
     brick, gravel, screw = cu.encoder_verdicts(LADDER)
     assert brick.startswith("brick: densenet is best at 60 epochs: image AUROC (top10 of the patch map) 0.905 "
                             "against resnet18v2's 0.805; its lead of 0.100 is larger than the seed spread")
-    assert "raw-pixel floor is 0.700, below it" in brick
+    assert brick.endswith("; against the raw-pixel floor (0.700) the best is +0.205.")
     assert "densenet is best" in gravel and "lead of 0.010 is within the seed spread (std up to 0.071 over 2 seeds)" in gravel
     assert "resnet18v2 is best" in screw and "one seed, so whether its lead of 0.050 is larger" in screw
     # compared at the longest budget every encoder has, never at a better-scoring shorter one
