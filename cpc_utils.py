@@ -4009,8 +4009,8 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
         encoders = _encoder_order(sel)
         common = set.intersection(*({_budget(r) for r in sel if r["encoder"] == e} for e in encoders)) if sel else set()
         if len(encoders) < 2 or not common:
-            out.append(f"{c}: {'only ' + encoders[0] + ' was run' if len(encoders) == 1 else 'no encoders to compare'}"
-                       + ("" if len(encoders) < 2 else " (no training length that every encoder has)") + ".")
+            out.append(f"{c}: only {encoders[0]} was run." if len(encoders) == 1 else f"{c}: no {metric} recorded."
+                       if not encoders else f"{c}: the encoders share no training length, so none is compared.")
             continue
         at = max(common, key=lambda b: b or 0)
         stats = {e: _mean_std([r[metric] for r in sel if r["encoder"] == e and _budget(r) == at]) + (

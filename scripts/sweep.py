@@ -58,7 +58,6 @@ import io
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -292,6 +291,16 @@ def trained_epochs(out: Path, state: str) -> int:
     except (OSError, ValueError, TypeError):  # no progress yet: the run resumes nothing, or begins again
         pass
     return 0
+
+
+def prune_checkpoints(out: Path) -> None:
+    """Delete a finished rung's training state (last.pt, best.pt, progress.json: what
+    cu.train_model writes), and its checkpoints/ folder if that leaves it empty; anything else
+    in it stays. model.pt, all that scoring needs, is outside."""
+    for name in ("last.pt", "best.pt", "progress.json"):
+        (out / "checkpoints" / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty (something not ours), or already gone
+        (out / "checkpoints").rmdir()
 
 
 def error_message(e: BaseException) -> str:
@@ -625,7 +634,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
                     say(f"[{j}/{total}] {later}: not run ({key} failed)")
                 return
             if before is not None and not keep_checkpoints and cu.is_run_folder(before):
-                shutil.rmtree(before / "checkpoints", ignore_errors=True)  # out continued it, or finished before
+                prune_checkpoints(before)  # out continued its training, or finished before
             before = out
 
     starts = [1 + sum(map(len, chains[:i])) for i in range(len(chains))]

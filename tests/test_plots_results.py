@@ -266,6 +266,8 @@ def test_encoder_verdicts_name_the_best_and_weigh_the_lead_against_the_seed_spre
     short = [r for r in LADDER if r["category"] == "brick"] + [ladder_row("brick", "resnet18v2", 100, 0, 0.5)]
     assert cu.encoder_verdicts(short)[0].startswith("brick: densenet is best at 60 epochs")
     assert cu.encoder_verdicts([LADDER[0]]) == ["brick: only resnet18v2 was run."]
+    assert cu.encoder_verdicts([LADDER[0], LADDER[5]]) == [
+        "brick: the encoders share no training length, so none is compared."]  # 20 vs 60 epochs
 
 
 def test_cost_table_counts_each_chain_once_by_its_longest_rung():

@@ -529,3 +529,17 @@ def test_ladder_and_seed_options_are_checked_before_anything_runs(args, text, tm
                            *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_pruning_a_rung_deletes_only_the_training_state_it_wrote(tmp_path):
+    sweep_mod = load_sweep()
+    for extra in ((), ("notes.txt",)):
+        rung = tmp_path / f"e{len(extra)}"
+        for name in ("last.pt", "best.pt", "progress.json", *extra):
+            (rung / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (rung / "checkpoints" / name).write_text("x")
+        (rung / "model.pt").write_text("bundle")
+        sweep_mod.prune_checkpoints(rung)
+        assert (rung / "model.pt").exists()
+        left = sorted(p.name for p in (rung / "checkpoints").iterdir()) if (rung / "checkpoints").exists() else None
+        assert left == (["notes.txt"] if extra else None)
