@@ -521,9 +521,9 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
                              "output_dir": str(out), "notebook": str(notebook_copy) if notebook_copy else None}
             status[key] = "failed"
 
-    def continued_from(out: Path, state: str, diff: list[str], before: Path | None, fingerprint: dict) -> Path | None:
+    def continued_from(out: Path, state: str, continues: bool, before: Path | None, fingerprint: dict) -> Path | None:
         """The previous rung whose training this one takes up, when that is further along than
-        its own (none, or an interrupted or earlier run of fewer epochs) and differs only in epochs."""
+        its own (`continues`: an interrupted or earlier run of fewer epochs) and differs only in epochs."""
         if not resume or before is None:
             return None
         try:
@@ -532,9 +532,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
             return None
         if set(cu.fingerprint_diff(previous.get("fingerprint"), fingerprint)) - {"parameters.epochs"}:
             return None
-        own = (state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
-               and trained_epochs(out, state) <= fingerprint["parameters"].get("epochs", 0))
-        if own and trained_epochs(out, state) >= int(previous.get("epochs_trained", 0)):
+        if continues and trained_epochs(out, state) >= int(previous.get("epochs_trained", 0)):
             return None
         return before if (before / "checkpoints" / "last.pt").is_file() else None
 
@@ -570,7 +568,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
             say(f"sweep: the time budget leaves {fmt_time(max(left, 0))}, too little to start {key}; stopping. "
                   f"Run the same command again (in the next session) to resume:\n  {rerun}")
             return "stopped"
-        source = continued_from(out, state, diff, before, fingerprint)
+        source = continued_from(out, state, continues, before, fingerprint)
         if source is not None:  # a ladder's rung: take up the previous rung's training, do not repeat it
             try:
                 cu.stage_continuation(out, source, fingerprint)
