@@ -1,0 +1,443 @@
+"""CPC-AD from parameters to a finished run, once: check -> data -> model -> train -> score ->
+evaluate -> thresholds -> bundle and metrics.json. Notebook 02 calls `run_cpcad` and plots its
+result; scripts/train.py (also under torchrun) calls it with the same parameters.
+
+Model selection never looks at test/: training stops early on the calibration normals, the
+thresholds come from the validation normals, and the test split is only reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checks import check_param, make_config
+from .data import ImageSet, load_category, split_held_out
+from .synthetic import make_validation_set
+from .demo import resolve_data_root
+from .patches import PatchGrid
+from .encoders import count_parameters
+from .devices import init_distributed, resolve_device, resolve_precision, seed_everything
+from .models import CPCAD, CPCADConfig, cpcad_config
+from .runs import (RESCORE_CHANGES, RunBlocked, begin_run, finish_run, fingerprint_diff, is_rescorable,
+                   load_trained_weights, run_fingerprint)
+from .training import TrainConfig, chosen_epoch, learning_check, parse_duration, train_model
+from .scoring import (DETECTORS, REDUCES, REFERENCE_KINDS, ScoringConfig, detector_maps, detector_references, pixel_baseline, prepare_scoring, score_patches,
+                      scoring_config)
+from .metrics import evaluate_maps, normal_threshold, per_defect_auroc, threshold_metrics
+from .schema import MetricsRecord
+from .bundle import save_bundle
+
+
+@dataclass
+class RunParameters:
+    """Notebook 02's parameters, with its defaults (its `parameters` cell must say the same:
+    tests/test_notebooks.py checks). None means the preset's value (`cpcad_config`,
+    `scoring_config`, `TrainConfig`). Why each default is what it is: results/study/README.md."""
+    data_root: str = ""             # empty: $MVTEC_ROOT, Kaggle input, data/mvtec_ad, else the demo data
+    category: str = "brick"
+    encoder: str = "resnet18v2"
+    preset: str = "fast"            # fast: the study's defaults; paper: de Haan & Loewe as published
+    epochs: int = 40
+    image_size: int = 128
+    patch_size: int = 16
+    stride: int = 8
+    subimage_size: int | None = None
+    subimage_stride: int | None = None
+    width: int = 16
+    stem: str | None = None
+    norm: str | None = None
+    pred_steps: int | None = None
+    target_offset: int | None = None
+    num_negatives: int | None = None
+    negatives: str | None = None
+    test_negatives: int | None = None
+    similarity: str | None = None
+    temperature: float | None = None
+    shared_encoder: bool | None = None
+    detector: str | None = None
+    reduce: str | None = None
+    dense_scoring: bool | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    patience: int = 40
+    val_fraction: float = 0.2
+    num_heatmaps: int = 2
+    target_fpr: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    time_budget: str | float | None = None
+    resume: bool = False
+    output_dir: str = ""
+
+
+MODEL_PARAMETERS = ("encoder", "width", "stem", "norm", "pred_steps", "target_offset", "num_negatives", "negatives",
+                    "similarity", "temperature", "shared_encoder")
+SCORING_PARAMETERS = ("detector", "reduce", "test_negatives", "dense_scoring")  # ScoringConfig's, set per run
+
+
+@dataclass
+class RunPlan:
+    """What the parameters decide before any data is read: configs, device and output folder."""
+    parameters: dict
+    grid: PatchGrid
+    model: CPCADConfig
+    scoring: ScoringConfig
+    train: TrainConfig
+    device: torch.device
+    output: Path                    # the run's folder; a staging folder beside it until the run finishes
+
+
+@dataclass
+class RunData:
+    """The category's images: train (fits the model), calib (early stopping and the score
+    calibration), normals (held out), val (normals + synthetic defects), test (only reported)."""
+    root: Path
+    train: ImageSet
+    calib: ImageSet
+    normals: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+
+@dataclass
+class Evaluated:
+    """One method's maps and what `evaluate_maps` made of them, on test or validation images."""
+    maps: torch.Tensor              # (N, n_sub, G, G) on the score grid
+    metrics: dict
+    scores: dict                    # {reduce: (N,)}
+    pixel_maps: torch.Tensor        # (N, 1, H, W)
+
+
+@dataclass
+class CPCADResult:
+    """Everything a reader of a CPC-AD run may want to look at: what `run_cpcad` returns."""
+    plan: RunPlan
+    data: RunData
+    model: CPCAD
+    history: list[dict]
+    scoring: dict                   # `prepare_scoring`'s bank, references, calibration, config, grid
+    ours: Evaluated                 # the configured detector, test split
+    pure: Evaluated                 # pure CPC-AD (the paper's loss map), test split
+    baseline: Evaluated             # the raw-pixel baseline on the same grid, test split
+    ours_val: Evaluated
+    baseline_val: Evaluated
+    threshold: dict                 # `normal_threshold` of the validation normals' image scores
+    pixel_threshold: dict
+    record: MetricsRecord           # what metrics.json holds
+    output: Path                    # the finished run's folder (model.pt, metrics.json, figures)
+    figures: dict                   # {name: matplotlib Figure}, each saved as output/<name>.png
+    rescored_from: Path | None = None  # the finished run whose trained weights were rescored
+    detectors: dict = dataclasses.field(default_factory=dict)  # {"test" | "val": {detector: Evaluated}}
+
+    @property
+    def metrics(self) -> dict:
+        return self.record.to_dict()
+
+
+def plan_run(params: RunParameters) -> RunPlan:
+    """Check every parameter (type and range, named) and build the configs; reads nothing."""
+    p = dataclasses.asdict(params)
+    for name, kind in (("data_root", "str"), ("category", "str"), ("output_dir", "str"), ("resume", "bool")):
+        check_param(name, p[name], kind)
+    check_param("val_fraction", params.val_fraction, "float", low=0, high=0.9, open_low=True)
+    check_param("num_heatmaps", params.num_heatmaps, "int", low=0)
+    check_param("target_fpr", params.target_fpr, "float", low=0, high=0.5, open_low=True)
+    grid = PatchGrid(params.image_size, params.patch_size, params.stride, params.subimage_size, params.subimage_stride)
+    model = cpcad_config(params.preset, grid, **{k: p[k] for k in MODEL_PARAMETERS})
+    scoring = scoring_config(params.preset, **{k: p[k] for k in SCORING_PARAMETERS})
+    train = make_config(TrainConfig, epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
+                        patience=params.patience, seed=params.seed, device=params.device,
+                        precision=params.precision, time_budget=parse_duration(params.time_budget))
+    kaggle = Path("/kaggle/working")  # relative outputs go where Kaggle keeps files
+    output = (kaggle if kaggle.is_dir() else Path()) / (params.output_dir or
+                                                      f"results/notebook02/{params.category}/{params.encoder}")
+    return RunPlan(p, grid, model, scoring, train, resolve_device(params.device), output)
+
+
+def load_run_data(plan: RunPlan) -> RunData:
+    """The category's images and the seeded held-out split (`split_held_out`, `make_validation_set`)."""
+    p = plan.parameters
+    root = resolve_data_root(p["data_root"])
+    data = load_category(root, p["category"], plan.grid.image_size)
+    train, calib, normals = split_held_out(data["train"], p["val_fraction"], p["seed"])
+    return RunData(root, train, calib, normals, make_validation_set(normals, p["seed"]), data["test"])
+
+
+def evaluate(maps: torch.Tensor, images: ImageSet, grid: PatchGrid, reduces: tuple[str, ...]) -> Evaluated:
+    e = evaluate_maps(maps, images, grid, reduces)
+    return Evaluated(maps, e["metrics"], e["scores"], e["pixel_maps"])
+
+
+def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
+              on_epoch: Callable[[nn.Module, int], dict] | None = None, detectors: Sequence[str] = (),
+              weights_from: str | Path | None = None, untrained: bool = False, **overrides) -> CPCADResult | None:
+    """Train, score and evaluate CPC-AD on one category, and write the run's folder.
+
+    Args:
+        params: notebook 02's parameters (`RunParameters`); `overrides` replace fields of it.
+        on_epoch: called after every epoch (`train_model`), e.g. to evaluate during training.
+        detectors: more detectors (keys of DETECTORS) to evaluate on test and validation images,
+            every reduction, into `result.detectors` (the study compares them all).
+        weights_from: a finished run's folder whose trained weights to score instead of training
+            (its training fingerprint must be this run's: only scoring may differ).
+        untrained: score the network as initialised, not trained (the study's control).
+    Returns:
+        the result (model, maps, metrics record, thresholds, what the figures need); None on the
+        non-zero ranks of a torchrun job, which stop when training ends (rank 0 scores).
+
+    A run whose output folder holds a finished run with the same training fingerprint (same
+    training parameters, data and training code) is rescored from its weights, not retrained.
+    """
+    params = dataclasses.replace(params or RunParameters(), **overrides)
+    plan = plan_run(params)
+    rank, _ = init_distributed()
+    seed_everything(params.seed)
+    print(f"device {plan.device}, output {plan.output.resolve()}")
+    g = plan.grid
+    print(f"{g}\n-> {g.num_subimages ** 2} sub-image(s) x {g.grid}x{g.grid} patches per image")
+
+    data = load_run_data(plan)
+    print(f"{data.root} / {params.category}: {len(data.train)} train, {len(data.calib)} calibration, "
+          f"{len(data.val)} validation ({len(data.normals)} normal + synthetic), {len(data.test)} test images")
+    print("test images per defect type:",
+          {d: data.test.defect_types.count(d) for d in sorted(set(data.test.defect_types))})
+    if data.val.substituted:  # a kind that cannot show on an image is drawn as another there
+        print(f"note: {len(data.val.substituted)} synthetic defects drawn as another kind, theirs changed no pixel "
+              f"visibly: {', '.join(Path(p).name for p in data.val.substituted)}")
+
+    model = CPCAD(plan.model, plan.grid)
+    chance_loss = model.chance_loss(plan.train.batch_size)
+    print(plan.model, plan.scoring, plan.train, sep="\n")
+    score_grid = plan.scoring.score_grid(plan.grid)
+    print(f"{count_parameters(model):,} parameters, D = {model.encoders[0].out_dim}, chance loss {chance_loss:.3f}, "
+          f"maps on the {score_grid.grid}x{score_grid.grid} score grid")
+
+    fingerprint = run_fingerprint(plan.parameters, data.root, params.category)
+    staged = plan.output.parent / f".{plan.output.name}.partial"  # begin_run's staging folder
+    interrupted = params.resume and any((staged / "checkpoints").rglob("last.pt"))
+    rescore = None if interrupted else is_rescorable(plan.output, fingerprint)
+    if weights_from is not None:
+        rescore = _check_weights_from(Path(weights_from), fingerprint)
+    out = begin_run(plan.output, fingerprint, params.resume)  # the staging folder
+    t0 = time.perf_counter()
+    source = Path(weights_from) if weights_from is not None else plan.output
+    if untrained:  # the control: the same network and scoring, nothing learned
+        history, train_wall_seconds = [], 0.0
+        model.eval()
+    elif rescore is not None:  # only scoring changed: the finished run's weights and training record, scored again
+        previous = load_trained_weights(source, model, out / "checkpoints")
+        history, train_wall_seconds = previous["history"], previous["train_wall_seconds"]
+        print(f"rescoring the finished run in {source} ({'only ' + ', '.join(rescore) if rescore else 'nothing'} "
+              f"changed): its weights and training history, not trained again")
+    else:
+        history = train_model(model, data.train, data.calib, plan.train, checkpoint_dir=out / "checkpoints",
+                              resume=params.resume, fingerprint=fingerprint, progress=progress, on_epoch=on_epoch)
+        train_wall_seconds = time.perf_counter() - t0
+    if rank:
+        return None  # training done: scoring, evaluation and files are rank 0's
+    train_seconds = sum(h["seconds"] for h in history)  # every epoch, also those before a resume
+    final = history[-1] if history else {"train_loss": None}
+    if untrained:
+        learning = {"status": "untrained", "message": "not trained: the network as initialised (a control)"}
+    else:
+        print(f"{len(history)} epochs in {train_seconds:.0f} s; final train loss {final['train_loss']:.3f}"
+              + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else "")
+              + f" (chance {chance_loss:.3f})")
+        learning = learning_check(history, chance_loss)
+        if learning["status"] != "ok":
+            warnings.warn(learning["message"])
+
+    result = _score_and_evaluate(plan, data, model, tuple(detectors))
+    score_seconds = result.pop("score_seconds")
+    record = MetricsRecord(
+        category=params.category, encoder=params.encoder, preset=params.preset, detector=plan.scoring.detector,
+        image_reduce=plan.scoring.reduce, score_grid=result["ours"].maps.shape[-1],
+        baseline_grid=result["baseline"].maps.shape[-1], epochs=params.epochs, epochs_trained=len(history),
+        chosen_epoch=chosen_epoch(history) if history else 0, test=result["ours"].metrics, per_defect_auroc=result.pop("per_defect"),
+        cpcad=result["pure"].metrics, baseline=result["baseline"].metrics,
+        baseline_per_defect_auroc=result.pop("baseline_per_defect"), val=result["ours_val"].metrics,
+        val_per_kind_auroc=result.pop("val_per_kind"), val_baseline=result["baseline_val"].metrics,
+        **result.pop("at_thresholds"),
+        final_train_loss=final["train_loss"], final_val_loss=final.get("val_loss"),
+        best_val_loss=min((h["val_loss"] for h in history if "val_loss" in h), default=None),
+        chance_loss=chance_loss, train_seconds=train_seconds, train_wall_seconds=train_wall_seconds,
+        score_seconds=score_seconds, num_parameters=count_parameters(model), embedding_dim=model.encoders[0].out_dim,
+        device=str(plan.device), data_root=str(data.root), learning=learning,
+        calibration=result.pop("calibration_check"), fingerprint=fingerprint, history=history,
+        config={"parameters": plan.parameters, "model": dataclasses.asdict(plan.model),
+                "scoring": dataclasses.asdict(plan.scoring), "train": dataclasses.asdict(plan.train),
+                "grid": dataclasses.asdict(plan.grid)})
+    result["figures"] = _figures(params, data, history, chance_loss, result)
+    for name, fig in result["figures"].items():
+        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+    save_bundle(out / "model.pt", model, result["scoring"], result["threshold"], result["pixel_threshold"],
+                fingerprint["data"], resolve_precision(plan.train.precision, plan.device))
+    final_dir = finish_run(plan.output, out, record.to_dict())  # metrics.json last: the run is finished
+    print(f"wrote {final_dir}, model.pt ({(plan.output / 'model.pt').stat().st_size / 2**20:.1f} MiB) and "
+          f"{', '.join(sorted(f'{n}.png' for n in result['figures']))}")
+    return CPCADResult(plan=plan, data=data, model=model, history=history, record=record, output=plan.output,
+                       rescored_from=source if rescore is not None and not untrained else None, **result)
+
+
+def _figures(params: RunParameters, data: RunData, history: list[dict], chance_loss: float, r: dict) -> dict:
+    """The run's figures: training curves, image ROC, score histogram, and the anomaly maps of
+    the best and worst detected defect images (`num_heatmaps` each)."""
+    import matplotlib.pyplot as plt
+    from .plots import plot_heatmaps, plot_roc, plot_score_histogram, plot_training_curves
+    cfg, test = r["scoring"]["config"], data.test
+    name, labels = f"{cfg.detector} ({cfg.reduce})", test.labels.numpy()
+    figures = {}
+    if history:  # the untrained control has none
+        figures["training_curves"] = plot_training_curves(history, f"CPC-AD {params.encoder} on {params.category}")
+        ax = figures["training_curves"].axes[0]
+        ax.axhline(chance_loss, color="gray", ls=":", label="chance")
+        ax.legend()
+    figures["roc"] = plot_roc({name: (labels, r["ours"].scores[cfg.reduce]),
+                               "pure CPC-AD (mean)": (labels, r["pure"].scores["mean"]),
+                               f"pixel baseline ({cfg.reduce})": (labels, r["baseline"].scores[cfg.reduce])},
+                              f"{params.category}: image ROC")
+    scores = r["ours"].scores[cfg.reduce].numpy()
+    figures["score_histogram"] = plot_score_histogram(labels, scores, f"{params.category}: {name} image scores",
+                                                      threshold=r["threshold"]["value"],
+                                                      defect_types=test.defect_types)
+    ranked = [i for i in np.argsort(-scores) if labels[i] == 1]  # defect images, most anomalous first
+    best = ranked[:params.num_heatmaps]
+    worst = [i for i in ranked[-params.num_heatmaps:] if i not in best] if params.num_heatmaps else []
+    titles = [f"{'best' if i in best else 'worst'} detected: {test.defect_types[i]} {Path(test.paths[i]).name}, "
+              f"score {scores[i]:.3f}" for i in best + worst]
+    figures["heatmaps"] = plot_heatmaps(test, r["ours"].pixel_maps, best + worst, titles)
+    for fig in figures.values():
+        plt.close(fig)  # kept as objects for the notebook to show; not piling up in pyplot's state
+    return figures
+
+
+def score_detectors(model: CPCAD, scoring: dict, images: ImageSet, detectors: Sequence[str] = tuple(DETECTORS),
+                    batch_size: int = 16, device: str | torch.device = "cpu",
+                    precision: str = "auto") -> dict[str, Evaluated]:
+    """Every detector in `detectors` on `images`, from one scoring pass with `prepare_scoring`'s
+    output (which must hold the references they read), every reduction: the study's view of
+    a model, e.g. on the validation set during training."""
+    raw = score_patches(model, images.images, scoring["bank"], scoring["references"], batch_size, device,
+                        precision=precision, grid=scoring["grid"])
+    return {d: evaluate(detector_maps(raw, scoring["calibration"], d), images, scoring["grid"], REDUCES)
+            for d in detectors}
+
+
+def _check_weights_from(source: Path, fingerprint: dict) -> list[str]:
+    """What differs between the finished run in `source` and this one: scoring only, or RunBlocked."""
+    import json
+    try:
+        old = json.loads((source / "metrics.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunBlocked(f"weights_from={source}: not a finished run ({e})") from e
+    diff = [d for d in fingerprint_diff(old, fingerprint) if d not in ("parameters.data_root", "data.root")]
+    # the same files (names and sizes) in another folder are the same data: a moved dataset needs no retraining
+    trained = [d for d in diff if d not in RESCORE_CHANGES]
+    if trained:
+        raise RunBlocked(f"weights_from={source} was trained otherwise ({', '.join(trained)} differ): "
+                         "its weights are not this run's")
+    return diff
+
+
+def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: tuple[str, ...] = ()) -> dict:
+    """Score test and validation images with the configured detector, pure CPC-AD and the pixel
+    baseline (on the same grid, with the same reductions), and choose the thresholds on the
+    validation normals. `detectors`: more to evaluate from the same scores, every reduction."""
+    cfg, dev, precision, bs = plan.scoring, plan.device, plan.train.precision, plan.train.batch_size
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown:
+        raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
+    kinds = {k for k in (cfg.references, *map(detector_references, detectors)) if k}
+    t0 = time.perf_counter()
+    scoring = prepare_scoring(model, data.train.images, data.calib.images, cfg, batch_size=bs, device=dev,
+                              precision=precision, kinds=[k for k in REFERENCE_KINDS if k in kinds])
+    # score as the model was trained: same precision; the same patches whichever kinds are built
+    grid = scoring["grid"]
+    raw = score_patches(model, data.test.images, scoring["bank"], scoring["references"], bs, dev,
+                        precision=precision, grid=grid)
+    score_seconds = time.perf_counter() - t0
+    raw_val = score_patches(model, data.val.images, scoring["bank"], scoring["references"], bs, dev,
+                            precision=precision, grid=grid)
+    # like for like: the baseline on the same score grid as the detector's maps, same reductions, same metrics
+    baseline_maps = pixel_baseline(data.train.images, data.test.images, grid, device=dev)
+    baseline_val_maps = pixel_baseline(data.train.images, data.val.images, grid, device=dev)
+    refs = ", ".join(f"{k} {tuple(v.shape)}" for k, v in scoring["references"].items())
+    print(f"bank {tuple(scoring['bank'].shape)}, kNN references {refs or 'none'}, "
+          f"test maps {tuple(raw['loss'].shape)}, scored in {score_seconds:.1f} s")
+    calibration = scoring["calibration"].check()  # calibration normals all alike: nothing to standardise by
+    if calibration["status"] != "ok":
+        warnings.warn(calibration["message"])
+
+    reduces = (cfg.reduce,) + tuple(r for r in REDUCES if r != cfg.reduce)
+    maps, maps_val = (detector_maps(r, scoring["calibration"], cfg.detector) for r in (raw, raw_val))
+    ours = evaluate(maps, data.test, grid, reduces)
+    pure = evaluate(raw["loss"], data.test, grid, ("mean",) + tuple(r for r in REDUCES if r != "mean"))
+    base = evaluate(baseline_maps, data.test, grid, reduces)
+    ours_val = evaluate(maps_val, data.val, grid, reduces)
+    base_val = evaluate(baseline_val_maps, data.val, grid, reduces)
+    test, val = data.test, data.val
+    per_defect = per_defect_auroc(test.defect_types, ours.scores[cfg.reduce])
+    base_per_defect = per_defect_auroc(test.defect_types, base.scores[cfg.reduce])
+    val_per_kind = per_defect_auroc(val.defect_types, ours_val.scores[cfg.reduce])
+    _print_evaluation(cfg, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind)
+
+    val_normal = val.labels == 0  # the clean held-out normals; the rest of val carries synthetic defects
+    target_fpr = plan.parameters["target_fpr"]
+    threshold = normal_threshold(ours_val.scores[cfg.reduce][val_normal], target_fpr, "image scores")
+    pixel_threshold = normal_threshold(ours_val.pixel_maps[val_normal], target_fpr, "pixel scores")
+    at = threshold_metrics(test.labels, ours.scores[cfg.reduce], threshold["value"])
+    val_at = threshold_metrics(val.labels, ours_val.scores[cfg.reduce], threshold["value"])
+    pixel_at = threshold_metrics(test.masks, ours.pixel_maps, pixel_threshold["value"])
+    _print_thresholds(threshold, pixel_threshold, at, val_at, pixel_at, ours, target_fpr)
+    at_thresholds = {
+        "threshold": threshold["value"], "threshold_rule": threshold, "val_fpr_at_threshold": val_at["fpr"],
+        "val_recall_at_threshold": val_at["recall"],
+        **{f"test_{k}_at_threshold": at[k] for k in ("precision", "recall", "fpr")},
+        "pixel_threshold": pixel_threshold["value"], "pixel_threshold_rule": pixel_threshold,
+        **{f"test_pixel_{k}_at_threshold": pixel_at[k] for k in ("precision", "recall", "fpr")}}
+    extra = {split: {d: evaluate(detector_maps(r, scoring["calibration"], d), images, grid, REDUCES)
+                     for d in detectors} for split, r, images in (("test", raw, test), ("val", raw_val, val))}
+    return {"scoring": scoring, "ours": ours, "pure": pure, "baseline": base, "ours_val": ours_val, "detectors": extra,
+            "baseline_val": base_val, "threshold": threshold, "pixel_threshold": pixel_threshold,
+            "per_defect": per_defect, "baseline_per_defect": base_per_defect, "val_per_kind": val_per_kind,
+            "at_thresholds": at_thresholds, "calibration_check": calibration, "score_seconds": score_seconds}
+
+
+def _print_evaluation(cfg, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind) -> None:
+    name = f"{cfg.detector} ({cfg.reduce})"
+    print(f"{'':<22}{name:>22}{'pure CPC-AD':>13}{'baseline':>10}")
+    for key in [f"image_auroc_{r}" for r in REDUCES] + ["pixel_auroc", "aupro"]:
+        print(f"{'test ' + key:<22}{ours.metrics[key]:>22.3f}{pure.metrics[key]:>13.3f}{base.metrics[key]:>10.3f}")
+    for key in (f"image_auroc_{cfg.reduce}", "pixel_auroc"):
+        print(f"{'val ' + key:<22}{ours_val.metrics[key]:>22.3f}{'':>13}{base_val.metrics[key]:>10.3f}")
+    print(f"test image AUROC ({cfg.reduce}) per defect type:")
+    for d in per_defect:
+        print(f"  {d:<22}{per_defect[d]:>8.3f}{base_per_defect[d]:>10.3f}")
+    print("validation image AUROC per synthetic kind:", {k: round(v, 3) for k, v in val_per_kind.items()})
+    verdict = "beats" if ours.metrics["image_auroc"] > base.metrics["image_auroc"] else "does not beat"
+    print(f"{name} {verdict} the pixel baseline on test image AUROC with the {cfg.reduce} reduction "
+          f"({ours.metrics['image_auroc']:.3f} vs {base.metrics['image_auroc']:.3f})")
+
+
+def _print_thresholds(threshold, pixel_threshold, at, val_at, pixel_at, ours, target_fpr) -> None:
+    print(f"image threshold {threshold['value']:.4g}: {val_at['fpr']:.2f} of the {threshold['n_normals']} "
+          f"validation normals above it (target {target_fpr}); recall of the synthetic anomalies {val_at['recall']:.2f}")
+    print(f"pixel threshold {pixel_threshold['value']:.4g}: {pixel_threshold['fpr_on_normals']:.4f} of the "
+          "validation normals' pixels above it")
+    for name, m in (("test images", at), ("test pixels", pixel_at)):
+        m = {k: None if v is None else round(v, 3) for k, v in m.items()}
+        print(f"{name} at the threshold: precision {m['precision']}, recall {m['recall']}, false-positive rate {m['fpr']}")
+    print(f"test image F1-max {ours.metrics['image_f1_max']:.3f} (for reference: its threshold is chosen on the test labels)")
+    if threshold["expected_fpr"] > target_fpr:
+        warnings.warn(f"only {threshold['n_normals']} validation normals: the threshold is their highest score, and a "
+                      f"new normal image is expected above it with probability ~{threshold['expected_fpr']:.2f}, not "
+                      f"{target_fpr}; hold out more normals (val_fraction) for a lower false-positive rate")
