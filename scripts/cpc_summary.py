@@ -27,8 +27,8 @@ def summary(root: Path) -> str:
     if not runs:
         raise SystemExit(f"cpc_summary: no <category>/<encoder>/metrics.json under {root}")
     metrics = [json.loads(p.read_text()) for p in runs]
-    metrics.sort(key=lambda m: (cu._half_rank(cu.demo_half(m["category"])), m["category"], m["encoder"]))
-    pm = lambda values: cu._pm(values, 2)  # noqa: E731
+    metrics.sort(key=lambda m: (cu.half_rank(cu.demo_half(m["category"])), m["category"], m["encoder"]))
+    pm = lambda values: cu.mean_pm(values, 2)  # noqa: E731
     k = len(metrics[0]["same_image_accuracy"])
     head = ["category", "half", "encoder", "seeds", "learned",
             *(f"same-image acc. k={i + 1}" for i in range(k)), "chance",

@@ -32,23 +32,25 @@ import cpc_utils as cu  # noqa: E402
 GRIDS = {"demo": (cu.PatchGrid(128, 16, 8), 16), "paper": (cu.PatchGrid(256, 64, 32), 64)}
 
 
-def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.CPCAD:
-    """A bundle of the real shapes with untrained weights and random bank, references and calibration."""
+def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.PatchGrid:
+    """A bundle of the real shapes with untrained weights and random bank, references and calibration;
+    returns its score grid."""
     model = cu.CPCAD(cu.cpcad_config("fast", grid, encoder="resnet18v2", width=width), grid).eval()
     with torch.no_grad():
         patch = torch.zeros(1, 3, grid.patch_size, grid.patch_size)
-        kind = cu.detector_references(model.cfg.detector)  # the references the default detector reads
+        sc = cu.ScoringConfig()
+        kind = sc.references  # the references the default detector reads
         z, *descriptors = model.encoders[0].multiscale(patch)  # z, then one descriptor per reference kind
         D, D_ref = z.shape[-1], (z, *descriptors)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
-    G = model.score_grid.grid  # the calibration's maps are on the score grid
+    G = sc.score_grid(grid).grid  # the calibration's maps are on the score grid
     n_enc, shape = len(model.encoders), (grid.num_subimages ** 2, G, G)
-    scoring = {"bank": torch.randn(n_enc, model.cfg.test_negatives, D),
-               "references": {kind: torch.randn(n_enc, model.cfg.knn_bank, D_ref)},
+    scoring = {"bank": torch.randn(n_enc, sc.test_negatives, D), "config": sc,
+               "references": {kind: torch.randn(n_enc, sc.knn_bank, D_ref)},
                "calibration": cu.ScoreCalibration({k: torch.zeros(shape) for k in ("loss", kind)},
                                                   {"loss": 1.0, kind: 1.0})}
     rule = cu.normal_threshold(np.zeros(8), 0.01)
     cu.save_bundle(path, model, scoring, rule, rule)
-    return model
+    return sc.score_grid(grid)
 
 
 def main() -> None:
@@ -64,7 +66,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             bundle = tmp / "model.pt"
-            G = random_bundle(bundle, grid, width).score_grid.grid
+            G = random_bundle(bundle, grid, width).grid
             rng = np.random.default_rng(0)
             (tmp / "images").mkdir()
             for i in range(args.images):

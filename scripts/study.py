@@ -13,18 +13,17 @@ Protocol (nothing is chosen on test data):
     once per decision and never used to choose. Test metrics are recorded for both halves and
     only reported.
 
-One training run per (setting, category, seed) scores every detector (`cu.DETECTORS`) with
-every reduction (`cu.REDUCES`), on the validation set every `--eval-every` epochs and on
-both sets at the end, next to the raw-pixel baseline. Each run is written atomically to
-results/study/runs/<setting>/<category>/seed<k>.json (and its weights to seed<k>.pt, which git
-ignores); finished runs are skipped, so an
-interrupted study resumes. --report (also run at the end) writes results/study/tables.md and
+One run per (setting, category, seed) is notebook 02's pipeline, `cu.run_cpcad`, scoring
+every detector (`cu.DETECTORS`) with every reduction (`cu.REDUCES`), on the validation set every
+`--eval-every` epochs and on both sets at the end, next to the raw-pixel baseline. Each run is
+written atomically to results/study/runs/<setting>/<category>/seed<k>.json, and its run folder
+(model.pt, metrics.json, figures, checkpoints; git ignores it) to seed<k>/ beside it; finished
+runs are skipped, so an interrupted study resumes. --report (also run at the end) writes results/study/tables.md and
 runs.csv from whatever has finished.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -70,40 +69,51 @@ SETTINGS = {  # name: (what it tests, overrides of BASE / CPCADConfig / cpc_util
 CHOSEN = "dense"  # the setting the defaults come from (chosen on the tuning half's validation data)
 GRID_KEYS = ("image_size", "patch_size", "stride")
 TRAIN_KEYS = ("batch_size", "lr", "epochs")
+SCORING_KEYS = ("knn_bank", "dense_scoring", "test_negatives")  # cu.ScoringConfig's; every detector is scored
 
 
-def trained_path(job: dict) -> Path:
-    """Where the run's trained model lives: its own JSON's place, or that of the setting it takes weights from."""
-    source = SETTINGS[job["setting"]][1].get("weights_from", job["setting"])
-    return Path(job["out"].replace(f"/{job['setting']}/", f"/{source}/"))
+def run_dir(job: dict, setting: str | None = None) -> Path:
+    """The run folder `cu.run_cpcad` writes for a job (model.pt, metrics.json, figures), beside
+    its study JSON: runs/<setting>/<category>/seed<k>/."""
+    out = Path(job["out"])
+    return out.with_suffix("") if setting is None else out.parent.parent.parent / setting / out.parent.name / out.stem
+
+
+def trained_dir(job: dict) -> Path:
+    """Where the run's trained model lives: its own folder, or that of the setting it takes weights from."""
+    return run_dir(job, SETTINGS[job["setting"]][1].get("weights_from", job["setting"]))
+
+
+def parameters(job: dict) -> tuple[dict, int]:
+    """The job as notebook 02's parameters (`cu.RunParameters`), and the epochs it records
+    (0: the untrained control)."""
+    import cpc_utils as cu
+    s = {**BASE, **SETTINGS[job["setting"]][1]}
+    if s.pop("knn_bank", cu.ScoringConfig.knn_bank) != cu.ScoringConfig.knn_bank:
+        raise ValueError(f"setting {job['setting']}: knn_bank other than the default is not a notebook parameter")
+    s.pop("weights_from", None)
+    epochs = s.pop("epochs", job["epochs"])
+    return {**s, "category": job["category"], "data_root": job["data_root"], "seed": job["seed"],
+            "epochs": max(epochs, 1), "patience": max(epochs, 1), "val_fraction": 0.2, "device": "cpu",
+            "num_heatmaps": 1, "output_dir": str(run_dir(job))}, epochs
 
 
 def setup(job: dict) -> tuple:
-    """The run's setting, epochs, grid, model config and data: training, calibration, validation, test."""
+    """The job's plan (grid, configs) and data (train, calibration, validation, test), as run_cpcad reads them."""
     import cpc_utils as cu
-    s = {**BASE, **SETTINGS[job["setting"]][1]}
-    epochs = s.get("epochs", job["epochs"])  # a setting may train longer than --epochs
-    grid = cu.PatchGrid(*(s[k] for k in GRID_KEYS))
-    model_kw = {k: v for k, v in s.items() if k not in GRID_KEYS + TRAIN_KEYS + ("preset", "weights_from")}
-    cfg = cu.cpcad_config(s.get("preset", "fast"), grid, **model_kw)
-    data = cu.load_category(job["data_root"], job["category"], grid.image_size, num_threads=2)
-    train, calib, normals = cu.split_held_out(data["train"], 0.2, job["seed"])
-    val = cu.make_validation_set(normals, job["seed"])
-    return s, epochs, grid, cfg, train, calib, val, data["test"]
+    plan = cu.plan_run(cu.RunParameters(**parameters(job)[0]))
+    return plan, cu.load_run_data(plan)
 
 
-def baseline(train, targets: dict, score_grid, per_defect: dict | None = None) -> dict:
-    """The raw-pixel baseline on the detector's own score grid, every reduction: like for like.
-    With `per_defect` (split: {detector: ...}), its per-defect AUROC goes there as "pixel baseline"."""
+def baseline(train, targets: dict, score_grid, reduce: str) -> dict:
+    """The raw-pixel baseline on the detector's own score grid, every reduction (`reduce`, the
+    configured one, first: its headline keys), as `cu.run_cpcad` computes it: like for like."""
     import cpc_utils as cu
     out = {"baseline_grid": score_grid.grid}
     for name, target in targets.items():
         maps = cu.pixel_baseline(train.images, target.images, score_grid, device="cpu")
-        evaluated = cu.evaluate_maps(maps, target, score_grid, cu.REDUCES)
-        out[f"baseline_{name}"] = evaluated["metrics"]
-        if per_defect is not None:
-            per_defect.setdefault(name, {})["pixel baseline"] = {
-                r: cu.per_defect_auroc(target.defect_types, s) for r, s in evaluated["scores"].items()}
+        reduces = (reduce, *(r for r in cu.REDUCES if r != reduce))
+        out[f"baseline_{name}"] = cu.evaluate_maps(maps, target, score_grid, reduces)["metrics"]
     return out
 
 
@@ -114,8 +124,9 @@ def rebaseline(job: dict) -> str:
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
     result = json.loads(out.read_text())
-    _, _, grid, cfg, train, _, val, test = setup(job)
-    result.update(baseline(train, {"val": val, "test": test}, cu.CPCAD(cfg, grid).score_grid))
+    plan, data = setup(job)
+    result.update(baseline(data.train, {"val": data.val, "test": data.test}, plan.scoring.score_grid(plan.grid),
+                           plan.scoring.reduce))
     cu.save_json(result, out)
     b = result["baseline_test"]
     return (f"{job['setting']}/{job['category']}/seed{job['seed']}: baseline on the {result['baseline_grid']}x"
@@ -123,73 +134,58 @@ def rebaseline(job: dict) -> str:
 
 
 def run_one(job: dict) -> str:
-    """Train and evaluate one (setting, category, seed); write its JSON; return a one-line summary.
+    """Train and evaluate one (setting, category, seed) with `cu.run_cpcad` (notebook 02's
+    pipeline), every detector with every reduction; write its JSON; return a one-line summary.
 
-    With job["rescore"], the trained weights are read back from the run's .pt instead and only
-    the evaluation is redone (for detectors added after the run), keeping its training record.
+    With job["rescore"], or for a setting that takes another's weights, the trained weights
+    are read back from that run's model.pt (tensors only) and only the evaluation is redone.
     """
+    import contextlib
+    import io
     import torch
     import cpc_utils as cu
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
-    s, epochs, grid, cfg, train, calib, val, test = setup(job)
-    tcfg = cu.TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], seed=job["seed"],
-                          patience=epochs, device="cpu") if epochs else None  # None: the untrained control
-    cu.seed_everything(job["seed"])
-    model = cu.CPCAD(cfg, grid)
-
-    per_defect = {}  # split: {detector: {reduce: {defect type: image AUROC against the good images}}}
-
-    def evaluate(*targets: cu.ImageSet, splits: tuple[str, ...] = ()) -> list[dict]:
-        scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
-        results = []
-        for i, target in enumerate(targets):
-            raw = cu.score_patches(model, target.images, scoring["bank"], scoring["references"], device="cpu")
-            maps = {d: cu.detector_maps(raw, scoring["calibration"], d) for d in cu.DETECTORS}
-            evaluated = {d: cu.evaluate_maps(m, target, model.score_grid, cu.REDUCES) for d, m in maps.items()}
-            results.append({d: e["metrics"] for d, e in evaluated.items()})
-            if splits:
-                per_defect[splits[i]] = {d: {r: cu.per_defect_auroc(target.defect_types, s)
-                                             for r, s in e["scores"].items()} for d, e in evaluated.items()}
-        return results
+    params, epochs = parameters(job)
+    plan, data = setup(job)
 
     def on_epoch(model, epoch):  # detection on the validation set during training: how long to train
         if epoch % job["eval_every"] and epoch != epochs:
             return {}
-        return {"val_detection": {d: {k: v for k, v in m.items() if k.startswith(("image_auroc_", "pixel"))}
-                                  for d, m in evaluate(val)[0].items()}}
+        scoring = cu.prepare_scoring(model, data.train.images, data.calib.images, plan.scoring, device="cpu",
+                                     kinds=cu.REFERENCE_KINDS)
+        return {"val_detection": {d: {k: v for k, v in e.metrics.items() if k.startswith(("image_auroc_", "pixel"))}
+                                  for d, e in cu.score_detectors(model, scoring, data.val).items()}}
 
-    trained = trained_path(job)
-    if job.get("rescore") or trained != out:  # scoring-only settings reuse another setting's models
-        weights = cu.load_checkpoint(trained.with_suffix(".pt"), remedy=f"delete it and {trained.name} to train "
-                                     "this run again")  # tensors and plain types only: nothing in it runs
-        model.load_state_dict(weights["model"])
-        model.eval()
-        before = json.loads(trained.read_text())
-        history, seconds = before["history"], before["train_seconds"]
-    elif epochs == 0:  # the untrained control: the network as initialised, scored like the others
-        history, seconds = [], 0.0
-        model.eval()
-    else:
-        t0 = time.perf_counter()
-        history = cu.train_model(model, train, calib, tcfg, progress=False, on_epoch=on_epoch)
-        seconds = time.perf_counter() - t0
-    val_metrics, test_metrics = evaluate(val, test, splits=("val", "test"))
+    trained = trained_dir(job)
+    reuse = bool(job.get("rescore")) or trained != run_dir(job)  # scoring-only settings reuse another's model
+    if reuse and not (trained / "model.pt").is_file():
+        raise FileNotFoundError(f"{trained / 'model.pt'}: the trained model this run scores is missing; "
+                                f"run the setting {trained.parent.parent.name} first")
+    with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's report; the study prints one line per run
+        r = cu.run_cpcad(progress=False, on_epoch=on_epoch, detectors=tuple(cu.DETECTORS),
+                         weights_from=trained if reuse else None, untrained=epochs == 0, **params)
+    per_defect = {split: {d: {red: cu.per_defect_auroc(images.defect_types, s) for red, s in e.scores.items()}
+                          for d, e in r.detectors[split].items()}
+                  for split, images in (("val", r.data.val), ("test", r.data.test))}
+    for split, images, base in (("val", r.data.val, r.baseline_val), ("test", r.data.test, r.baseline)):
+        per_defect[split]["pixel baseline"] = {red: cu.per_defect_auroc(images.defect_types, s)
+                                               for red, s in base.scores.items()}
+    record = r.record
     result = {"setting": job["setting"], "category": job["category"], "seed": job["seed"],
               "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
-              "epochs": epochs, "train_seconds": seconds, "history": history,
-              "chance_loss": model.chance_loss(s["batch_size"]),
-              "val": val_metrics, "test": test_metrics,
-              "config": {"model": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid),
-                         "train": dataclasses.asdict(tcfg) if tcfg else None}}
-    result.update(baseline(train, {"val": val, "test": test}, model.score_grid, per_defect))
-    result["per_defect"] = per_defect
-    if not job.get("rescore") and trained == out:  # the weights too (ignored by git): rescoring needs no retraining
-        cu.save_atomic({"model": model.state_dict(), "config": result["config"]}, out.with_suffix(".pt"))
+              "epochs": epochs, "train_seconds": record.train_seconds, "history": r.history,
+              "chance_loss": record.chance_loss,
+              "val": {d: e.metrics for d, e in r.detectors["val"].items()},
+              "test": {d: e.metrics for d, e in r.detectors["test"].items()},
+              "config": {k: record.config[k] for k in ("model", "scoring", "grid")}
+              | {"train": record.config["train"] if epochs else None},
+              "baseline_grid": record.baseline_grid, "baseline_val": r.baseline_val.metrics,
+              "baseline_test": r.baseline.metrics, "per_defect": per_defect}
     cu.save_json(result, out)
-    v, t, default = result["val"], result["test"], cu.CPCADConfig().detector
-    val_loss = f"{history[-1]['val_loss']:.2f}" if history else "- (untrained)"
-    return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {seconds:.0f} s, val loss "
+    v, t, default = result["val"], result["test"], cu.ScoringConfig().detector
+    val_loss = f"{r.history[-1]['val_loss']:.2f}" if r.history else "- (untrained)"
+    return (f"{job['setting']}/{job['category']}/seed{job['seed']}: {record.train_seconds:.0f} s, val loss "
             f"{val_loss}; val image/pixel cpcad {v['cpcad']['image_auroc_mean']:.2f}/"
             f"{v['cpcad']['pixel_auroc']:.2f} {default} {v[default]['image_auroc_top10']:.2f}/"
             f"{v[default]['pixel_auroc']:.2f}; test cpcad {t['cpcad']['image_auroc_mean']:.2f}/"
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                      out=str(out / "runs" / s / c / f"seed{k}.json"), rescore=args.rescore)
                 for s in args.settings for k in args.seeds for c in categories]
         if args.rescore:
-            todo = [j for j in jobs if trained_path(j).with_suffix(".pt").exists()]
+            todo = [j for j in jobs if (trained_dir(j) / "model.pt").exists()]
         elif args.rebaseline:
             todo = [j for j in jobs if Path(j["out"]).exists()]
         else:
@@ -255,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         line = f"{j['setting']}/{j['category']}/seed{j['seed']}: FAILED {type(e).__name__}: {e}"
                     print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {line}", flush=True)
         print(f"study finished in {time.perf_counter() - t0:.0f} s, {failed} failed", flush=True)
-    default = cu.CPCADConfig()
+    default = cu.ScoringConfig()
     print(write_report(out, (CHOSEN, default.detector, default.reduce)))
     return 1 if not args.report and failed else 0
 

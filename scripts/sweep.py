@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import io
 import json
 import os
 import shlex
@@ -117,35 +116,14 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def setup_cells(notebook: Path) -> list[str]:
-    """The notebook's code cells before its data is loaded, up to the one that checks the
-    parameters and builds the configurations (`cu.cpcad_config(`), without the parameters
-    cell and IPython magics: what --dry-run executes to check a pair's parameters exactly as the
-    notebook will."""
-    cells, sources = json.loads(notebook.read_text())["cells"], []
-    for cell in cells:
-        if cell["cell_type"] != "code" or "parameters" in cell.get("metadata", {}).get("tags", []):
-            continue
-        source = "".join(cell["source"])
-        sources.append("\n".join(line for line in source.splitlines() if not line.lstrip().startswith("%")))
-        if "cu.cpcad_config(" in source:
-            return sources
-    raise SystemExit(f"{notebook}: no cell calls cu.cpcad_config(...); cannot check the parameters")
-
-
-def check_parameters(cells: list[str], parameters: dict) -> str | None:
-    """None, or the notebook's own message for a parameter it would refuse (a ParameterError
-    such as `epochs='ten': expected int, got str`)."""
-    cwd = os.getcwd()
+def check_parameters(parameters: dict) -> str | None:
+    """None, or the pipeline's own message for a parameter it would refuse (a ParameterError
+    such as `epochs='ten': expected int, got str`): `cu.plan_run`, which reads and writes nothing."""
+    import cpc_utils as cu
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the setup cell prints the device and grid
-            namespace = {"__name__": "__notebook__", **parameters}
-            for source in cells:
-                exec(compile(source, "notebook", "exec"), namespace)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+        cu.plan_run(cu.RunParameters(**parameters))
+    except (ValueError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
-    finally:
-        os.chdir(cwd)  # the first cell moves from notebooks/ to the repository
     return None
 
 
@@ -420,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rerun = shlex.join([sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
 
-    if args.dry_run:  # each run's parameters checked by the notebook's own setup cells, nothing written
-        cells, bad, total = setup_cells(notebook), 0, sum(map(len, chains))
+    if args.dry_run:  # each run's parameters checked as the pipeline checks them, nothing written
+        bad, total = 0, sum(map(len, chains))
         for n, (key, out, pair) in enumerate((r for chain in chains for r in chain), 1):
-            problem = check_parameters(cells, {**pair, "resume": resume})
+            problem = check_parameters({**pair, "resume": resume})
             try:
                 state, diff = pair_state(out, cu.run_fingerprint(pair, root, pair["category"]))
             except ValueError as e:
@@ -556,9 +534,11 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
                 failures.pop(key, None)
             say(f"{tag}: finished before with these parameters, skipped")
             return "finished"
+        rescores = state == "changed" and set(diff) <= set(cu.RESCORE_CHANGES)  # run_cpcad rescores its weights
         continues = (resume and state in ("partial", "changed") and set(diff) <= set(cu.RESUMABLE_CHANGES)
-                     and trained_epochs(out, state) <= run_params["epochs"])  # fewer epochs: trained anew
-        why = {"changed": f"finished before with other {', '.join(diff)}: running again"
+                     and trained_epochs(out, state) <= run_params["epochs"] and not rescores)  # fewer: anew
+        why = {"changed": f"finished before with other {', '.join(diff)}: rescoring its trained weights" if rescores
+                          else f"finished before with other {', '.join(diff)}: running again"
                           + (" (continuing its training)" if continues else " (its results stay until this run finishes)"),
                "partial": "continuing an interrupted run" if continues else
                           f"an interrupted run with other {', '.join(diff)} is discarded; running",

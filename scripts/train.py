@@ -6,10 +6,10 @@ also under torchrun (DistributedDataParallel, one process per GPU or CPU share).
         --image_size 768 --subimage_size 256 --subimage_stride 128 --patch_size 64 --stride 32 --width 64
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:29500 scripts/train.py ...
 
-Every parameter of notebook 02 is an option spelled as in the notebook (`--name value`, values
-as Python literals where the default is not a string: --width 32, --lr 1e-3, --detector None).
-The script runs the notebook's own code cells in order (one source of truth), so it writes
-the same files into --output_dir: metrics.json, model.pt, the figures and the checkpoints.
+Every parameter of notebook 02 (`cu.RunParameters`) is an option spelled as in the notebook
+(`--name value`, values as Python literals where the default is not a string: --width 32,
+--lr 1e-3, --detector None). The script calls the notebook's own pipeline, `cu.run_cpcad`, so it
+writes the same files into --output_dir: metrics.json, model.pt, the figures and the checkpoints.
 Under torchrun every process trains on its share of each batch (cu.train_model); rank 0
 alone writes files and, after training, scores and evaluates while the others exit.
 """
@@ -18,25 +18,19 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import json
+import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "02_cpc_anomaly_detection.ipynb"
 
 
-def notebook_cells(path: Path) -> tuple[str, list[str]]:
-    """(the parameters cell, the other code cells), IPython magics dropped."""
-    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-    def source(c):
-        return "\n".join(line for line in "".join(c["source"]).splitlines() if not line.lstrip().startswith("%"))
-    params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(params) != 1:
-        raise SystemExit(f"{path}: expected one cell tagged 'parameters'")
-    return source(params[0]), [source(c) for c in cells if c is not params[0]]
+def parameter_defaults() -> dict:
+    """Notebook 02's parameters and their defaults (`cu.RunParameters`)."""
+    import cpc_utils as cu
+    return {f.name: f.default for f in dataclasses.fields(cu.RunParameters)}
 
 
 def parse_args(defaults: dict, argv: list[str] | None) -> dict:
@@ -53,7 +47,7 @@ def _literal(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # e.g. a device name; the notebook's own checks name what is wrong
+        return text  # e.g. a device name; the parameter checks name what is wrong
 
 
 def rerun_command(argv: list[str] | None) -> str:
@@ -64,36 +58,29 @@ def rerun_command(argv: list[str] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
-    params_source, cells = notebook_cells(NOTEBOOK)
-    defaults: dict = {}
-    exec(params_source, {}, defaults)
-    values = parse_args(defaults, argv)
+    sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
+    import cpc_utils as cu
+    values = parse_args(parameter_defaults(), argv)
     for name in ("data_root", "output_dir"):  # relative to where the command runs, not the repository
         if values[name] and not Path(values[name]).is_absolute():
             values[name] = str(Path(values[name]).resolve())
-    sys.path.insert(0, str(ROOT))
-    import cpc_utils as cu
     rank, world = cu.init_distributed()
     # no chdir to the repository: the defaults (results/notebook02/..., the demo data) are relative
     # to where the command runs, as for the notebook under papermill; the code's folder may be read-only
-    namespace: dict = {"__name__": "__notebook__", **values}
     quiet = open(os.devnull, "w") if rank else None  # rank 0 speaks for everyone
-    with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-        for source in cells:
-            try:
-                exec(compile(source, str(NOTEBOOK), "exec"), namespace)
-            except cu.TimeBudgetReached as e:  # not a failure: the same command with --resume True continues
-                raise SystemExit(f"train.py: TimeBudgetReached: {e}: {rerun_command(argv)}") from None
-            except KeyboardInterrupt:
-                raise SystemExit(f"train.py: interrupted; to continue from the last checkpoint: "
-                                 f"{rerun_command(argv)}") from None
-            except (OSError, ValueError, FloatingPointError, cu.RunBlocked) as e:
-                # bad input (an output_dir that is not a run folder), a data error, a full disk or a
-                # read-only folder (cu.save_atomic names the file), divergence, a folder locked by
-                # another run, a checkpoint that cannot be read
-                raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
-            if rank and "cu.train_model(" in source:
-                break  # training done: scoring, evaluation and files are rank 0's
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            cu.run_cpcad(**values)
+    except cu.TimeBudgetReached as e:  # not a failure: the same command with --resume True continues
+        raise SystemExit(f"train.py: TimeBudgetReached: {e}: {rerun_command(argv)}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"train.py: interrupted; to continue from the last checkpoint: "
+                         f"{rerun_command(argv)}") from None
+    except (OSError, ValueError, TypeError, FloatingPointError, cu.RunBlocked) as e:
+        # bad input (an output_dir that is not a run folder, a value of the wrong type), a data
+        # error, a full disk or a read-only folder (cu.save_atomic names the file), divergence, a
+        # folder locked by another run, a checkpoint that cannot be read
+        raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
