@@ -114,3 +114,32 @@ def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """(n, 3, size, size) uint8 noise, seeded."""
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(seed))
+
+
+def metrics_record(**fields) -> dict:
+    """A complete metrics.json record of the current schema (`cu.MetricsRecord`), plausible
+    values, with `fields` replacing some; a top-level `seed` goes where notebook 02 records it
+    (config.parameters). For tests that write results trees `cu.load_results` must read."""
+    seed = fields.pop("seed", 0)
+    fields.setdefault("epochs", fields.get("epochs_trained", 2))  # asked for what it trained
+    metrics = {k: 0.5 for k in cu.METRIC_KEYS}
+    record = cu.MetricsRecord(
+        category="brick", encoder="resnet18v2", preset="fast", detector="knn_stats", image_reduce="top10",
+        score_grid=29, baseline_grid=29, epochs=2, epochs_trained=2, chosen_epoch=2, test=dict(metrics),
+        per_defect_auroc={"crack": 0.5}, cpcad=dict(metrics), baseline=dict(metrics),
+        baseline_per_defect_auroc={"crack": 0.5}, val=dict(metrics), val_per_kind_auroc={"flat_fill": 0.5},
+        val_baseline=dict(metrics), threshold=1.0, threshold_rule={"value": 1.0}, val_fpr_at_threshold=0.0,
+        val_recall_at_threshold=0.5, test_precision_at_threshold=0.5, test_recall_at_threshold=0.5,
+        test_fpr_at_threshold=0.1, pixel_threshold=1.0, pixel_threshold_rule={"value": 1.0},
+        test_pixel_precision_at_threshold=0.5, test_pixel_recall_at_threshold=0.5, test_pixel_fpr_at_threshold=0.1,
+        final_train_loss=1.0, final_val_loss=1.0, best_val_loss=1.0, chance_loss=4.16, train_seconds=12.0,
+        train_wall_seconds=12.0, score_seconds=1.0, num_parameters=1000, embedding_dim=64, device="cpu",
+        data_root="/data", learning={"status": "ok"}, calibration={"status": "ok"}, fingerprint={},
+        history=[{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0}, {"epoch": 2, "train_loss": 1.0, "val_loss": 1.0}],
+        config={"parameters": {"seed": seed}})
+    out = record.to_dict()
+    config = fields.pop("config", None)
+    out.update(fields)
+    if config is not None:
+        out["config"] = {**config, "parameters": {"seed": seed, **config.get("parameters", {})}}
+    return out

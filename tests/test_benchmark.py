@@ -41,7 +41,7 @@ def one_thread():
 
 
 def test_quick_run_writes_json_and_markdown(bench, tmp_path, one_thread):
-    root = cu.make_demo_dataset(tmp_path / "demo", ["brick"], n_train=6, n_test_good=2, n_per_defect=1)
+    root = cu.make_demo_dataset(tmp_path / "demo", ["brick"], n_train=20, n_test_good=2, n_per_defect=1)
     out = tmp_path / "bench"
     # one encoder keeps it quick: the others take the same path (tests/test_encoders.py builds them)
     bench.main(["--quick", "--device", "cpu", "--data-root", str(root), "--out-dir", str(out),

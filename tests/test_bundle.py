@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import cpc_utils as cu
+import cpc_ad.bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FPR = 0.01
@@ -33,22 +34,23 @@ def trained(request, brick, tmp_path_factory) -> dict:
     train, calib, normals = cu.split_held_out(data["train"], 0.5, 0)
     val = cu.make_validation_set(normals, 0)
     grid = cu.PatchGrid(64, 16, 8)
-    model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, test_negatives=64, knn_bank=256,
-                                     shared_encoder=request.param), grid)
+    model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, shared_encoder=request.param), grid)
+    sc = cu.ScoringConfig(test_negatives=64, knn_bank=256)
     cu.train_model(model, train, calib, cu.TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)
-    scoring = cu.prepare_scoring(model, train.images, calib.images, device="cpu")
+    scoring = cu.prepare_scoring(model, train.images, calib.images, sc, device="cpu")
+    sg = scoring["grid"]
     maps = {}
     for name, images in (("test", data["test"].images), ("val", val.images)):
-        raw = cu.score_patches(model, images, scoring["bank"], scoring["references"], 16, "cpu")
-        maps[name] = cu.detector_maps(raw, scoring["calibration"], model.cfg.detector)
+        raw = cu.score_patches(model, images, scoring["bank"], scoring["references"], 16, "cpu", grid=sg)
+        maps[name] = cu.detector_maps(raw, scoring["calibration"], sc.detector)
     normal = val.labels == 0
-    val_scores = cu.image_scores(maps["val"], model.cfg.reduce)
+    val_scores = cu.image_scores(maps["val"], sc.reduce)
     threshold = cu.normal_threshold(val_scores[normal], TARGET_FPR, "image scores")
-    pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], model.score_grid)[normal], TARGET_FPR, "pixel scores")
+    pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], sg)[normal], TARGET_FPR, "pixel scores")
     path = tmp_path_factory.mktemp("bundle") / "model.pt"
     cu.save_bundle(path, model, scoring, threshold, pixel_threshold, cu.data_fingerprint(brick, "brick"))
     return {"path": path, "test": data["test"], "val": val, "val_scores": val_scores, "threshold": threshold,
-            "scores": cu.image_scores(maps["test"], model.cfg.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], model.score_grid),
+            "scores": cu.image_scores(maps["test"], sc.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], sg),
             "shared_encoder": request.param}
 
 
@@ -105,7 +107,8 @@ def test_bundle_scores_as_the_notebook_and_holds_its_provenance(trained, brick):
     assert torch.equal(result["anomalous"], trained["scores"] > bundle.threshold)
     assert bundle.model.cfg.shared_encoder is trained["shared_encoder"] and bundle.image_size == 64
     assert bundle.threshold_rule == trained["threshold"] and bundle.threshold_rule["target_fpr"] == TARGET_FPR
-    assert set(bundle.references) == {cu.detector_references(bundle.model.cfg.detector)} == {"knn_stats"}  # only what it reads
+    assert set(bundle.references) == {bundle.scoring.references} == {"knn_stats"}  # only what it reads
+    assert bundle.scoring == cu.ScoringConfig(test_negatives=64, knn_bank=256) and bundle.score_grid == cu.PatchGrid(64, 16, 4)
     assert bundle.info["format_version"] == cu.BUNDLE_VERSION and bundle.info["code_version"] == cu.code_version()
     assert bundle.info["data"] == cu.data_fingerprint(brick, "brick")
     # the threshold keeps validation normals' false-positive rate at or below the target
@@ -130,7 +133,7 @@ def test_bundle_scores_in_the_runs_precision(trained, tmp_path, monkeypatch):
         seen.append(args[7])
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(cu, "score_patches", stop)
+    monkeypatch.setattr(cpc_ad.bundle, "score_patches", stop)
     for device in ("cpu", "cuda"):  # score_patches is replaced: no GPU needed to see what it is given
         bundle.device = torch.device(device)
         with pytest.raises(RuntimeError, match="stop"):
@@ -175,7 +178,7 @@ def test_threshold_override_changes_the_verdicts(trained, tmp_path):
 
 def test_output_names_are_unique_also_where_case_is_ignored(tmp_path):
     for order in (["a.jpg", "a.png", "a_png.png"], ["a_png.png", "a.jpg", "a.png", "A.PNG", "a_jpg.png"]):
-        names = cu._output_names([tmp_path / n for n in order])
+        names = cpc_ad.bundle._output_names([tmp_path / n for n in order])
         assert len({n.as_posix().casefold() for n in names}) == len(order), names
         assert all(n.suffix == ".png" for n in names)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import cpc_utils as cu
+from conftest import metrics_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +32,8 @@ def test_help_lists_every_command_without_importing_torch():
 
 def test_summary_command(tmp_path):
     for cat, auroc in (("brick", 0.8), ("gravel", 0.6)):
-        cu.save_json({"category": cat, "encoder": "resnet18v2", "epochs_trained": 3, "image_auroc": auroc,
-                      "pixel_auroc": 0.7}, tmp_path / "run" / cat / "resnet18v2" / "metrics.json")
+        cu.save_json(metrics_record(category=cat, encoder="resnet18v2", epochs_trained=3, image_auroc=auroc,
+                                    pixel_auroc=0.7), tmp_path / "run" / cat / "resnet18v2" / "metrics.json")
     proc = run("summary", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert "2 runs summarised" in proc.stdout and (tmp_path / "run" / "summary.md").exists()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cpc_utils as cu
+import cpc_ad.models
 from conftest import random_images
 
 STEP = {"top_down": (1, 0), "bottom_up": (-1, 0), "left_right": (0, 1), "right_left": (0, -1)}
@@ -229,7 +230,7 @@ def test_cpc_targets_skip_overlapping_rows(grid, monkeypatch):
         calls.append(inspect.signature(info_nce).bind(*args, **kwargs).arguments)
         return info_nce(*args, **kwargs)
 
-    monkeypatch.setattr(cu, "info_nce", spy)
+    monkeypatch.setattr(cpc_ad.models, "info_nce", spy)
     model = tiny_cpc(grid, pred_steps=2)
     x = torch.randn(2, 3, 64, 64)
     model.loss(x, torch.Generator().manual_seed(0))
@@ -334,7 +335,7 @@ def test_unknown_direction_raises():
 # ---- CPC-AD: model -------------------------------------------------------------------
 
 def tiny_cpcad(grid: cu.PatchGrid, **kw) -> cu.CPCAD:
-    kw = {"width": 8, "pred_steps": 2, "target_offset": 0, "num_negatives": 8, "test_negatives": 64,
+    kw = {"width": 8, "pred_steps": 2, "target_offset": 0, "num_negatives": 8,
           "similarity": "cosine", "temperature": 0.1, "norm": "layer", **kw}
     return cu.CPCAD(cu.CPCADConfig(**kw), grid)
 
@@ -439,7 +440,7 @@ SUBIMAGES_768 = cu.PatchGrid(768, 64, 32, subimage_size=256, subimage_stride=128
 def without_keys(monkeypatch):
     """The loss as it was before the keys: info_nce ignoring pos_key and cand_key."""
     info_nce = cu.info_nce
-    monkeypatch.setattr(cu, "info_nce", lambda *a, pos_key=None, cand_key=None, **kw: info_nce(*a, **kw))
+    monkeypatch.setattr(cpc_ad.models, "info_nce", lambda *a, pos_key=None, cand_key=None, **kw: info_nce(*a, **kw))
 
 
 @pytest.mark.parametrize("grid", [SUBIMAGES_768, cu.PatchGrid(96, 16, 8, subimage_size=64, subimage_stride=32),
@@ -533,7 +534,7 @@ def test_cpc_loss_passes_the_position_keys(monkeypatch):
         calls.append(inspect.signature(info_nce).bind(*args, **kwargs).arguments)
         return info_nce(*args, **kwargs)
 
-    monkeypatch.setattr(cu, "info_nce", spy)
+    monkeypatch.setattr(cpc_ad.models, "info_nce", spy)
     tiny_cpc(grid).loss(torch.randn(2, 3, 96, 96), torch.Generator().manual_seed(0))
     keys = cu.patch_positions(2, grid)
     assert len(calls) == 2
@@ -562,9 +563,18 @@ def test_build_bank_picks_encoded_patches(shared):
             assert torch.allclose(bank[e], every[pick], atol=1e-5)
 
 
-def test_build_bank_default_size():
-    model = tiny_cpcad(cu.PatchGrid(32, 16, 8), test_negatives=20)
-    assert model.build_bank(random_images(4, 32)).shape == (1, 20, 32)
+def test_prepare_scoring_builds_the_configured_bank_and_only_the_detectors_references():
+    model, images = tiny_cpcad(cu.PatchGrid(32, 16, 8)), random_images(4, 32)
+    s = cu.prepare_scoring(model, images, None, cu.ScoringConfig(test_negatives=20, knn_bank=30), device="cpu")
+    assert s["bank"].shape == (1, 20, 32) and set(s["references"]) == {"knn_stats"}
+    assert s["references"]["knn_stats"].shape[:2] == (1, 30) and s["grid"] == cu.PatchGrid(32, 16, 4)
+    pure = cu.prepare_scoring(model, images, None, cu.scoring_config("paper"), device="cpu")
+    assert pure["references"] == {} and pure["grid"] == model.grid  # the loss alone reads no references
+    every = cu.prepare_scoring(model, images, None, cu.ScoringConfig(knn_bank=30), kinds=cu.REFERENCE_KINDS,
+                               device="cpu")
+    assert set(every["references"]) == set(cu.REFERENCE_KINDS)
+    assert torch.equal(every["references"]["knn_stats"], cu.prepare_scoring(
+        model, images, None, cu.ScoringConfig(knn_bank=30), device="cpu")["references"]["knn_stats"])
 
 
 def test_score_images_deterministic_and_batch_independent():
@@ -572,12 +582,12 @@ def test_score_images_deterministic_and_batch_independent():
     model = tiny_cpcad(grid)
     images = random_images(4, 64)
     bank = model.build_bank(images, size=64)
-    maps = cu.score_images(model, images, bank, batch_size=4, device="cpu")
+    maps = cu.score_images(model, images, bank, batch_size=4, device="cpu", grid=cu.PatchGrid(64, 16, 4))
     assert maps.shape == (4, 1, 13, 13) and torch.isfinite(maps).all() and (maps > 0).all()
-    assert torch.equal(maps, cu.score_images(model, images, bank, batch_size=4, device="cpu"))
-    alone = cu.score_images(model, images[2:3], bank, batch_size=1, device="cpu")
+    assert torch.equal(maps, cu.score_images(model, images, bank, batch_size=4, device="cpu", grid=cu.PatchGrid(64, 16, 4)))
+    alone = cu.score_images(model, images[2:3], bank, batch_size=1, device="cpu", grid=cu.PatchGrid(64, 16, 4))
     assert torch.allclose(alone, maps[2:3], rtol=1e-5, atol=1e-5)
-    uneven = cu.score_images(model, images, bank, batch_size=3, device="cpu")
+    uneven = cu.score_images(model, images, bank, batch_size=3, device="cpu", grid=cu.PatchGrid(64, 16, 4))
     assert torch.allclose(uneven, maps, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(maps[0], maps[1])  # different images get different maps
 
@@ -591,9 +601,10 @@ def test_subimage_layout_end_to_end(demo_root):
                              progress=False)
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     bank = model.build_bank(data["train"].images, size=128)
-    maps = cu.score_images(model, data["test"].images, bank, device="cpu")
+    score_grid = cu.ScoringConfig().score_grid(grid)
+    maps = cu.score_images(model, data["test"].images, bank, device="cpu", grid=score_grid)
     assert maps.shape == (len(data["test"]), 4, 13, 13) and torch.isfinite(maps).all()  # the dense score grid
-    result = cu.evaluate_maps(maps, data["test"], model.score_grid)
+    result = cu.evaluate_maps(maps, data["test"], score_grid)
     assert result["pixel_maps"].shape == (len(data["test"]), 1, 96, 96)
     assert set(result["scores"]) == {"mean", "max"}
     for key in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro", "image_auroc_max"):
@@ -605,10 +616,12 @@ def test_cpcad_config_presets():
     assert cu.cpcad_config() == cu.CPCADConfig()
     assert cu.cpcad_config("fast", width=8, norm=None) == cu.CPCADConfig(width=8)  # None keeps the preset's value
     paper = cu.cpcad_config("paper", grid, width=8)
-    assert (paper.shared_encoder, paper.similarity, paper.temperature, paper.detector, paper.reduce) == \
-        (False, "dot", 1.0, "cpcad", "mean")
+    assert (paper.shared_encoder, paper.similarity, paper.temperature) == (False, "dot", 1.0)
     assert paper.target_offset == grid.overlap_steps == 1 and paper.width == 8
-    assert cu.CPCADConfig().dense_scoring and not paper.dense_scoring  # the paper's maps: the training grid
+    scoring = cu.scoring_config("paper")
+    assert (scoring.detector, scoring.reduce, scoring.dense_scoring) == ("cpcad", "mean", False)
+    assert cu.ScoringConfig().dense_scoring and scoring.score_grid(grid) == grid  # the paper's maps: the training grid
+    assert cu.scoring_config("fast", reduce="mean", detector=None) == cu.ScoringConfig(reduce="mean")
     model = cu.CPCAD(paper, grid)
     assert len(model.encoders) == 4
     with pytest.raises(ValueError, match="needs the grid"):
@@ -632,6 +645,8 @@ def test_cpcad_config_checks_that_the_grid_leaves_context():
 
 
 @pytest.mark.parametrize("field, value", [("detector", "magic"), ("reduce", "median")])
-def test_cpcad_rejects_unknown_detector_or_reduce(field, value):
+def test_scoring_config_rejects_unknown_detector_or_reduce(field, value):
     with pytest.raises(ValueError, match=value):
-        cu.CPCAD(cu.CPCADConfig(width=8, **{field: value}), cu.PatchGrid(32, 16, 8))
+        cu.ScoringConfig(**{field: value})
+    with pytest.raises(TypeError):  # scoring policy is not the model's
+        cu.CPCADConfig(width=8, **{field: value})

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import cpc_utils as cu
+import cpc_ad.data
+import cpc_ad.demo
 from conftest import FAKE_DEFECTS, FAKE_SIZE, FAKE_TEST_GOOD, FAKE_TRAIN, fake_defect_box, make_fake_mvtec
 
 
@@ -82,7 +84,7 @@ def no_demo_writing(monkeypatch):
     """make_demo_dataset fails the test if called."""
     def fail(*args, **kw):
         raise AssertionError("the demo data must not be written here")
-    monkeypatch.setattr(cu, "make_demo_dataset", fail)
+    monkeypatch.setattr(cpc_ad.demo, "make_demo_dataset", fail)
 
 
 def test_wrong_mvtec_root_env_is_an_error_not_a_fallback(tmp_path, monkeypatch, no_env, demo_root,
@@ -132,7 +134,7 @@ def test_resolve_data_root_uses_existing_demo_data(demo_root, no_env, no_demo_wr
 
 def test_resolve_data_root_writes_missing_demo_data(tmp_path, no_env, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cu, "make_demo_dataset", lambda out, *a, **kw: calls.append(Path(out)))
+    monkeypatch.setattr(cpc_ad.demo, "make_demo_dataset", lambda out, *a, **kw: calls.append(Path(out)))
     assert cu.resolve_data_root("", demo_dir=tmp_path / "demo") == tmp_path / "demo"
     assert calls == [tmp_path / "demo"]
     lines = capsys.readouterr().out.splitlines()
@@ -316,7 +318,7 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
     Image.fromarray(stored).save(tmp_path / "photo_mask.png", exif=exif)
     x = cu.read_image(tmp_path / "photo.jpg", 16).float()
     assert x[:, :8].mean() > 200 and x[:, 8:].mean() < 50  # top white, bottom black
-    assert cu._read_image_sized(tmp_path / "photo.jpg", 16)[1] == (48, 80)
+    assert cpc_ad.data._read_image_sized(tmp_path / "photo.jpg", 16)[1] == (48, 80)
     m = cu.read_mask(tmp_path / "photo_mask.png", 16, (tmp_path / "photo.jpg", (48, 80)))  # sizes agree upright
     assert m[0, :8].all() and not m[0, 8:].any()
 
@@ -688,11 +690,11 @@ def test_demo_defects_change_exactly_the_mask(category):
     """The writer's defect images: the mask is exactly the pixels where the defective image
     differs from its clean original, and never empty; about half the draws are subtle."""
     spec = cu.DEMO_CATEGORIES[category]
-    sources = cu._demo_sources(spec)
+    sources = cpc_ad.demo._demo_sources(spec)
     rng = np.random.default_rng(0)
     for defect in cu.demo_defects(category):
         for _ in range(2):
-            clean, bad, mask = cu._demo_defect_image(spec, defect, 64, sources, rng)
+            clean, bad, mask = cpc_ad.demo._demo_defect_image(spec, defect, 64, sources, rng)
             assert clean.shape == bad.shape == (64, 64, 3 if spec.colour else 1)
             assert mask.any() and np.array_equal((clean != bad).any(-1), mask), defect
 

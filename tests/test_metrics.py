@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import cpc_utils as cu
+import cpc_ad.scoring
 from conftest import random_images
 
 
@@ -63,7 +64,10 @@ def test_detector_maps():
 
 
 def tiny_model(grid: cu.PatchGrid, **kw) -> cu.CPCAD:
-    return cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=8, test_negatives=32, **kw), grid).eval()
+    return cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=8, **kw), grid).eval()
+
+
+SC = cu.ScoringConfig(test_negatives=32)  # dense scoring: the training grid at half its stride
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -71,14 +75,14 @@ def test_score_patches_knn_is_the_nearest_reference_distance(shared):
     grid = cu.PatchGrid(32, 16, 8)
     model = tiny_model(grid, shared_encoder=shared)
     train, test = random_images(3, 32, seed=1), random_images(2, 32, seed=2)
-    scoring = cu.prepare_scoring(model, train, None, knn_size=10_000, device="cpu")
-    refs, sg = scoring["references"], model.score_grid                         # 5x5: the dense score grid
+    scoring = cu.prepare_scoring(model, train, None, SC, knn_size=10_000, kinds=cu.REFERENCE_KINDS, device="cpu")
+    refs, sg = scoring["references"], scoring["grid"]                          # 5x5: the dense score grid
     assert scoring["calibration"] is None and set(refs) == set(cu.REFERENCE_KINDS)
     assert refs["knn"].shape[1] == refs["knn_ms"].shape[1] == refs["knn_stats"].shape[1] == 3 * 25  # all
-    raw = cu.score_patches(model, test, scoring["bank"], refs, batch_size=1, device="cpu")
+    raw = cu.score_patches(model, test, scoring["bank"], refs, batch_size=1, device="cpu", grid=sg)
     assert set(raw) == {"loss", *cu.REFERENCE_KINDS}
     assert all(v.shape == (2, 1, 5, 5) for v in raw.values())
-    assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu"))
+    assert torch.equal(raw["loss"], cu.score_images(model, test, scoring["bank"], device="cpu", grid=sg))
     with torch.no_grad():  # brute force, averaged over the encoders
         for i, kind in enumerate(cu.REFERENCE_KINDS):
             dists = []
@@ -92,7 +96,7 @@ def test_score_patches_knn_is_the_nearest_reference_distance(shared):
                     d = 1 - torch.einsum("bijd,md->bijm", F.normalize(f, dim=-1), F.normalize(ref, dim=-1)).max(-1).values
                 dists.append(d.float())
             assert torch.allclose(raw[kind][:, 0], torch.stack(dists).mean(0), atol=1e-3, rtol=1e-4), kind
-    train_raw = cu.score_patches(model, train, scoring["bank"], refs, device="cpu")
+    train_raw = cu.score_patches(model, train, scoring["bank"], refs, device="cpu", grid=sg)
     typical = torch.stack([raw[k] for k in cu.REFERENCE_KINDS]).mean((1, 2, 3, 4))  # of other images' patches
     for k, t in zip(cu.REFERENCE_KINDS, typical):  # a train patch is its own neighbour (cdist rounds a little)
         assert train_raw[k].abs().max() < 1e-3 * t, k
@@ -119,9 +123,9 @@ def test_multiscale_descriptor(name):
 def test_stats_distance_is_standardised_and_survives_a_constant_dimension():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(500, 3, generator=g) * torch.tensor([1.0, 100.0, 0.0])  # dim 2 never varies
-    prepared = cu._prepare_references("knn_stats", ref)
+    prepared = cpc_ad.scoring._prepare_references("knn_stats", ref)
     query = torch.tensor([[3.0, 0.0, 0.0], [0.0, 300.0, 0.0], [0.0, 0.0, 1e-7], [0.0, 0.0, 1.0]])
-    d = cu._nearest_distance("knn_stats", query, prepared)
+    d = cpc_ad.scoring._nearest_distance("knn_stats", query, prepared)
     assert torch.isfinite(d).all()
     assert abs(d[0] - d[1]) < 0.5      # 3 spreads out in dim 0 is as far as 3 spreads out in dim 1
     assert d[2] < 0.5 < 10 < d[3]      # float noise in the dead dimension is nothing; a real change is large
@@ -137,10 +141,10 @@ def test_stage_statistics_see_a_flat_fill_that_looks_typical_on_average():
     train, calib = random_images(8, 64, seed=1), random_images(4, 64, seed=2)
     test = random_images(2, 64, seed=3)
     test[1, :, 24:40, 24:40] = 128                                     # the fill covers one patch exactly
-    scoring = cu.prepare_scoring(model, train, calib, device="cpu")
-    raw = cu.score_patches(model, test, scoring["bank"], scoring["references"], device="cpu")
+    scoring = cu.prepare_scoring(model, train, calib, SC, device="cpu")
+    raw = cu.score_patches(model, test, scoring["bank"], scoring["references"], device="cpu", grid=scoring["grid"])
     maps = cu.detector_maps(raw, scoring["calibration"], "knn_stats")
-    G, c = model.score_grid.grid, 24 // model.score_grid.stride       # that patch on the dense score grid
+    G, c = scoring["grid"].grid, 24 // scoring["grid"].stride         # that patch on the dense score grid
     assert maps[1].flatten().argmax() == c * G + c
     assert maps[1, 0, c, c] > 3 * maps[0].max()
 
@@ -152,35 +156,35 @@ def test_dense_scoring_halves_the_stride_and_keeps_the_training_grids_loss(grid)
     kNN distances are measured on every patch, against references drawn from the dense grid;
     the negatives stay on the training grid. An odd stride, or dense_scoring=False, keeps it."""
     torch.manual_seed(0)
-    dense, coarse = tiny_model(grid), tiny_model(grid, dense_scoring=False)
-    coarse.load_state_dict(dense.state_dict())
-    assert dense.score_grid == dataclasses.replace(grid, stride=grid.stride // 2) and coarse.score_grid == grid
-    assert tiny_model(cu.PatchGrid(40, 16, 3)).score_grid == cu.PatchGrid(40, 16, 3)
-    G, Gd, n_sub = grid.grid, dense.score_grid.grid, grid.num_subimages ** 2
+    model, off = tiny_model(grid), dataclasses.replace(SC, dense_scoring=False)
+    dense_grid = SC.score_grid(grid)
+    assert dense_grid == dataclasses.replace(grid, stride=grid.stride // 2) and off.score_grid(grid) == grid
+    assert SC.score_grid(cu.PatchGrid(40, 16, 3)) == cu.PatchGrid(40, 16, 3)
+    G, Gd, n_sub = grid.grid, dense_grid.grid, grid.num_subimages ** 2
     assert Gd == 2 * G - 1
     train, test = random_images(3, grid.image_size, seed=1), random_images(2, grid.image_size, seed=2)
-    s = cu.prepare_scoring(dense, train, None, knn_size=10_000, device="cpu")
-    assert s["references"]["knn"].shape[1] == 3 * n_sub * Gd ** 2                  # every dense patch
-    assert torch.equal(s["bank"], coarse.build_bank(train))                         # negatives: training grid
-    raw = cu.score_patches(dense, test, s["bank"], s["references"], device="cpu")
+    s = cu.prepare_scoring(model, train, None, SC, knn_size=10_000, kinds=cu.REFERENCE_KINDS, device="cpu")
+    assert s["grid"] == dense_grid and s["references"]["knn"].shape[1] == 3 * n_sub * Gd ** 2  # every dense patch
+    assert torch.equal(s["bank"], model.build_bank(train, SC.test_negatives))      # negatives: training grid
+    raw = cu.score_patches(model, test, s["bank"], s["references"], device="cpu", grid=dense_grid)
     assert all(v.shape == (2, n_sub, Gd, Gd) for v in raw.values())
-    loss = cu.score_images(coarse, test, s["bank"], device="cpu")                  # (2, n_sub, G, G)
+    loss = cu.score_images(model, test, s["bank"], device="cpu")                   # (2, n_sub, G, G)
     assert torch.allclose(raw["loss"][..., ::2, ::2], loss, atol=1e-5)
     assert torch.allclose(raw["loss"][..., 1::2, ::2], (loss[..., :-1, :] + loss[..., 1:, :]) / 2, atol=1e-5)
-    assert torch.allclose(cu.score_images(dense, test, s["bank"], device="cpu"), raw["loss"], atol=1e-5)
-    on_coarse = cu.score_patches(coarse, test, s["bank"], s["references"], device="cpu")
+    assert torch.allclose(cu.score_images(model, test, s["bank"], device="cpu", grid=dense_grid), raw["loss"], atol=1e-5)
+    on_coarse = cu.score_patches(model, test, s["bank"], s["references"], device="cpu")
     for kind in cu.REFERENCE_KINDS:  # the training grid's patches, same references: the same distances
         assert torch.allclose(raw[kind][..., ::2, ::2], on_coarse[kind], atol=1e-4), kind
         assert not torch.allclose(raw[kind][..., 1::2, 1::2], raw[kind][..., :-1:2, :-1:2], atol=1e-3), kind
-    assert cu.patches_to_pixels(raw["loss"], dense.score_grid).shape == (2, 1, grid.image_size, grid.image_size)
+    assert cu.patches_to_pixels(raw["loss"], dense_grid).shape == (2, 1, grid.image_size, grid.image_size)
 
 
 def test_prepare_scoring_fits_calibration_on_held_out_normals():
     grid = cu.PatchGrid(32, 16, 8)
     model = tiny_model(grid)
     train, calib = random_images(3, 32, seed=1), random_images(4, 32, seed=3)
-    scoring = cu.prepare_scoring(model, train, calib, device="cpu")
-    raw = cu.score_patches(model, calib, scoring["bank"], scoring["references"], device="cpu")
+    scoring = cu.prepare_scoring(model, train, calib, SC, kinds=cu.REFERENCE_KINDS, device="cpu")
+    raw = cu.score_patches(model, calib, scoring["bank"], scoring["references"], device="cpu", grid=scoring["grid"])
     cal = scoring["calibration"](raw)
     for kind in ("loss", *cu.REFERENCE_KINDS):  # on its own images the calibration gives zero mean per position
         assert cal[kind].mean(0).abs().max() < 1e-4
@@ -191,7 +195,7 @@ def test_scoring_follows_the_runs_precision(monkeypatch):
     score_patches gets the run's precision, not "auto" (bf16/fp16 on a GPU)."""
     seen = []
     real = cu.autocast
-    monkeypatch.setattr(cu, "autocast", lambda device, precision="auto": seen.append(precision) or real(device, precision))
+    monkeypatch.setattr(cpc_ad.scoring, "autocast", lambda device, precision="auto": seen.append(precision) or real(device, precision))
     grid = cu.PatchGrid(32, 16, 8)
     model = tiny_model(grid)
     scoring = cu.prepare_scoring(model, random_images(3, 32, seed=1), random_images(2, 32, seed=3), device="cpu",

@@ -21,6 +21,7 @@ import papermill as pm
 import pytest
 
 import cpc_utils as cu
+from conftest import metrics_record
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
@@ -60,11 +61,12 @@ def fake_results(tmp_path_factory) -> Path:
         for seed in (0, 1):
             for epochs in (1, 2):
                 history = [{"epoch": e, "train_loss": 4.0, "val_loss": 4.0 - e, "seconds": 1.0 + i} for e in range(1, epochs + 1)]
-                cu.save_json({"category": "brick", "encoder": enc, "epochs": epochs, "epochs_trained": epochs,
-                              "chosen_epoch": epochs, "history": history, "config": {"parameters": {"seed": seed}},
-                              "image_auroc": 0.5 + 0.1 * i + 0.02 * seed, "pixel_auroc": 0.6, "aupro": 0.3,
-                              "baseline_image_auroc": 0.55, "baseline_pixel_auroc": 0.7, "baseline_aupro": 0.2,
-                              "detector": cu.CPCADConfig().detector, "image_reduce": cu.CPCADConfig().reduce},
+                cu.save_json(metrics_record(category="brick", encoder=enc, epochs=epochs, epochs_trained=epochs,
+                                            chosen_epoch=epochs, history=history, seed=seed,
+                                            image_auroc=0.5 + 0.1 * i + 0.02 * seed, pixel_auroc=0.6, aupro=0.3,
+                                            baseline_image_auroc=0.55, baseline_pixel_auroc=0.7, baseline_aupro=0.2,
+                                            detector=cu.ScoringConfig().detector, image_reduce=cu.ScoringConfig().reduce,
+                                            score_grid=13, baseline_grid=13),  # the tiny runs' grid
                              root / "brick" / enc / f"seed{seed}" / f"e{epochs}" / "metrics.json")
     return root
 
@@ -202,7 +204,7 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert m["device"] == "cpu" and m["chance_loss"] > 0 and m["final_train_loss"] > 0
     # the whole configuration: every notebook parameter, and the dataclasses in force
     assert set(m["config"]["parameters"]) == set(pm.inspect_notebook(str(NOTEBOOKS["02"])))
-    assert m["config"]["model"]["width"] == 8 and m["config"]["model"]["test_negatives"] == 128
+    assert m["config"]["model"]["width"] == 8 and m["config"]["scoring"]["test_negatives"] == 128
     assert m["config"]["grid"]["image_size"] == 64 and m["config"]["train"]["epochs"] == 1
     assert m["score_grid"] == m["baseline_grid"] == 13  # like for like: the baseline on the dense 13x13 maps too
     assert {"training_curves.png", "roc.png", "score_histogram.png", "heatmaps.png"} <= {p.name for p in out.glob("*.png")}
@@ -243,7 +245,7 @@ def test_notebook03_shows_the_study_table_of_a_ladder(executed):
     for enc in cu.ENCODERS:
         for n in (1, 2):  # notebook 02's own runs, as rungs of a ladder
             m = json.loads((out / "runs" / "gravel" / enc / "seed0" / f"e{n}" / "metrics.json").read_text())
-            assert (m["epochs"], m["detector"], m["image_reduce"]) == (n, cu.CPCADConfig().detector, cu.CPCADConfig().reduce)
+            assert (m["epochs"], m["detector"], m["image_reduce"]) == (n, cu.ScoringConfig().detector, cu.ScoringConfig().reduce)
             assert 0 <= m["baseline_image_auroc"] <= 1 and m["chosen_epoch"] in (1, 2)
     table = (out / "table_image_auroc.md").read_text().splitlines()
     assert table[0] == ("| Class | resnet18v2 e1 | resnet18v2 e2 | resnet50v2 e1 | resnet50v2 e2 | densenet e1 | densenet e2 "

@@ -18,6 +18,8 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.figure import Figure
 
 import cpc_utils as cu
+import cpc_ad.demo
+from conftest import metrics_record
 
 
 # ---- plots ---------------------------------------------------------------------------
@@ -314,14 +316,42 @@ def results_tree(tmp_path) -> Path:
     """results/<run>/<category>/<encoder>[-<epochs>]/metrics.json for ROWS."""
     run = tmp_path / "run"
     for r in ROWS:
-        cu.save_json(r, run / r["category"] / f"{r['encoder']}-{r['epochs_trained']}" / "metrics.json")
+        cu.save_json(metrics_record(**r), run / r["category"] / f"{r['encoder']}-{r['epochs_trained']}" / "metrics.json")
     return run
+
+
+RECORDS = [metrics_record(**r) for r in ROWS]
 
 
 def test_load_results(results_tree):
     rows = cu.load_results(results_tree)
-    assert sorted(rows, key=json.dumps) == sorted(ROWS, key=json.dumps)
+    assert sorted(rows, key=json.dumps) == sorted(RECORDS, key=json.dumps)
     assert cu.load_results(results_tree / "nowhere") == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("baseline_pixel_auroc"), "missing baseline_pixel_auroc"),
+    (lambda r: r.update(baseline_pixel_auroc_v2=r.pop("baseline_pixel_auroc")), "unknown baseline_pixel_auroc_v2"),
+    (lambda r: r.update(schema_version=cu.SCHEMA_VERSION + 1), "schema_version"),
+], ids=["missing", "renamed", "newer"])
+def test_load_results_refuses_a_record_of_another_schema(results_tree, change, message):
+    """A field missing or renamed fails with the file's name, not as a blank table cell."""
+    path = results_tree / "brick" / "resnet18v2-2" / "metrics.json"
+    record = json.loads(path.read_text())
+    change(record)
+    cu.save_json(record, path)
+    with pytest.raises(ValueError, match=message) as e:
+        cu.load_results(results_tree)
+    assert str(path) in str(e.value)
+
+
+def test_metrics_record_round_trips_and_every_summary_column_is_a_field():
+    record = cu.read_record(metrics_record())
+    assert cu.read_record(record.to_dict()) == record and set(record.to_dict()) == set(cu.record_keys())
+    assert set(cu.SUMMARY_COLUMNS) <= set(cu.record_keys()) | set(cu.DERIVED_COLUMNS)
+    assert set(cu.COLUMN_LEGEND) == set(cu.SUMMARY_COLUMNS)
+    legacy = {k: v for k, v in record.to_dict().items() if k not in ("schema_version", "chosen_epoch")}
+    assert cu.read_record(legacy).chosen_epoch == 1  # version 1: no version, chosen_epoch from the history
 
 
 def test_load_results_invalid_json_names_the_file(results_tree):
@@ -332,7 +362,7 @@ def test_load_results_invalid_json_names_the_file(results_tree):
         cu.load_results(results_tree)
     assert str(bad) in str(e.value)
     # a caller that reports the file itself (the sweep: as a failed pair) leaves it out, and only it
-    assert sorted(cu.load_results(results_tree, skip=[bad]), key=json.dumps) == sorted(ROWS, key=json.dumps)
+    assert sorted(cu.load_results(results_tree, skip=[bad]), key=json.dumps) == sorted(RECORDS, key=json.dumps)
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -433,7 +463,7 @@ def summary_tree(tmp_path) -> Path:
     for r in COMPARED:
         r = config({**r, "image_auroc": 0.8123456789} if r["category"] == "gravel" else r, width=16)
         folder = run / f"s{r.get('seed', 0)}e{r['epochs_trained']}" / r["category"] / r["encoder"]
-        cu.save_json(r, folder / "metrics.json")
+        cu.save_json(metrics_record(**r), folder / "metrics.json")
     return run
 
 
@@ -449,7 +479,7 @@ def test_write_summary(summary_tree):
     assert parts == sorted(parts)  # parameters, class x encoder table, every run, the legend of its columns
     assert cu.comparison_table(rows, ("image_auroc", "pixel_auroc")) in text and cu.summary_table(rows) in text
     assert all(f"- `{c}`: {cu.COLUMN_LEGEND[c]}" in text for c in cu.SUMMARY_COLUMNS)
-    assert "| gravel | tuning | densenet | 0 |  | 5 |" in text and "0.81 |" in text and "0.812" not in text
+    assert "| gravel | tuning | densenet | 0 | 5 | 5 |" in text and "0.81 |" in text and "0.812" not in text
     with open(summary_tree / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(cu.SUMMARY_COLUMNS)
@@ -475,7 +505,7 @@ def test_tables_and_charts_never_pool_two_detectors(summary_tree):
     with pytest.raises(ValueError, match="mix detectors"):
         cu.plot_epochs(COMPARED + pure)
     for r in pure:
-        cu.save_json(config(r, width=16), summary_tree / "pure" / r["category"] / f"{r['encoder']}{r.get('seed', 0)}" /
+        cu.save_json(metrics_record(**config(r, width=16)), summary_tree / "pure" / r["category"] / f"{r['encoder']}{r.get('seed', 0)}" /
                      "metrics.json")
     rows = cu.write_summary(summary_tree)
     text = (summary_tree / "summary.md").read_text()
@@ -505,7 +535,7 @@ def test_cli_demo_data(tmp_path, monkeypatch, capsys):
         calls.append((str(out), categories, seed))
         return make(out, categories, n_train=2, n_test_good=1, n_per_defect=1, image_size=64, seed=seed)
 
-    monkeypatch.setattr(cu, "make_demo_dataset", small)
+    monkeypatch.setattr(cpc_ad.demo, "make_demo_dataset", small)
     out = tmp_path / "demo"
     cu.main(["demo-data", str(out), "--categories", "brick", "tissue", "--seed", "3"])
     assert calls == [(str(out), ["brick", "tissue"], 3)]

@@ -49,7 +49,8 @@ def test_study_writes_every_run_with_val_and_test_metrics(tiny_study):
             m = r[split]["cpcad"] if split in ("val", "test") else r[split]
             assert all(0 <= m[f"image_auroc_{k}"] <= 1 for k in cu.REDUCES) and 0 <= m["pixel_auroc"] <= 1
         assert [("val_detection" in h) for h in r["history"]] == [True, True]  # --eval-every 1
-        assert (out / "runs" / "fast" / category / "seed0.pt").exists()
+        assert (out / "runs" / "fast" / category / "seed0" / "model.pt").exists()  # run_cpcad's run folder
+        assert json.loads((out / "runs" / "fast" / category / "seed0" / "metrics.json").read_text())["category"] == category
 
 
 def test_study_report_has_both_halves(tiny_study):
@@ -94,7 +95,7 @@ def test_study_baseline_is_on_the_detectors_score_grid(tiny_study, tmp_path, mon
 
 
 class Payload:
-    """What a planted seed<k>.pt could hold: a full unpickle of it (not weights-only) creates `marker`."""
+    """What a planted model.pt could hold: a full unpickle of it (not weights-only) creates `marker`."""
 
     def __init__(self, marker: Path):
         self.marker = marker
@@ -104,13 +105,13 @@ class Payload:
 
 
 def test_study_refuses_weights_holding_code(tiny_study, tmp_path):
-    """--rescore reads a run's seed<k>.pt as tensors and plain types only: a planted payload is
+    """--rescore reads a run's model.pt as tensors and plain types only: a planted payload is
     refused in one line naming the file, and never runs."""
     import shutil
     import torch
     out, marker = tmp_path / "out", tmp_path / "payload-ran"
     shutil.copytree(tiny_study["out"], out)
-    weights = out / "runs" / "fast" / "brick" / "seed0.pt"
+    weights = out / "runs" / "fast" / "brick" / "seed0" / "model.pt"
     torch.save({**torch.load(weights, weights_only=True), "extra": Payload(marker)}, weights)
     data = cu.make_demo_dataset(tmp_path / "data", ["brick"], n_train=20, n_test_good=2, n_per_defect=1,
                                 image_size=64)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import cpc_utils as cu
+import cpc_ad.training
+from conftest import metrics_record
 
 GRID = cu.PatchGrid(32, 16, 8)  # 3x3 patches of 16 px
 
@@ -68,7 +70,7 @@ def test_history_and_checkpoints(name, sets, tmp_path, monkeypatch):
         saved.append((Path(path).name, obj["epoch"]))
         return save_atomic(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(cu, "save_atomic", spy)
+    monkeypatch.setattr(cpc_ad.training, "save_atomic", spy)
     model = build(name, 0)
     history = cu.train_model(model, train, val, config(3), tmp_path, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -282,7 +284,7 @@ def test_best_weights_without_checkpoint_dir(name, sets, monkeypatch):
     memory): validation losses scripted to be best at epoch 2 of 4, compared with a 2-epoch run."""
     train, val = sets
     scripted = iter([3.0, 1.0, 2.0, 2.5])
-    monkeypatch.setattr(cu, "validation_loss", lambda *args, **kwargs: next(scripted))
+    monkeypatch.setattr(cpc_ad.training, "validation_loss", lambda *args, **kwargs: next(scripted))
     model = build(name, 0)
     history = cu.train_model(model, train, val, config(4), progress=False)
     assert [h["val_loss"] for h in history] == [3.0, 1.0, 2.0, 2.5]
@@ -384,10 +386,10 @@ def test_fresh_run_ignores_stale_checkpoints(tmp_path):
     train = cu.ImageSet(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
                         torch.zeros(4, 1, 32, 32, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
                         ["good"] * 4, [f"{i}.png" for i in range(4)])
-    stale = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16, num_negatives=15), grid)
+    stale = cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=15), grid)
     cu.save_atomic({"model": stale.state_dict(), "epoch": 1}, tmp_path / "best.pt")
     torch.manual_seed(1)
-    model = cu.CPCAD(cu.CPCADConfig(width=8, test_negatives=16, num_negatives=15), grid)
+    model = cu.CPCAD(cu.CPCADConfig(width=8, num_negatives=15), grid)
     cu.train_model(model, train, None, cu.TrainConfig(epochs=1, batch_size=2), tmp_path, progress=False)
     assert not (tmp_path / "best.pt").exists()
     assert not torch.equal(model.W, stale.W)
@@ -419,15 +421,25 @@ def test_train_config_rejects_bad_values(kw, text):
 
 
 @pytest.mark.parametrize("kw, text", [
-    (dict(num_negatives=0), "num_negatives=0: must be >= 1"), (dict(test_negatives=0), "test_negatives=0"),
+    (dict(num_negatives=0), "num_negatives=0: must be >= 1"),
     (dict(temperature=-0.1), "temperature=-0.1: must be > 0"), (dict(temperature=0), "temperature=0: must be > 0"),
     (dict(similarity="cos"), "similarity='cos': choose one of dot, cosine"), (dict(width="16"), "width='16'"),
-    (dict(detector="nope"), "detector='nope'"), (dict(shared_encoder=1), "shared_encoder=1: expected bool")])
+    (dict(shared_encoder=1), "shared_encoder=1: expected bool")])
 def test_cpcad_config_rejects_bad_values(kw, text):
     with pytest.raises(cu.ParameterError) as e:
         cu.CPCADConfig(**kw)
     assert text in str(e.value)
     assert cu.CPCADConfig(num_negatives=None).num_negatives is None  # None: every patch of the batch
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(test_negatives=0), "test_negatives=0"), (dict(knn_bank=0), "knn_bank=0"),
+    (dict(detector="nope"), "detector='nope'"), (dict(reduce="median"), "reduce='median'"),
+    (dict(dense_scoring=1), "dense_scoring=1: expected bool")])
+def test_scoring_config_rejects_bad_values(kw, text):
+    with pytest.raises(cu.ParameterError) as e:
+        cu.ScoringConfig(**kw)
+    assert text in str(e.value)
 
 
 def test_cpc_config_and_grid_reject_bad_values():
@@ -548,7 +560,7 @@ def test_fingerprint_covers_parameters_data_and_code(demo_root):
     params = {"category": "brick", "width": 16, "epochs": 3, "resume": False, "output_dir": "x", "data_root": ""}
     fp = cu.run_fingerprint(params, demo_root, "brick")
     assert set(fp) == {"parameters", "data", "code"} and "resume" not in fp["parameters"]
-    assert fp["data"]["category"] == "brick" and fp["data"]["files"] > 0 and fp["code"] == cu.code_version()
+    assert fp["data"]["category"] == "brick" and fp["data"]["files"] > 0 and fp["code"] == cu.code_fingerprint()
     assert cu.fingerprint_diff(fp, cu.run_fingerprint({**params, "resume": True, "output_dir": "y"},
                                                       demo_root, "brick")) == []
     other = cu.run_fingerprint({**params, "width": 32, "epochs": 4}, demo_root, "gravel")
@@ -594,14 +606,14 @@ def test_a_failed_run_keeps_the_previous_one(tmp_path):
     work = cu.begin_run(out, {"v": 1})
     (work / "checkpoints").mkdir()
     (work / "checkpoints" / "last.pt").write_bytes(b"model 1")
-    cu.finish_run(out, work, {"image_auroc": 0.9})
+    cu.finish_run(out, work, metrics_record(image_auroc=0.9))
     assert json.loads((out / "metrics.json").read_text())["image_auroc"] == 0.9
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     work = cu.begin_run(out, {"v": 2})  # a second run that then fails: nothing of the first is touched
     (work / "checkpoints").mkdir()
     (work / "checkpoints" / "last.pt").write_bytes(b"model 2, half")
     assert (out / "checkpoints" / "last.pt").read_bytes() == b"model 1" and (out / "metrics.json").exists()
-    assert cu.load_results(tmp_path) == [{"image_auroc": 0.9}]  # the staging folder is not a result
+    assert [r["image_auroc"] for r in cu.load_results(tmp_path)] == [0.9]  # the staging folder is not a result
     work = cu.begin_run(out, {"v": 2})  # a third that succeeds replaces the first
     assert not (work / "checkpoints").exists()  # resume=False starts the unfinished one over
     cu.finish_run(out, work, {"image_auroc": 0.7})
@@ -861,7 +873,7 @@ def test_time_budget_stops_at_an_epoch_boundary_and_resumes(sets, tmp_path, monk
     resuming without a budget ends where an uninterrupted run does."""
     train, val = sets
     clock = {"t": 0.0}
-    monkeypatch.setattr(cu.time, "perf_counter", lambda: clock.__setitem__("t", clock["t"] + 1.0) or clock["t"])
+    monkeypatch.setattr(cpc_ad.training.time, "perf_counter", lambda: clock.__setitem__("t", clock["t"] + 1.0) or clock["t"])
     with pytest.raises(cu.TimeBudgetReached, match=r"stopped after epoch [12] of 3.*resume=True") as e:
         cu.train_model(build("cpcad", 0), train, val, config(3, time_budget=5.0), tmp_path / "a", progress=False)
     assert str(tmp_path / "a" / "last.pt") in str(e.value)
