@@ -413,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             first = out.name == f"e{rungs[0]}" or not ladder
             what = {"finished": "skip (finished with these parameters)",
                     "new": "run" if first or not resume else "continue the previous rung's training",
-                    "changed": f"run again (finished with other {', '.join(diff)})",
+                    "changed": f"rescore its trained weights (finished with other {', '.join(diff)})"
+                               if set(diff) <= set(cu.RESCORE_CHANGES) else
+                               f"run again (finished with other {', '.join(diff)})",
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
             say(f"[{n}/{total}] {key}: would {what[state]}")
         return 1 if bad else 0

@@ -543,3 +543,28 @@ def test_pruning_a_rung_deletes_only_the_training_state_it_wrote(tmp_path):
         assert (rung / "model.pt").exists()
         left = sorted(p.name for p in (rung / "checkpoints").iterdir()) if (rung / "checkpoints").exists() else None
         assert left == (["notes.txt"] if extra else None)
+
+
+def test_a_scoring_change_rescores_finished_pairs_without_training(sweeps, tmp_path):
+    """Another reduction for a finished pair: the sweep says it rescores, the notebook loads the
+    pair's model.pt instead of training (its history and training time are kept), and only the
+    scoring changed in the record; the dry run says the same beforehand."""
+    results = tmp_path / "results"
+    shutil.copytree(sweeps["results"], results)
+    (results / "t" / "failures.json").unlink()  # the broken category's record: not this test's subject
+    pair = results / "t" / "brick" / "resnet18v2"
+    before = json.loads((pair / "metrics.json").read_text())
+    params = ("width=4", "reduce=mean")  # the pair's last run was width 4, 1 epoch
+    dry = sweep(sweeps["root"], results, "resnet18v2", params=params, extra=("--dry-run",))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would rescore its trained weights (finished with other parameters.reduce)" in dry.stdout
+    proc = sweep(sweeps["root"], results, "resnet18v2", params=params)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rescoring its trained weights" in proc.stdout and "1 run, 0 skipped" in proc.stdout
+    after = json.loads((pair / "metrics.json").read_text())
+    notebook = (pair / "02_cpc_anomaly_detection.ipynb").read_text()
+    assert "rescoring the finished run" in notebook and "train: " not in notebook  # no training progress bar
+    assert after["history"] == before["history"] and after["train_seconds"] == before["train_seconds"]
+    assert (after["image_reduce"], before["image_reduce"]) == ("mean", "top10")
+    assert after["pixel_auroc"] == before["pixel_auroc"]  # the same maps: the reduction is image-level only
+    assert after["image_auroc"] == after["image_auroc_mean"] == before["image_auroc_mean"]
