@@ -30,7 +30,6 @@ from .scoring import ScoreCalibration, ScoringConfig, detector_maps, detector_re
 from .plots import HEATMAP_CMAP
 
 
-# ---- model bundle --------------------------------------------------------------------
 # A trained model as a tool: one file with everything scoring needs (weights, grid, negative
 # bank, kNN references, calibration, thresholds); `python -m cpc_utils score` on new images.
 

@@ -6,10 +6,6 @@ import numbers
 from typing import Iterable
 
 
-# ---- patches -------------------------------------------------------------------------
-# An image is cut into a grid of overlapping patches (CPC v2: 64 px at stride 32 on 256 px
-# gives 7x7); CPC-AD cuts larger images into overlapping 256 px sub-images first.
-
 def check_param(name: str, value, kind: str, low: float | None = None, high: float | None = None,
                 choices: Iterable | None = None, optional: bool = False, open_low: bool = False) -> None:
     """Raise ParameterError naming the parameter, its value and what is allowed.

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 
-# ---- data ----------------------------------------------------------------------------
 # MVTec AD layout: <root>/<category>/{train/good, test/<defect>, ground_truth/<defect>}.
 # Images are decoded and resized once into uint8 tensors; every epoch reads those tensors.
 

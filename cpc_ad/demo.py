@@ -16,7 +16,6 @@ from .data import _configured_root, _is_category_dir, find_mvtec_root
 from .synthetic import _changed, _edit, _region, _to_uint8
 
 
-# ---- demo data -----------------------------------------------------------------------
 # A small dataset in exactly the MVTec AD layout, cut from or shaded with real photographs
 # that ship inside scikit-image, with synthetic defects whose masks are exact by construction.
 

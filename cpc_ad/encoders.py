@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---- encoders ------------------------------------------------------------------------
 # Patch encoders (N, C, P, P) -> (N, D) by mean pooling: pre-activation ResNet v2 (He et al.
 # 2016, arXiv:1603.05027) and DenseNet (Huang et al. 2017, arXiv:1608.06993), cut after stage 3.
 

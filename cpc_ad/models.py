@@ -18,7 +18,6 @@ from .encoders import ENCODERS, NORMS, STEMS, build_encoder
 from .devices import autocast
 
 
-# ---- CPC and CPC-AD ------------------------------------------------------------------
 # InfoNCE the MoCo way (positive in column 0, per-row cross-entropy kept unreduced), the
 # PixelCNN context network of CPC, and the context-free directional predictors of CPC-AD.
 

@@ -1,5 +1,6 @@
 """Patch grids: an image (or each sub-image) cut into overlapping patches, and patch values
-spread back onto pixels (CPC v2, Henaff et al. 2019, arXiv:1905.09272)."""
+spread back onto pixels (CPC v2, Henaff et al. 2019, arXiv:1905.09272: 64 px patches at stride
+32 on 256 px give 7x7; CPC-AD cuts larger images into overlapping 256 px sub-images first)."""
 from __future__ import annotations
 
 import math

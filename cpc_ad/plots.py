@@ -15,7 +15,6 @@ from .probes import PROBE_FEATURES, PROBE_METRICS
 from .schema import _budget, _category_order, _encoder_order, _floor, _group, _half, _seed
 
 
-# ---- plots ---------------------------------------------------------------------------
 # Each returns a matplotlib Figure, so notebooks show it and scripts save it.
 
 def _figure(*args, **kw):

@@ -19,7 +19,6 @@ from .training import _batches
 from .metrics import _mean_std
 
 
-# ---- what CPC learned (notebook 01) -------------------------------------------------
 # CPC's training loss flatters it: most in-batch negatives come from other images, so a model
 # that only knows which image a patch came from already beats chance. `prediction_metrics`
 # asks the spatial question with the image's own patches as the only negatives, and the

@@ -148,7 +148,7 @@ def _group(rows: list[dict], metric: str, key: Callable[[dict], object]) -> dict
     return out
 
 
-# ---- results -------------------------------------------------------------------------
+# ---- the summary: columns, legend, row order ------------------------------------------
 # One metrics.json per run at results/<run>/<category>/<encoder>/; one function turns a
 # results tree into summary.md, summary.csv and the figures.
 

@@ -26,7 +26,6 @@ from .devices import PRECISIONS, _any_rank, _distributed, _mean_over_ranks, auto
 from .runs import RESUMABLE_CHANGES, RESUMABLE_TRAIN, RunBlocked, fingerprint_diff, load_checkpoint
 
 
-# ---- training ------------------------------------------------------------------------
 # One loop for CPC and CPC-AD: Adam, early stopping on validation loss, an atomic checkpoint
 # after every epoch with the RNG states, so an interrupted run resumes to the same weights.
 
