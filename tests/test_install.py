@@ -10,7 +10,7 @@ test checks that `cpc_utils` and `cpc_ad` are the installed copies, in the kerne
 the borrowed folder holds every package of the test environment, a second test checks that the
 wheel's declared dependencies (and theirs) provide every module the package imports.
 
-Also: no code of the project loads with torch.load(weights_only=False).
+Also: no code of the project loads with torch.load without weights_only=True.
 """
 from __future__ import annotations
 
@@ -288,12 +288,12 @@ def _python_sources(path: Path) -> list[str]:
 
 def test_torch_load_only_with_weights_only_true():
     """A checkpoint or bundle holds tensors and plain types only: the project never unpickles
-    arbitrary objects, so weights_only=False appears nowhere, and every torch.load says True."""
+    arbitrary objects, so weights_only is never set false, and every torch.load says True."""
     files = _code_files()
     assert ROOT / "cpc_utils.py" in files and any(f.suffix == ".ipynb" for f in files)
     unsafe = [f"{f.relative_to(ROOT)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
               if re.search(r"weights_only\s*=\s*False", line)]
-    assert not unsafe, f"weights_only=False in {unsafe}"
+    assert not unsafe, f"weights_only set false in {unsafe}"
     loads = []
     for f in files:
         for source in _python_sources(f):
