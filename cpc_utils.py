@@ -5,8 +5,8 @@
 
 The code lives in the package `cpc_ad`, one concern per module, in the order the data flows:
 data -> synthetic -> demo -> checks -> patches -> encoders -> devices -> models -> runs ->
-training -> scoring -> metrics -> probes -> schema -> plots -> report -> bundle -> pipeline ->
-cli (docs/module.md maps them). This file re-exports their public names and nothing else.
+training -> scoring -> metrics -> probes -> schema -> plots -> report -> bundle -> inference ->
+pipeline -> cli (docs/module.md maps them). This file re-exports their public names and nothing else.
 
 Papers: CPC, van den Oord, Li, Vinyals 2018, arXiv:1807.03748 (and CPC v2, Henaff et al. 2019,
 arXiv:1905.09272); CPC-AD, de Haan & Loewe 2021, arXiv:2107.07820.
@@ -17,10 +17,11 @@ if __name__ == "__main__":  # parse first: --help and a wrong argument answer be
     cli_parser().parse_args()
 
 from cpc_ad.files import (  # noqa: F401
-    save_atomic, save_json)
+    save_atomic, save_json, FILES_MANIFEST, SCORE_MANIFEST, written_here, check_ours, record_ours, save_ours,
+    save_text_ours, save_json_ours, remove_ours)
 from cpc_ad.data import (  # noqa: F401
     MVTEC_CATEGORIES, IMAGE_EXTENSIONS, KAGGLE_ROOTS, NESTED_DIR, LOCAL_ROOT, EXPECTED_LAYOUT,
-    candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, read_mask,
+    candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, FULL_MASK, read_mask,
     load_category, split_train_val, split_held_out, concat_sets)
 from cpc_ad.synthetic import (  # noqa: F401
     SYNTHETIC_KINDS, synthetic_anomalies, make_validation_set)
@@ -44,8 +45,9 @@ from cpc_ad.models import (  # noqa: F401
 from cpc_ad.runs import (  # noqa: F401
     RunBlocked, NOT_IDENTITY, RESUMABLE_TRAIN, RESUMABLE_CHANGES, CODE_PARTS, RESCORE_CHANGES,
     code_fingerprint, code_version, data_fingerprint, run_fingerprint, fingerprint_diff,
-    acquire_lock, RUN_MARKER, LEGACY_RUN_FILES, LEGACY_RUN_FOLDERS, is_run_folder, begin_run,
-    finish_run, stage_continuation, load_checkpoint, is_rescorable, load_trained_weights)
+    acquire_lock, RUN_MARKER, LEGACY_RUN_FILES, LEGACY_RUN_FOLDERS, is_run_folder, record_run_files,
+    begin_run, finish_run, abandon_run, stage_continuation, load_checkpoint, is_rescorable,
+    load_trained_weights)
 from cpc_ad.training import (  # noqa: F401
     TrainConfig, TimeBudgetReached, parse_duration, validation_loss, NEGATIVES_SEED_OFFSET,
     train_model, learning_check, chosen_epoch)
@@ -62,23 +64,25 @@ from cpc_ad.probes import (  # noqa: F401
     PROBE_METRICS, probe_representations, PROBE_MARGIN, probe_verdict, mean_pm, probe_table,
     prediction_table)
 from cpc_ad.schema import (  # noqa: F401
-    SCHEMA_VERSION, METRIC_KEYS, METRIC_FAMILIES, MetricsRecord, record_keys, read_record,
+    SCHEMA_VERSION, PIXEL_MASKS, IMAGE_LABELS_ONLY, PIXEL_METRIC_KEYS, METRIC_KEYS, METRIC_FAMILIES, MetricsRecord, record_keys, read_record,
     SUMMARY_COLUMNS, DERIVED_COLUMNS, TEXT_COLUMNS, COLUMN_LEGEND, SUMMARY_HIDDEN_PARAMETERS,
     HALVES, demo_half, half_rank)
 from cpc_ad.plots import (  # noqa: F401
     HEATMAP_CMAP, GROUND_TRUTH_COLOUR, STRIP_MAX_IMAGES, plot_training_curves,
     plot_prediction_accuracy, plot_probes, plot_roc, plot_score_histogram, plot_heatmaps,
-    check_one_detector, detector_groups, plot_comparison, has_epoch_series, plot_epochs)
+    check_one_detector, detector_groups, plot_comparison, has_epoch_series, plot_epochs, save_figure)
 from cpc_ad.report import (  # noqa: F401
     load_results, summary_records, summary_table, comparison_table, ladder_table, encoder_verdicts,
-    cost_table, parameters_text, summary_markdown, pair_status_table, write_summary)
+    cost_table, parameters_text, summary_markdown, pair_status_table, write_summary, summary_files,
+    check_summary_files)
 from cpc_ad.bundle import (  # noqa: F401
-    BUNDLE_FORMAT, BUNDLE_VERSION, IMAGE_HANDLING, MASK_COLOUR, save_bundle, Bundle, load_bundle,
-    BUNDLE_CONTENTS, find_images, overlay_heatmap, SCORE_COLUMNS, SCORE_MANIFEST, UPSAMPLE_WARNING,
-    score_files)
+    BUNDLE_FORMAT, BUNDLE_VERSION, IMAGE_HANDLING, colour_mode, save_bundle, Bundle, load_bundle,
+    BUNDLE_CONTENTS)
+from cpc_ad.inference import (  # noqa: F401
+    MASK_COLOUR, find_images, overlay_heatmap, SCORE_COLUMNS, UPSAMPLE_WARNING, score_files)
 from cpc_ad.pipeline import (  # noqa: F401
     RunParameters, MODEL_PARAMETERS, SCORING_PARAMETERS, RunPlan, RunData, Evaluated, CPCADResult,
-    plan_run, load_run_data, evaluate, run_cpcad, score_detectors)
+    plan_run, run_identity, cpcad_fingerprint, load_run_data, evaluate, run_cpcad, score_detectors)
 from cpc_ad.cli import (  # noqa: F401
     cli_parser, main)
 

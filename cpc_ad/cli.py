@@ -28,7 +28,8 @@ def cli_parser() -> argparse.ArgumentParser:
                            description="Score images with a model bundle (model.pt, written by notebook 02): "
                                        "writes OUT/scores.csv, OUT/heatmaps/*.png and OUT/masks/*.png. Exit "
                                        "status 1 when an image could not be read or got a non-finite score "
-                                       "(listed in the CSV).")
+                                       "(listed in the CSV), or when the bundle's calibration is degenerate "
+                                       "(its training images were all alike: every verdict means little).")
     score.add_argument("bundle", help="a model bundle, e.g. results/notebook02/brick/resnet18v2/model.pt")
     score.add_argument("inputs", nargs="+", metavar="INPUT",
                        help="an image file, a folder (searched recursively) or a glob (quote it)")
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run_command(args: argparse.Namespace) -> None:
     # imported here, not above: `--help` and a wrong argument answer before torch is imported
-    from .bundle import UPSAMPLE_WARNING, score_files
+    from .inference import UPSAMPLE_WARNING, score_files
     from .data import list_categories
     from .demo import make_demo_dataset
     from .devices import resolve_device
@@ -84,11 +85,17 @@ def _run_command(args: argparse.Namespace) -> None:
         resolve_device(args.device)  # a device this machine lacks: said now, not as a bundle that fails to load
         r = score_files(args.bundle, args.inputs, args.out, args.threshold, args.pixel_threshold, args.device,
                         args.batch_size)
+        other = "grayscale" if r["colour"] == "colour" else "colour"
         print(f"{r['scored']} of {r['images']} images scored in {r['seconds']:.1f} s, {r['anomalous']} anomalous "
               f"at threshold {r['threshold']:.4g}" + (f", {r['resized']} resized" if r["resized"] else "")
               + (f", {r['upsampled']} enlarged over {UPSAMPLE_WARNING:g} times (see the upsampled column)"
-                 if r["upsampled"] else "") + f"; wrote {r['csv']}, heatmaps/ and masks/ in {args.out}")
+                 if r["upsampled"] else "")
+              + (f", {r['other_colour']} {other} images for a model trained on {r['colour']} ones (scores not "
+                 "comparable with its threshold)" if r["other_colour"] else "")
+              + f"; wrote {r['csv']}, heatmaps/ and masks/ in {args.out}")
         problems = [f"{r['failed']} of {r['images']} images could not be read"] * bool(r["failed"]) + [
             f"{r['nonfinite']} of {r['images']} images got a non-finite score"] * bool(r["nonfinite"])
-        if problems:
-            raise SystemExit(f"python -m cpc_utils score: {', '.join(problems)}; see the error column of {r['csv']}")
+        said = [f"{', '.join(problems)}; see the error column of {r['csv']}"] * bool(problems) + [
+            r["calibration_note"]] * bool(r["calibration_note"])  # scored and written, but no verdict to trust
+        if said:
+            raise SystemExit(f"python -m cpc_utils score: {'; '.join(said)}")

@@ -2,6 +2,7 @@
 validation split. Images are decoded and resized once into uint8 tensors."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,12 @@ def find_mvtec_root(data_root: str | os.PathLike | None = None) -> Path:
     configured = _configured_root(data_root)
     if configured:
         path, source = configured
+        if _is_category_dir(path):  # the category's own folder, one level too deep: a common slip
+            raise FileNotFoundError(
+                f"{path} ({source}) is a category folder (it holds train/good), not the data root above it: "
+                f"did you mean data_root={str(path.parent)!r} and category={path.name!r} (scripts/sweep.py "
+                f"--data-root {path.parent} --categories {path.name}; scripts/train.py --data_root {path.parent} "
+                f"--category {path.name})?")
         raise FileNotFoundError(
             f"no MVTec AD category under {path} ({source}"
             f"{'' if path.exists() else ', which does not exist'}) nor under {path / NESTED_DIR}\n"
@@ -95,6 +102,8 @@ class ImageSet:
     substituted: synthetic anomalies drawn as another kind than their slot's, because theirs
     could not be made visible on that image (`synthetic_anomalies`): path -> the slot's kind
     (their defect_types entry is the kind drawn); empty for images read from disk.
+    pixel_labels: whether `masks` are ground truth; False for a category without ground_truth/
+    (image labels only: its masks are all False and no pixel metric can be computed on it).
     """
     images: torch.Tensor
     masks: torch.Tensor
@@ -102,6 +111,7 @@ class ImageSet:
     defect_types: list[str]
     paths: list[str]
     substituted: dict[str, str] = field(default_factory=dict)
+    pixel_labels: bool = True
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -112,7 +122,7 @@ class ImageSet:
         kept = set(paths)
         return ImageSet(self.images[index], self.masks[index], self.labels[index],
                         [self.defect_types[i] for i in index.tolist()], paths,
-                        {p: k for p, k in self.substituted.items() if p in kept})
+                        {p: k for p, k in self.substituted.items() if p in kept}, self.pixel_labels)
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
@@ -192,13 +202,22 @@ def _to_8bit(im):
     return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
 
 
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")  # masks saved so are read at half intensity (`read_mask`)
+FULL_MASK = 0.9  # a defect mask covering more of its image than this is probably inverted: warned
+
+
 def read_mask(path: str | os.PathLike, image_size: int,
               image: tuple[Path, tuple[int, int]] | None = None) -> torch.Tensor:
     """Decode a ground-truth mask to (1, S, S) bool, resized with nearest neighbour.
 
-    Every non-zero pixel is defect: MVTec AD writes 0/255, other tools 0/1, which a `> 127`
-    threshold would read as empty. Grayscale of any depth is tested on its raw values, a
-    colour or palette mask on every channel (a dark colour still marks a defect).
+    A mask is read by what it encodes (`_mask_pixels`): grayscale of any depth by its raw values,
+    every non-zero pixel defect (MVTec AD writes 0/255, other tools 0/1, which a `> 127`
+    threshold would read as empty); a palette mask by its indices, index 0 the background (the
+    convention of palette label maps, whatever colour index 0 is shown in); a mask with
+    transparent pixels by its alpha, opaque being defect (RGB may be white everywhere); other
+    colour masks by their colours, every non-black pixel defect (a dark colour still marks one).
+    A lossily compressed mask (JPEG, WebP) is read at half intensity (> 127) instead of
+    non-zero, since compression leaves faint non-zero values all over its background.
     `image` = (its image's path, (width, height)): a mask of another size is a ValueError
     naming both, since resizing both to S x S would silently misalign the defect region.
     """
@@ -208,17 +227,45 @@ def read_mask(path: str | os.PathLike, image_size: int,
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
     with im:
+        level = 127 if im.format in LOSSY_FORMATS else 0  # read before turning: a turned copy has no format
         im = _upright(im)  # as its image is read (`_open_rgb`)
         if image and im.size != image[1]:
             raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} px but its image {image[0]} is "
                              f"{image[1][0]}x{image[1][1]} px (width x height); they must match")
         try:
-            if not (im.mode in ("1", "L", "F") or im.mode.startswith("I")):
-                im = im.convert("RGB")
-            m = np.asarray(im.resize((image_size, image_size), Image.NEAREST)) > 0  # (S, S) or (S, S, 3)
-            return torch.from_numpy(m.any(-1) if m.ndim == 3 else m)[None]
+            m = _mask_pixels(im.resize((image_size, image_size), Image.NEAREST), path, level)  # (S, S)
         except Exception as e:
             raise ValueError(f"cannot read mask {path}: {e}") from e
+    return torch.from_numpy(m)[None]
+
+
+def _mask_pixels(im: "PIL.Image.Image", path: str | os.PathLike, level: int = 0) -> np.ndarray:
+    """The defect pixels of a decoded mask (H, W) bool, by what its mode encodes (`read_mask`),
+    a value counting when above `level`.
+
+    A colour mask with no black or transparent pixel at all (a white or coloured background)
+    would be all defect by the non-black rule; its most common colour is read as the background
+    instead, with a warning naming it."""
+    if im.mode in ("1", "L", "F") or im.mode.startswith("I"):
+        return np.asarray(im) > level
+    if im.mode == "P":  # indices; a palette with transparency goes by its alpha like any other
+        index = np.asarray(im)
+        if "transparency" not in im.info and (index == 0).any():
+            return index != 0
+    rgba = np.asarray(im.convert("RGBA"))  # (H, W, 4)
+    alpha, rgb = rgba[..., 3], rgba[..., :3]
+    if (alpha <= level).any() and (alpha > level).any():  # drawn on a transparent background
+        return alpha > level
+    defect = (rgb > level).any(-1)
+    if defect.all() and defect.size:
+        colours, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+        background = colours[counts.argmax()]
+        if len(colours) > 1:
+            warnings.warn(f"mask {path} has no black or transparent pixel: its most common colour "
+                          f"{tuple(int(c) for c in background)} is read as the background, the others as defect",
+                          stacklevel=4)
+            return (rgb != background).any(-1)
+    return defect
 
 
 def _is_macos_metadata(name: str) -> bool:
@@ -275,7 +322,11 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     Raises FileNotFoundError / ValueError naming the root, category, image or mask at fault:
     a defect image without a mask, a mask of another size than its image, an unreadable
     file, or a test split without both normal and defect images (AUROC needs both).
-    macOS metadata (._* files, __MACOSX folders) is skipped with one warning.
+    A category with no ground_truth/ folder at all (custom data labelled per image) is read
+    with image labels only: its test set's `pixel_labels` is False; a ground_truth/ that lacks
+    some masks is still an error naming the first one missing.
+    macOS metadata (._* files, __MACOSX folders) is skipped with one warning; masks that mark
+    nearly the whole image as defect (an inverted mask?) are named in one warning.
     """
     root = find_mvtec_root(data_root)
     cat_dir = root / category
@@ -292,13 +343,15 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     test_dir = cat_dir / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"missing test folder {test_dir}\n{EXPECTED_LAYOUT}")
+    pixel_labels = (cat_dir / "ground_truth").is_dir()  # none at all: labelled per image, not per pixel
     for f, defect, mask in test_items:
         if defect != "good" and defect.casefold() == "good":  # else read as a defect type, or its masks missing
             raise ValueError(f"{test_dir / defect}: the normal test images' folder must be named test/good "
                              "(lower case); any other name is a defect type")
-        if defect != "good" and mask is None:
+        if defect != "good" and mask is None and pixel_labels:
             raise FileNotFoundError(f"defect image {f} has no mask: expected "
-                                    f"{cat_dir / 'ground_truth' / defect / (f.stem + '_mask.png')}")
+                                    f"{cat_dir / 'ground_truth' / defect / (f.stem + '_mask.png')} (a category "
+                                    "without a ground_truth/ folder is evaluated on image labels only)")
     if not test_items:
         raise FileNotFoundError(f"no images under {test_dir}\n{EXPECTED_LAYOUT}")
     n_normal = sum(defect == "good" for _, defect, _ in test_items)
@@ -316,12 +369,18 @@ def load_category(data_root: str | os.PathLike | None, category: str, image_size
     with ThreadPoolExecutor(num_threads) as pool:  # PIL releases the GIL while decoding
         train = list(pool.map(decode, [(f, "good", None) for f in train_files]))
         test = list(pool.map(decode, test_items))
-    empty = [mask for (_, defect, mask), (_, m, _, _) in zip(test_items, test) if defect != "good" and not m.any()]
+    masks = [(mask, m) for (_, defect, mask), (_, m, _, _) in zip(test_items, test) if mask is not None]
+    empty = [mask for mask, m in masks if not m.any()]
+    full = [(mask, m.float().mean().item()) for mask, m in masks if m.float().mean() > FULL_MASK]
+    if full:
+        warnings.warn(f"{len(full)} defect masks mark more than {FULL_MASK:.0%} of their image as defect (first: "
+                      f"{full[0][0]}, {full[0][1]:.0%}): is the mask inverted (a white background with the defect "
+                      "drawn dark), or not a mask? Pixel metrics read it as it is", stacklevel=2)
     if empty:
         warnings.warn(f"{len(empty)} defect images have no defect pixel at {image_size}x{image_size} px (first: "
                       f"{empty[0]}): an empty mask, or a defect too small for this size; they count as anomalous "
                       "images but add no pixel to the pixel metrics", stacklevel=2)
-    return {"train": _stack(train), "test": _stack(test)}
+    return {"train": _stack(train), "test": dataclasses.replace(_stack(test), pixel_labels=pixel_labels)}
 
 
 def _warn_unread_files(cat_dir: Path) -> None:
@@ -382,4 +441,5 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     sets = list(sets)
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]),
                     torch.cat([s.labels for s in sets]), [d for s in sets for d in s.defect_types],
-                    [p for s in sets for p in s.paths], {p: k for s in sets for p, k in s.substituted.items()})
+                    [p for s in sets for p in s.paths], {p: k for s in sets for p, k in s.substituted.items()},
+                    all(s.pixel_labels for s in sets))

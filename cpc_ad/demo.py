@@ -256,7 +256,8 @@ def _write_owned(d: Path, files: dict[str, bytes]) -> None:
     No file demo-data did not write is overwritten or left among the data: a file under `d`
     that the manifest does not list is FileExistsError naming it, unless it already holds
     exactly the bytes to be written (the demo is deterministic: a folder written before the
-    manifest existed is taken over). Checked before anything is written.
+    manifest existed is taken over). A linked folder inside `d` is FileExistsError too: nothing
+    is written or deleted through it. Checked before anything is written.
     """
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} is a file: expected a folder for the demo category")
@@ -266,6 +267,11 @@ def _write_owned(d: Path, files: dict[str, bytes]) -> None:
         raise ValueError(f"cannot read {d / DEMO_MANIFEST}, the list of what demo-data wrote there ({e}); "
                          f"choose another folder") from e
     previous = {f for f in previous if not Path(f).is_absolute() and ".." not in Path(f).parts}
+    linked = sorted({d / q for f in previous | set(files) for q in Path(f).parents if q != Path(".")
+                     and (d / q).is_symlink()})
+    if linked:  # writing or deleting through it would reach a folder of the user's, elsewhere
+        raise FileExistsError(f"{linked[0]} is a link to another folder: demo-data writes only into folders of its "
+                              "own; choose another folder, or remove the link")
     existing = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() or p.is_symlink()) \
         if d.is_dir() else []
     foreign = [f for f in existing if f != DEMO_MANIFEST and f not in previous

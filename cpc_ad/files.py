@@ -56,3 +56,73 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+# A folder shared with the user (a sweep's results folder, notebook 03's output folder) holds
+# some files the project wrote and maybe some of the user's: the project replaces only the
+# former, which FILES_MANIFEST lists.
+FILES_MANIFEST = ".cpc_utils_files"
+SCORE_MANIFEST = ".cpc_utils_score"  # in every `score --out` folder: the files score wrote there
+
+
+def written_here(folder: str | os.PathLike, manifest: str = FILES_MANIFEST) -> set[str]:
+    """The files (relative, posix) the project recorded writing into `folder` (its `manifest`);
+    empty when it recorded none. A manifest that cannot be read is ValueError naming it."""
+    path = Path(folder) / manifest
+    if not path.is_file():
+        return set()
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read {path}, the list of the files cpc_utils wrote in {folder} ({e}); "
+                         "move that folder's files elsewhere and delete it") from None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError(f"{path} is not a list of files written by cpc_utils; move that folder's files elsewhere "
+                         "and delete it")
+    return set(files)
+
+
+def check_ours(path: str | os.PathLike) -> None:
+    """Raise FileExistsError unless `path` is absent or a file the project wrote (FILES_MANIFEST
+    of its folder lists it): a user's summary.md, or a link, is never replaced."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and (not path.is_file() or path.name not in written_here(path.parent))):
+        what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+        raise FileExistsError(f"{path} is {what} that cpc_utils did not write (not listed in "
+                              f"{path.parent / FILES_MANIFEST}); it would be replaced: move it away, or write "
+                              "into another folder")
+
+
+def record_ours(path: str | os.PathLike) -> None:
+    """Record `path` in its folder's FILES_MANIFEST before the project writes it there, refused
+    (`check_ours`) where it holds a file the project did not write; the next write then knows
+    it as the project's."""
+    path = Path(path)
+    check_ours(path)
+    files = written_here(path.parent)
+    if path.name not in files:
+        save_json({"written_by": "cpc_utils", "files": sorted(files | {path.name})}, path.parent / FILES_MANIFEST)
+
+
+def save_ours(obj, path: str | os.PathLike, writer: Callable = torch.save) -> None:
+    """`save_atomic` into a folder shared with the user, never over a file of the user's
+    (`record_ours`)."""
+    record_ours(path)
+    save_atomic(obj, path, writer)
+
+
+def save_text_ours(text: str, path: str | os.PathLike) -> None:
+    """A text file, written as `save_ours` writes (UTF-8)."""
+    save_ours(text, path, lambda s, f: f.write(s.encode()))
+
+
+def save_json_ours(obj, path: str | os.PathLike) -> None:
+    """`save_json`, written as `save_ours` writes."""
+    save_text_ours(json.dumps(obj, indent=2, default=_json_default), path)
+
+
+def remove_ours(path: str | os.PathLike) -> None:
+    """Delete `path` if the project wrote it (an earlier summary's figure); anything else stays."""
+    path = Path(path)
+    if path.is_file() and not path.is_symlink() and path.name in written_here(path.parent):
+        path.unlink()

@@ -88,12 +88,16 @@ def evaluate_maps(patch_maps: torch.Tensor, test: ImageSet, grid: PatchGrid,
     """All metrics of one method from its patch maps; the first of `reduces` is the headline.
 
     Returns {"metrics": {image_auroc, image_f1_max, pixel_auroc, aupro, image_auroc_<reduce>...},
-             "scores": {reduce: (N,)}, "pixel_maps": (N, 1, H, W)}.
+             "scores": {reduce: (N,)}, "pixel_maps": (N, 1, H, W)}; pixel_auroc and aupro are
+             None for images labelled per image only (`ImageSet.pixel_labels` False).
     """
     reduces = list(reduces)
     pixel_maps = patches_to_pixels(patch_maps, grid)
     scores = {r: image_scores(patch_maps, r) for r in reduces}
-    metrics = compute_metrics(test.labels, scores[reduces[0]], test.masks, pixel_maps)
+    if test.pixel_labels:
+        metrics = compute_metrics(test.labels, scores[reduces[0]], test.masks, pixel_maps)
+    else:  # no ground truth to measure pixels against: not available, never a number
+        metrics = {**compute_metrics(test.labels, scores[reduces[0]]), "pixel_auroc": None, "aupro": None}
     for r in reduces:
         m = compute_metrics(test.labels, scores[r])
         metrics[f"image_auroc_{r}"], metrics[f"image_f1_max_{r}"] = m["image_auroc"], m["image_f1_max"]

@@ -26,14 +26,14 @@ from .patches import PatchGrid
 from .encoders import count_parameters
 from .devices import init_distributed, resolve_device, resolve_precision, seed_everything
 from .models import CPCAD, CPCADConfig, cpcad_config
-from .runs import (RESCORE_CHANGES, RunBlocked, begin_run, finish_run, fingerprint_diff, is_rescorable,
+from .runs import (RESCORE_CHANGES, RunBlocked, abandon_run, begin_run, finish_run, fingerprint_diff, is_rescorable,
                    load_trained_weights, run_fingerprint)
 from .training import TrainConfig, chosen_epoch, learning_check, parse_duration, train_model
 from .scoring import (DETECTORS, REDUCES, REFERENCE_KINDS, ScoringConfig, detector_maps, detector_references, pixel_baseline, prepare_scoring, score_patches,
                       scoring_config)
 from .metrics import evaluate_maps, normal_threshold, per_defect_auroc, threshold_metrics
-from .schema import MetricsRecord
-from .bundle import save_bundle
+from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, MetricsRecord
+from .bundle import colour_mode, save_bundle
 
 
 @dataclass
@@ -163,6 +163,26 @@ def plan_run(params: RunParameters) -> RunPlan:
     return RunPlan(p, grid, model, scoring, train, resolve_device(params.device), output)
 
 
+def run_identity(plan: RunPlan) -> dict:
+    """The run's parameters with every None replaced by the value it resolved to (the preset's or
+    the configs' default): what its fingerprint records, so a parameter written out at its
+    default value (`lr=0.0002`) is the same run as the default itself, not a new one to train."""
+    resolved = {**dataclasses.asdict(plan.grid), **dataclasses.asdict(plan.model), **dataclasses.asdict(plan.scoring),
+                **dataclasses.asdict(plan.train)}
+    return {k: resolved.get(k) if v is None else v for k, v in plan.parameters.items()}
+
+
+def cpcad_fingerprint(parameters: dict, root: str | Path, category: str) -> dict:
+    """The fingerprint `run_cpcad` records for notebook 02's `parameters` (`run_identity`) on the
+    data in `root` / `category`: what scripts/sweep.py compares a finished run with. Parameters
+    the pipeline refuses are taken as given (their run fails, saying why)."""
+    try:
+        identity = run_identity(plan_run(RunParameters(**parameters)))
+    except (TypeError, ValueError):
+        identity = parameters
+    return run_fingerprint(identity, root, category)
+
+
 def load_run_data(plan: RunPlan) -> RunData:
     """The category's images and the seeded held-out split (`split_held_out`, `make_validation_set`)."""
     p = plan.parameters
@@ -210,6 +230,8 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
           f"{len(data.val)} validation ({len(data.normals)} normal + synthetic), {len(data.test)} test images")
     print("test images per defect type:",
           {d: data.test.defect_types.count(d) for d in sorted(set(data.test.defect_types))})
+    if not data.test.pixel_labels:
+        print(f"ground truth: {IMAGE_LABELS_ONLY}")
     if data.val.substituted:  # a kind that cannot show on an image is drawn as another there
         print(f"note: {len(data.val.substituted)} synthetic defects drawn as another kind, theirs changed no pixel "
               f"visibly: {', '.join(Path(p).name for p in data.val.substituted)}")
@@ -221,13 +243,27 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
     print(f"{count_parameters(model):,} parameters, D = {model.encoders[0].out_dim}, chance loss {chance_loss:.3f}, "
           f"maps on the {score_grid.grid}x{score_grid.grid} score grid")
 
-    fingerprint = run_fingerprint(plan.parameters, data.root, params.category)
+    fingerprint = run_fingerprint(run_identity(plan), data.root, params.category)
     staged = plan.output.parent / f".{plan.output.name}.partial"  # begin_run's staging folder
     interrupted = params.resume and any((staged / "checkpoints").rglob("last.pt"))
     rescore = None if interrupted else is_rescorable(plan.output, fingerprint)
     if weights_from is not None:
         rescore = _check_weights_from(Path(weights_from), fingerprint)
     out = begin_run(plan.output, fingerprint, params.resume)  # the staging folder
+    try:
+        return _run_in(out, params, plan, data, model, fingerprint, rescore, chance_loss, rank, progress=progress,
+                       on_epoch=on_epoch, detectors=detectors, weights_from=weights_from, untrained=untrained)
+    except BaseException as e:  # diverged, crashed, interrupted: said in run.json, and the folder unlocked
+        if rank == 0:
+            abandon_run(plan.output, out, e)
+        raise
+
+
+def _run_in(out: Path, params: RunParameters, plan: RunPlan, data: RunData, model: CPCAD, fingerprint: dict,
+            rescore: list[str] | None, chance_loss: float, rank: int, *, progress: bool, on_epoch,
+            detectors: Sequence[str], weights_from, untrained: bool) -> CPCADResult | None:
+    """`run_cpcad` from its staging folder `out` on: train (or take the weights to rescore),
+    score, evaluate, write the figures, the bundle and metrics.json, and finish the run."""
     t0 = time.perf_counter()
     source = Path(weights_from) if weights_from is not None else plan.output
     if untrained:  # the control: the same network and scoring, nothing learned
@@ -266,6 +302,7 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
         cpcad=result["pure"].metrics, baseline=result["baseline"].metrics,
         baseline_per_defect_auroc=result.pop("baseline_per_defect"), val=result["ours_val"].metrics,
         val_per_kind_auroc=result.pop("val_per_kind"), val_baseline=result["baseline_val"].metrics,
+        ground_truth=PIXEL_MASKS if data.test.pixel_labels else IMAGE_LABELS_ONLY,
         **result.pop("at_thresholds"),
         final_train_loss=final["train_loss"], final_val_loss=final.get("val_loss"),
         best_val_loss=min((h["val_loss"] for h in history if "val_loss" in h), default=None),
@@ -280,7 +317,7 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
     for name, fig in result["figures"].items():
         fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
     save_bundle(out / "model.pt", model, result["scoring"], result["threshold"], result["pixel_threshold"],
-                fingerprint["data"], resolve_precision(plan.train.precision, plan.device))
+                fingerprint["data"], resolve_precision(plan.train.precision, plan.device), colour_mode(data.train.images))
     final_dir = finish_run(plan.output, out, record.to_dict())  # metrics.json last: the run is finished
     print(f"wrote {final_dir}, model.pt ({(plan.output / 'model.pt').stat().st_size / 2**20:.1f} MiB) and "
           f"{', '.join(sorted(f'{n}.png' for n in result['figures']))}")
@@ -396,7 +433,8 @@ def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: t
     pixel_threshold = normal_threshold(ours_val.pixel_maps[val_normal], target_fpr, "pixel scores")
     at = threshold_metrics(test.labels, ours.scores[cfg.reduce], threshold["value"])
     val_at = threshold_metrics(val.labels, ours_val.scores[cfg.reduce], threshold["value"])
-    pixel_at = threshold_metrics(test.masks, ours.pixel_maps, pixel_threshold["value"])
+    pixel_at = threshold_metrics(test.masks, ours.pixel_maps, pixel_threshold["value"]) if test.pixel_labels \
+        else dict.fromkeys(("precision", "recall", "fpr"))  # no ground truth: not available
     _print_thresholds(threshold, pixel_threshold, at, val_at, pixel_at, ours, target_fpr)
     at_thresholds = {
         "threshold": threshold["value"], "threshold_rule": threshold, "val_fpr_at_threshold": val_at["fpr"],
@@ -415,10 +453,11 @@ def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: t
 def _print_evaluation(cfg, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind) -> None:
     name = f"{cfg.detector} ({cfg.reduce})"
     print(f"{'':<22}{name:>22}{'pure CPC-AD':>13}{'baseline':>10}")
+    f = lambda v, width: f"{'n/a' if v is None else f'{v:.3f}':>{width}}"  # noqa: E731 (n/a: no pixel ground truth)
     for key in [f"image_auroc_{r}" for r in REDUCES] + ["pixel_auroc", "aupro"]:
-        print(f"{'test ' + key:<22}{ours.metrics[key]:>22.3f}{pure.metrics[key]:>13.3f}{base.metrics[key]:>10.3f}")
+        print(f"{'test ' + key:<22}{f(ours.metrics[key], 22)}{f(pure.metrics[key], 13)}{f(base.metrics[key], 10)}")
     for key in (f"image_auroc_{cfg.reduce}", "pixel_auroc"):
-        print(f"{'val ' + key:<22}{ours_val.metrics[key]:>22.3f}{'':>13}{base_val.metrics[key]:>10.3f}")
+        print(f"{'val ' + key:<22}{f(ours_val.metrics[key], 22)}{'':>13}{f(base_val.metrics[key], 10)}")
     print(f"test image AUROC ({cfg.reduce}) per defect type:")
     for d in per_defect:
         print(f"  {d:<22}{per_defect[d]:>8.3f}{base_per_defect[d]:>10.3f}")

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .files import save_atomic
+from .files import save_ours
 from .data import ImageSet
 from .encoders import ENCODERS
 from .metrics import _mean_std
@@ -408,8 +408,12 @@ def _category_means(rows: list[dict], categories: list[str], metrics: Sequence[s
     return out
 
 
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    """Write `fig` as PNG atomically and close it."""
+def save_figure(fig, path: str | os.PathLike, tight: bool = True, close: bool = False) -> None:
+    """Write `fig` as PNG (100 dpi; `tight`: cropped to what is drawn) into a folder shared with
+    the user (a results folder, notebook 03's output): atomically, and never over a file the
+    project did not write there (`save_ours`). `close`: close it after (not for a notebook,
+    which shows it when the cell ends)."""
     import matplotlib.pyplot as plt
-    save_atomic(fig, path, lambda f, out: f.savefig(out, format="png", dpi=100))
-    plt.close(fig)
+    save_ours(fig, path, lambda f, out: f.savefig(out, format="png", dpi=100, bbox_inches="tight" if tight else None))
+    if close:
+        plt.close(fig)

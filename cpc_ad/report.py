@@ -9,12 +9,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .files import save_atomic
+from .files import check_ours, remove_ours, save_text_ours
 from .encoders import ENCODERS, build_encoder, count_parameters
 from .training import chosen_epoch
+from .scoring import DETECTORS, REDUCES
 from .metrics import _mean_std
-from .schema import COLUMN_LEGEND, HALVES, SUMMARY_COLUMNS, SUMMARY_HIDDEN_PARAMETERS, TEXT_COLUMNS, _budget, _category_order, _encoder_order, _floor, _group, _half, half_rank, _seed, read_record
-from .plots import _metric_label, _save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
+from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, PIXEL_METRIC_KEYS, COLUMN_LEGEND, HALVES, SUMMARY_COLUMNS, SUMMARY_HIDDEN_PARAMETERS, TEXT_COLUMNS, _budget, _category_order, _encoder_order, _floor, _group, _half, half_rank, _seed, read_record
+from .plots import _metric_label, save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
 
 
 def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
@@ -69,6 +70,12 @@ def _fmt(column: str, value) -> str:
     return str(value)
 
 
+def _not_available(row: dict, column: str) -> bool:
+    """Whether `column` is a test pixel metric of a run labelled per image only (no ground_truth/)."""
+    return (row.get("ground_truth", PIXEL_MASKS) != PIXEL_MASKS and row.get(column) is None
+            and column.endswith(PIXEL_METRIC_KEYS) and not column.startswith("val_"))
+
+
 def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) -> str:
     """A markdown table of `rows`, one line per run, plus a mean line per (half, encoder).
 
@@ -82,7 +89,7 @@ def summary_table(rows: list[dict], columns: Sequence[str] = SUMMARY_COLUMNS) ->
     order = {c: i for i, c in enumerate(_category_order(rows))}  # by half, then A-Z
     for r in sorted(rows, key=lambda r: (order[r["category"]], r["encoder"], _budget(r) or 0,
                                          r["seed"] if isinstance(r["seed"], int) else -1)):
-        lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join("n/a" if _not_available(r, c) else _fmt(c, r.get(c)) for c in columns) + " |")
     for half, enc in sorted({(r["half"], r["encoder"]) for r in rows}, key=lambda k: (half_rank(k[0]), k)):
         sel = [r for r in rows if r["encoder"] == enc and r["half"] == half]
         mean = {c: float(np.mean([r[c] for r in sel])) for c in numeric
@@ -338,11 +345,17 @@ def summary_markdown(rows: list[dict], title: str, written: str = "", pairs: str
              f"{_count(len(rows), 'run')} of notebook 02: {_count(len(categories), 'category', 'categories')} "
              f"({halves}: {', '.join(categories)}) x {_count(len(encoders), 'encoder')} ({', '.join(encoders)})."
              + (f" Summary written {written}." if written else "") + "\n",
-             parameters_text(rows), pairs,
+             parameters_text(rows), _ground_truth_text(rows), pairs,
              "## Test AUROC by category and encoder\n", *tables,
              "## Every run\n", summary_table(rows), "\nColumns:\n",
              "\n".join(f"- `{c}`: {COLUMN_LEGEND[c]}" for c in SUMMARY_COLUMNS) + "\n"]
     return "\n".join(p for p in parts if p)
+
+
+def _ground_truth_text(rows: list[dict]) -> str:
+    """One line naming the categories labelled per image only (no pixel metrics), or nothing."""
+    image_only = sorted({r["category"] for r in rows if r.get("ground_truth", PIXEL_MASKS) != PIXEL_MASKS})
+    return (f"**Ground truth**: {', '.join(image_only)}: {IMAGE_LABELS_ONLY}.\n") if image_only else ""
 
 
 def _comparison_png(detector: str | None, reduce: str | None, n_groups: int) -> str:
@@ -385,22 +398,38 @@ def write_summary(run_dir: str | os.PathLike, status: dict[str, str] | None = No
     rows = load_results(run_dir, skip)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {run_dir}")
+    check_summary_files(run_dir)  # a user's summary.md or comparison.png is never replaced: said before any is
     others = {p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("metrics.json")
               if not any(part.startswith(".") for part in p.relative_to(run_dir).parts)} - set(status or {})
     written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = summary_markdown(rows, run_dir.name, written, pair_status_table(status, failures, others) if status else "")
-    save_atomic(text.encode(), run_dir / "summary.md", lambda o, f: f.write(o))
+    save_text_ours(text, run_dir / "summary.md")
     buf = io.StringIO()
     w = csv.DictWriter(buf, SUMMARY_COLUMNS)
     w.writeheader()
     w.writerows(summary_records(rows))
-    save_atomic(buf.getvalue().encode(), run_dir / "summary.csv", lambda o, f: f.write(o))
+    save_text_ours(buf.getvalue(), run_dir / "summary.csv")
     groups = detector_groups(rows)
     for (detector, reduce), group in groups.items():
-        _save_figure(plot_comparison(group), run_dir / _comparison_png(detector, reduce, len(groups)))
+        save_figure(plot_comparison(group), run_dir / _comparison_png(detector, reduce, len(groups)), tight=False, close=True)
     series = [g for g in groups.values() if has_epoch_series(g)]
     if series:
-        _save_figure(plot_epochs(max(series, key=len)), run_dir / "epochs.png")
+        save_figure(plot_epochs(max(series, key=len)), run_dir / "epochs.png", tight=False, close=True)
     else:
-        (run_dir / "epochs.png").unlink(missing_ok=True)  # an earlier summary's, of runs no longer here
+        remove_ours(run_dir / "epochs.png")  # an earlier summary's, of runs no longer here
     return rows
+
+
+def summary_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Every file `write_summary` may write into `run_dir` (whichever detectors its runs have)."""
+    run_dir = Path(run_dir)
+    names = ["summary.md", "summary.csv", "epochs.png", _comparison_png(None, None, 1)]
+    names += [_comparison_png(d, r, 2) for d in DETECTORS for r in REDUCES]
+    return [run_dir / n for n in names]
+
+
+def check_summary_files(run_dir: str | os.PathLike) -> None:
+    """FileExistsError naming the first of `summary_files` that the project did not write
+    (`check_ours`): scripts/sweep.py asks before any pair runs, not after hours of training."""
+    for path in summary_files(run_dir):
+        check_ours(path)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .files import _json_default, save_json
+from .files import SCORE_MANIFEST, _json_default, save_json, written_here
 from .data import _category_files
 from .devices import _distributed
 
@@ -40,7 +40,8 @@ RESUMABLE_CHANGES = tuple(f"parameters.{k}" for k in RESUMABLE_TRAIN)
 CODE_PARTS = {
     "train": {"data": None, "synthetic": None, "checks": None, "patches": None, "encoders": None, "devices": None,
               "models": None, "training": None,
-              "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad")},
+              "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad",
+                           "_run_in")},
     "score": {"scoring": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
                                                            "MetricsRecord"),
               "bundle": ("BUNDLE_FORMAT", "BUNDLE_VERSION", "save_bundle"),
@@ -136,8 +137,9 @@ def fingerprint_diff(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[s
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
 
 
-def acquire_lock(path: str | os.PathLike) -> Path:
-    """Create lock file `path` ({"pid", "host", "started"}), or raise RunBlocked naming its holder.
+def acquire_lock(path: str | os.PathLike, what: str | None = None) -> Path:
+    """Create lock file `path` ({"pid", "host", "started"}), or raise RunBlocked naming `what`
+    it guards (e.g. "output_dir results/x"; default the lock's folder) and its holder.
 
     A lock left by a process that no longer exists on this host is taken over; one held by
     this process (a notebook cell run again in the same kernel) is kept.
@@ -159,7 +161,7 @@ def acquire_lock(path: str | os.PathLike) -> Path:
             if holder.get("host") == host and not _alive(holder.get("pid")):
                 path.unlink(missing_ok=True)  # its process is gone: a crash, a killed kernel
                 continue
-            raise RunBlocked(f"{path.parent} is being written by process {holder.get('pid')} on "
+            raise RunBlocked(f"{what or path.parent} is being written by process {holder.get('pid')} on "
                                f"{holder.get('host')} since {holder.get('started')} (lock {path}); wait for it "
                                "to finish, or delete the lock file if that process is gone") from None
         with os.fdopen(fd, "w") as f:
@@ -178,31 +180,110 @@ def _alive(pid) -> bool:
     return True
 
 
-RUN_MARKER = ".cpc_utils_run"  # in every run folder this module writes: proof that it may replace it
-# what a run wrote before RUN_MARKER existed (notebooks 01, 02, scripts/sweep.py's executed copy, the
-# score output notebook 02 suggests): a folder with a metrics.json or run.json (unfinished) and
-# nothing else is taken as an earlier run
-LEGACY_RUN_FILES = ("metrics.json", "model.pt", "run.json", "*.png", "*.ipynb")
-LEGACY_RUN_FOLDERS = ("checkpoints", "scored")
+RUN_MARKER = ".cpc_utils_run"  # in every run folder this module writes; once finished, it lists the run's files
+# A run folder is recognised by what this project wrote there: its marker and, once the run has
+# finished (`finish_run`), the marker's list of every file and folder in it. Anything not on the
+# list (a user's notes, photo.png, checkpoints/mine.pt) is the user's: named, never deleted.
+# A staging folder (`.<name>.partial`, being written) and a run of a cpc_utils from before the
+# list have no list; theirs is what a run writes, by name (LEGACY_RUN_FILES, LEGACY_RUN_FOLDERS).
+LEGACY_RUN_FILES = ("metrics.json", "model.pt", "run.json", "*.png", "*.ipynb", ".*.tmp")
+LEGACY_RUN_FOLDERS = {"checkpoints": ("last.pt", "best.pt", "progress.json", ".*.tmp"), "checkpoints/seed*": (
+    "last.pt", "best.pt", "progress.json", ".*.tmp")}  # train_model's files; notebook 01's, one folder per seed
+
+
+def _read_marker(path: Path) -> dict | None:
+    """The run marker of folder `path` as a dict, None when it has none (or a file not of ours)."""
+    try:
+        marker = json.loads((path / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _score_outputs(path: Path) -> set[str]:
+    """What `python -m cpc_utils score` wrote into folder `path` (notebook 02 suggests a run's
+    scored/), by its SCORE_MANIFEST: those files, their folders and the manifest, relative."""
+    try:
+        files = written_here(path, SCORE_MANIFEST)
+    except ValueError:
+        return set()
+    files = {f for f in files if not Path(f).is_absolute() and ".." not in Path(f).parts}
+    return {SCORE_MANIFEST} | files | {p.as_posix() for f in files for p in Path(f).parents if p != Path(".")}
+
+
+def _legacy_entry(rel: Path, patterns: Sequence[str] | None = None) -> bool:
+    """Whether a run writes an entry at `rel` (relative to its folder) by LEGACY_RUN_FILES /
+    LEGACY_RUN_FOLDERS, for folders without the marker's list of files; with `patterns`, whether
+    `rel` is one of them, whole (Path.match alone matches from the right)."""
+    if patterns is not None:
+        return any(rel.match(f) and len(rel.parts) == len(Path(f).parts) for f in patterns)
+    if len(rel.parts) == 1:
+        return _legacy_entry(rel, LEGACY_RUN_FILES)
+    return any(_legacy_entry(rel.parent, [folder]) and any(rel.match(f) for f in names)
+               for folder, names in LEGACY_RUN_FOLDERS.items())
 
 
 def _foreign_entries(path: Path) -> list[str]:
-    """The entries of folder `path` that no run writes (a user's notes, data, another tree)."""
-    return sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir()
-                  if not ((e.is_file() and (e.name == RUN_MARKER or any(e.match(f) for f in LEGACY_RUN_FILES)))
-                          or (e.is_dir() and not e.is_symlink() and e.name in LEGACY_RUN_FOLDERS)))
+    """The entries under folder `path` (relative, folders with a trailing /) that no run of
+    this project wrote there: not on its marker's list of files (or, without one, not what a
+    run writes), and not a `score` output's; every link. Folders holding only the project's
+    files are not listed themselves."""
+    marker = _read_marker(path) or {}
+    listed = set(marker["files"]) if isinstance(marker.get("files"), list) else None
+    foreign: list[str] = []
+    for folder, dirs, files in os.walk(path):  # links are not followed: each is foreign
+        here = Path(folder).relative_to(path)
+        scored = next(((p, _score_outputs(path / p)) for p in [here, *here.parents]
+                       if (path / p / SCORE_MANIFEST).is_file()), None)
+        for name in sorted(dirs) + sorted(files):
+            rel, full = here / name, Path(folder) / name
+            if full.is_symlink():
+                ours = False
+            elif scored is not None:
+                ours = rel.relative_to(scored[0]).as_posix() in scored[1]
+            elif name in dirs:  # a score output's folder is checked file by file inside
+                ours = (full / SCORE_MANIFEST).is_file() or (rel.as_posix() + "/" in listed if listed is not None
+                                                              else _legacy_entry(rel, LEGACY_RUN_FOLDERS))
+            else:
+                ours = rel.as_posix() == RUN_MARKER or (rel.as_posix() in listed if listed is not None
+                                                        else _legacy_entry(rel))
+            if not ours:
+                foreign.append(rel.as_posix() + ("/" if full.is_dir() and not full.is_symlink() else ""))
+        dirs[:] = [d for d in dirs if (here / d).as_posix() + "/" not in foreign]  # a foreign folder: named once
+    return foreign
+
+
+def _listing(path: Path) -> list[str]:
+    """Every entry under folder `path`, relative, folders with a trailing / (the marker's list)."""
+    entries = []
+    for folder, dirs, files in os.walk(path):
+        here = Path(folder).relative_to(path)
+        entries += [(here / d).as_posix() + "/" for d in dirs] + [(here / f).as_posix() for f in files]
+    return sorted(e for e in entries if e != RUN_MARKER)
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a run folder this module wrote and holds nothing else (so a run may
-    replace it): it carries RUN_MARKER, or, written before the marker existed, a metrics.json
-    or run.json; and every entry is what a run writes. A user's file added to a finished run's
-    folder makes it not replaceable: the next run stops and names it instead of deleting it."""
+    """Whether `path` is a run folder this module wrote and holds nothing else, so a run may
+    replace it: it carries RUN_MARKER, and every entry in it, subfolders included, is on the
+    marker's list of what the run wrote (`finish_run`; for a staging folder or a run of an older
+    cpc_utils, what a run writes), or a `score` output's. Without the marker a folder is not a
+    run of ours, however much it looks like one (a user's metrics.json and photo.png). A user's
+    file added to a finished run's folder makes it not replaceable: the next run stops and names
+    it instead of deleting it."""
     path = Path(path)
-    if not path.is_dir() or path.is_symlink():
+    if not path.is_dir() or path.is_symlink() or _read_marker(path) is None:
         return False
-    ours = any((path / f).is_file() for f in (RUN_MARKER, "metrics.json", "run.json"))
-    return ours and not _foreign_entries(path)
+    return not _foreign_entries(path)
+
+
+def record_run_files(out: str | os.PathLike, names: Sequence[str]) -> None:
+    """Add `names` (relative to the finished run folder `out`) to its marker's list of files,
+    before writing them there: scripts/sweep.py's executed copy of the notebook."""
+    out = Path(out)
+    marker = _read_marker(out)
+    if marker is None or not isinstance(marker.get("files"), list):
+        raise FileNotFoundError(f"{out} is not a finished run folder of cpc_utils (no {RUN_MARKER} listing its files)")
+    save_json({**marker, "files": sorted(set(marker["files"]) | set(names))}, out / RUN_MARKER)
 
 
 def _check_replaceable(path: Path, what: str) -> None:
@@ -215,19 +296,22 @@ def _check_replaceable(path: Path, what: str) -> None:
                               "choose another output_dir")
     entries = sorted(e.name + ("/" if e.is_dir() else "") for e in path.iterdir())
     if entries and not is_run_folder(path):
-        if (path / RUN_MARKER).is_file():  # our run, with something of the user's added
+        if _read_marker(path) is not None:  # our run, with something of the user's added
             foreign = _foreign_entries(path)
             raise FileExistsError(f"{what} {path} is an earlier run of cpc_utils, but it also holds "
-                                  f"{', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}, which no run "
-                                  "writes; move that out (a run replaces the whole folder) or choose another output_dir")
+                                  f"{', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}, which the run "
+                                  "did not write; move that out (a run replaces the whole folder) or choose another "
+                                  "output_dir")
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise FileExistsError(f"{what} {path} is not empty and not a run folder of cpc_utils (it holds {shown}); "
-                              "a run replaces only an earlier run's folder: choose a new or empty output_dir")
+        older = " (if it is a run of a cpc_utils older than its run marker, delete it yourself)" \
+            if (path / "run.json").is_file() else ""
+        raise FileExistsError(f"{what} {path} is not empty and not a run folder of cpc_utils (it holds {shown})"
+                              f"{older}; a run replaces only an earlier run's folder: choose a new or empty output_dir")
 
 
 def _remove_run(path: Path) -> None:
-    """Delete a run folder of ours, its marker and run.json last, so a deletion cut short
-    leaves a folder that is still recognisably ours."""
+    """Delete a run folder of ours (`_check_replaceable` said so), its marker and run.json last,
+    so a deletion cut short leaves a folder that is still recognisably ours."""
     import shutil
     if not path.exists():
         return
@@ -276,7 +360,7 @@ def begin_run(out: str | os.PathLike, fingerprint: dict, resume: bool = False) -
     if rank != 0:
         torch.distributed.barrier()  # rank 0 has prepared `work`
         return work
-    lock = acquire_lock(out.parent / f".{out.name}.lock")
+    lock = acquire_lock(out.parent / f".{out.name}.lock", f"output_dir {out}")
     try:
         if old.exists() and not out.exists():  # a switch-over was interrupted: put the previous run back
             _check_replaceable(old, "the previous run's copy")
@@ -316,15 +400,38 @@ def finish_run(out: str | os.PathLike, work: str | os.PathLike, metrics: dict) -
     save_json(metrics, work / "metrics.json")
     save_json({**json.loads((work / "run.json").read_text()), "status": "finished",
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, work / "run.json")
+    save_json({**(_read_marker(work) or {}), "written_by": "cpc_utils.finish_run", "output_dir": str(out),
+               "files": _listing(work)}, work / RUN_MARKER)  # from now on, what is not on this list is not ours
     _remove_run(old)
     if out.exists():
-        if not (out / RUN_MARKER).exists():  # an earlier run without one: marked, so a cut deletion stays ours
-            save_json({"written_by": "cpc_utils.finish_run", "output_dir": str(out)}, out / RUN_MARKER)
         out.rename(old)
     work.rename(out)
     _remove_run(old)
     (out.parent / f".{out.name}.lock").unlink(missing_ok=True)
     return out / "metrics.json"
+
+
+def abandon_run(out: str | os.PathLike, work: str | os.PathLike, error: BaseException) -> None:
+    """Record in the staging folder `work` why the run stopped (run.json's status "failed", or
+    "stopped" for Ctrl-C and a time budget, with the error) and unlock `out`: a run that diverged
+    or crashed leaves no "running" status and no lock behind it. The staging folder stays, so
+    resume=True can continue from its checkpoints; the previous run in `out` is untouched."""
+    from .training import TimeBudgetReached
+    out, work = _named(out), Path(work)
+    stopped = isinstance(error, (KeyboardInterrupt, TimeBudgetReached))
+    try:
+        run = json.loads((work / "run.json").read_text())
+        save_json({**run, "status": "stopped" if stopped else "failed", "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "error": f"{type(error).__name__}: {error}"}, work / "run.json")
+    except (OSError, ValueError):  # a full disk, a staging folder gone: the lock must still go
+        pass
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if holder.get("pid") == os.getpid():  # ours: not another process's that took it over
+        lock.unlink(missing_ok=True)
 
 
 def stage_continuation(out: str | os.PathLike, source: str | os.PathLike, fingerprint: dict) -> Path:
@@ -346,7 +453,7 @@ def stage_continuation(out: str | os.PathLike, source: str | os.PathLike, finger
     if not last.is_file():
         raise FileNotFoundError(f"{source} holds no checkpoints/last.pt to continue from")
     work = out.parent / f".{out.name}.partial"
-    lock = acquire_lock(out.parent / f".{out.name}.lock")
+    lock = acquire_lock(out.parent / f".{out.name}.lock", f"output_dir {out}")
     try:
         _check_replaceable(work, "the staging folder")
         _remove_run(work)

@@ -13,9 +13,13 @@ from .demo import DEMO_CONFIRMATION, DEMO_TUNING
 from .encoders import ENCODERS
 from .scoring import REDUCES
 
-SCHEMA_VERSION = 2  # 2: the record has a schema (this dataclass); 1: the same keys, written without a version
+SCHEMA_VERSION = 3  # 3: ground_truth; 2: the record has a schema (this dataclass); 1: the same keys, without a version
 METRIC_KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "aupro",
                *(f"{m}_{r}" for r in REDUCES for m in ("image_auroc", "image_f1_max")))
+PIXEL_MASKS = "pixel masks"  # a record's ground_truth: what its test metrics were measured against
+IMAGE_LABELS_ONLY = ("image labels only: no ground_truth/ folder, so test pixel AUROC, AUPRO and the test rates at "
+                     "the pixel threshold are not available (n/a); image AUROC, F1 and thresholds are as usual")
+PIXEL_METRIC_KEYS = ("pixel_auroc", "aupro")  # None in every test family of an IMAGE_LABELS_ONLY record
 METRIC_FAMILIES = {"test": "", "cpcad": "cpcad_", "baseline": "baseline_", "val": "val_",
                    "val_baseline": "val_baseline_"}  # field -> its keys' prefix in metrics.json
 
@@ -79,6 +83,7 @@ class MetricsRecord:
     fingerprint: dict                 # `run_fingerprint`: what determined this result
     history: list[dict]
     config: dict                      # {"parameters", "model", "scoring", "train", "grid"}
+    ground_truth: str = "pixel masks"  # PIXEL_MASKS, or IMAGE_LABELS_ONLY: test pixel metrics None (not available)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -104,12 +109,15 @@ def read_record(d: dict, source: str = "metrics.json") -> MetricsRecord:
     """A metrics.json's dict as a MetricsRecord. Raises ValueError naming `source` for a record
     of a newer schema, or one with a field missing or unknown (a renamed key fails here, not as a
     blank table cell). Version 1 (no version written) has the same keys; its chosen_epoch,
-    when absent, is the history's best validation epoch."""
+    when absent, is the history's best validation epoch. Versions 1 and 2 were evaluated on
+    pixel masks (their ground_truth)."""
     version = d.get("schema_version", 1)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ValueError(f"{source}: schema_version {version!r}, this code reads up to {SCHEMA_VERSION}; "
                          "update the code or run it again")
     d = dict(d, schema_version=SCHEMA_VERSION)
+    if version < 3:
+        d.setdefault("ground_truth", PIXEL_MASKS)
     if "chosen_epoch" not in d and version == 1 and d.get("history"):
         best = min((h for h in d["history"] if h.get("val_loss") is not None), key=lambda h: h["val_loss"],
                    default=d["history"][-1])

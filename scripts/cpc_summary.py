@@ -65,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("root", type=Path, help="folder holding <category>/<encoder>/metrics.json")
-    parser.add_argument("--out", type=Path, help="write the markdown here (atomically) instead of printing it")
+    parser.add_argument("--out", type=Path, help="write the markdown here (atomically; never over a file cpc_utils did not write) instead of printing it")
     args = parser.parse_args(argv)
     text = summary(args.root)
     if args.out:
         import cpc_utils as cu
-        cu.save_atomic(text, args.out, writer=lambda obj, f: f.write(obj.encode()))
+        try:  # never over a file of the user's
+            cu.save_text_ours(text, args.out)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"cpc_summary: {e}") from None
     else:
         print(text, end="")
     return 0

@@ -24,7 +24,7 @@ results/ is relative to where the command runs (--results; on Kaggle under
 there: the code may be a read-only copy (a Kaggle dataset under /kaggle/input).
 
 A pair is skipped only when its metrics.json records the same fingerprint
-(parameters, data files, code version: cu.run_fingerprint) as this sweep asks for; with other
+(parameters as they resolve, data files, code version: cu.cpcad_fingerprint) as this sweep asks for; with other
 parameters it is run again (continuing from its checkpoints when only epochs or patience
 grew), and the previous results stay in place until the new run has finished. An
 interrupted pair continues from its last checkpoint. A failing pair (also one whose
@@ -116,6 +116,25 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def read_failures(path: Path) -> dict[str, dict]:
+    """A sweep's failure record ({pair: {"category", "encoder", "error", ...}}); {} when there is
+    none. A file the sweep did not write there, or not of that shape, is ValueError naming it:
+    it is neither read as a record nor replaced by one."""
+    import cpc_utils as cu
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        cu.check_ours(path)
+        record = read_json(path)
+    except (FileExistsError, ValueError) as e:
+        raise ValueError(f"{e}; a sweep keeps its failure record there") from None
+    bad = next((k for k, v in record.items() if not (isinstance(v, dict) and isinstance(v.get("error"), (str, type(None))))), None)
+    if bad is not None:
+        raise ValueError(f"{path} is not a sweep's failure record (its entry {bad!r} has no error message); "
+                         "delete it to start a new record")
+    return record
+
+
 def check_parameters(parameters: dict) -> str | None:
     """None, or the pipeline's own message for a parameter it would refuse (a ParameterError
     such as `epochs='ten': expected int, got str`): `cu.plan_run`, which reads and writes nothing."""
@@ -163,10 +182,23 @@ def run_pair(notebook: Path, out: Path, parameters: dict) -> None:
         raise
     if error:
         if tmp.exists():  # keep the partly executed notebook, with its traceback, for reading
-            tmp.replace(failed_notebook(out))
+            keep_failed_notebook(tmp, failed_notebook(out))
         raise error[0]
+    import cpc_utils as cu
+    cu.record_run_files(out, [notebook.name])  # the run's own file from now on: replaced with the run
     tmp.replace(out / notebook.name)
-    failed_notebook(out).unlink(missing_ok=True)
+    cu.remove_ours(failed_notebook(out))
+
+
+def keep_failed_notebook(tmp: Path, keep: Path) -> None:
+    """Move a failed pair's notebook `tmp` to `keep`, recorded as the sweep's; where a file of
+    the user's has that name, it stays, and the notebook stays at `tmp` (said)."""
+    import cpc_utils as cu
+    try:
+        cu.record_ours(keep)
+        tmp.replace(keep)
+    except (OSError, ValueError) as e:
+        say(f"sweep: the failed notebook stays at {tmp}: {e}")
 
 
 def interrupted(signum, frame):
@@ -359,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     resume = params.pop("resume", True)  # by default an interrupted pair continues from its last checkpoint
     if not isinstance(resume, bool):  # "no" would be truthy: the pairs would resume against the user's word
         raise SystemExit(f"sweep: --param resume={resume!r}: expected True or False")
-    root = cu.resolve_data_root(args.data_root, work_dir() / "data" / "demo").resolve()
+    try:
+        root = cu.resolve_data_root(args.data_root, work_dir() / "data" / "demo").resolve()
+    except (OSError, ValueError) as e:  # no dataset there, or a category folder given as the root: said, no traceback
+        raise SystemExit(f"sweep: --data-root {args.data_root or '(none)'}: {e}") from None
     available = cu.list_categories(root)
     categories = list(dict.fromkeys(args.categories or available))  # named twice: one run per folder, not two
     args.encoders = list(dict.fromkeys(args.encoders))
@@ -398,12 +433,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rerun = shlex.join([sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
 
+    suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
+    try:  # what the sweep writes beside the runs must not be a user's file: found now, not after the runs
+        cu.check_summary_files(run_dir)
+        read_failures(run_dir / f"failures{suffix}.json")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sweep: {e}") from None
+
     if args.dry_run:  # each run's parameters checked as the pipeline checks them, nothing written
         bad, total = 0, sum(map(len, chains))
         for n, (key, out, pair) in enumerate((r for chain in chains for r in chain), 1):
             problem = check_parameters({**pair, "resume": resume})
             try:
-                state, diff = pair_state(out, cu.run_fingerprint(pair, root, pair["category"]))
+                state, diff = pair_state(out, cu.cpcad_fingerprint(pair, root, pair["category"]))
             except ValueError as e:
                 problem = problem or str(e)
             if problem:
@@ -419,7 +461,6 @@ def main(argv: list[str] | None = None) -> int:
                     "partial": "continue (interrupted)" if not diff else f"run (interrupted with other {', '.join(diff)})"}
             say(f"[{n}/{total}] {key}: would {what[state]}")
         return 1 if bad else 0
-    suffix = f".shard{shard[0]}of{shard[1]}" if shard else ""  # shards share the folder, not these files
     lock = run_dir / f".sweep{suffix}.lock"
     try:
         cu.acquire_lock(lock)
@@ -486,9 +527,9 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
     """
     import cpc_utils as cu
     try:
-        failures = read_json(failures_file) if failures_file.exists() else {}
-    except ValueError as e:
-        say(f"sweep: {e}; delete it to start a new failure record")
+        failures = read_failures(failures_file)
+    except (OSError, ValueError) as e:
+        say(f"sweep: {e}")
         return 2
     unreadable = set()  # metrics.json files that cannot be read: their runs fail, the summary leaves them out
     total = sum(map(len, chains))
@@ -521,7 +562,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
         tag = f"[{n}/{total}] {key}"
         run_params = {**run_params, **({"device": device} if device else {})}
         try:
-            fingerprint = cu.run_fingerprint(run_params, root, run_params["category"])
+            fingerprint = cu.cpcad_fingerprint(run_params, root, run_params["category"])
             state, diff = pair_state(out, fingerprint)
         except ValueError as e:  # a damaged result is not replaced (nor its run repeated) without the user's say
             with guard:
@@ -650,10 +691,10 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
 
     try:
         if failures:
-            cu.save_json(failures, failures_file)
+            cu.save_json_ours(failures, failures_file)
         else:
-            failures_file.unlink(missing_ok=True)
-    except OSError as e:
+            cu.remove_ours(failures_file)
+    except (OSError, ValueError) as e:
         say(f"sweep: cannot record the failures: {e}")
         return 2
     missing = [k for k, v in status.items() if v == "missing"]
@@ -661,7 +702,7 @@ def sweep(notebook: Path, run_dir: Path, root: Path, chains: list[list[tuple[str
           f"{len(missing)} missing in {fmt_time(time.perf_counter() - t_start)}")
     if any(p not in unreadable for p in run_dir.rglob("metrics.json")):
         try:  # with shards: every shard's failures, so the summary covers the whole folder
-            every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in read_json(f).items()}
+            every_failure = {k: v for f in sorted(run_dir.glob("failures*.json")) for k, v in read_failures(f).items()}
             cu.write_summary(run_dir, status, every_failure, unreadable)
         except (OSError, ValueError) as e:
             say(f"sweep: cannot write the summary: {e}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import glob
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from PIL import Image
 
 import cpc_utils as cu
 import cpc_ad.bundle
+import cpc_ad.inference
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FPR = 0.01
@@ -48,7 +52,8 @@ def trained(request, brick, tmp_path_factory) -> dict:
     threshold = cu.normal_threshold(val_scores[normal], TARGET_FPR, "image scores")
     pixel_threshold = cu.normal_threshold(cu.patches_to_pixels(maps["val"], sg)[normal], TARGET_FPR, "pixel scores")
     path = tmp_path_factory.mktemp("bundle") / "model.pt"
-    cu.save_bundle(path, model, scoring, threshold, pixel_threshold, cu.data_fingerprint(brick, "brick"))
+    cu.save_bundle(path, model, scoring, threshold, pixel_threshold, cu.data_fingerprint(brick, "brick"),
+                   colour=cpc_ad.bundle.colour_mode(train.images))
     return {"path": path, "test": data["test"], "val": val, "val_scores": val_scores, "threshold": threshold,
             "scores": cu.image_scores(maps["test"], sc.reduce), "pixel_maps": cu.patches_to_pixels(maps["test"], sg),
             "shared_encoder": request.param}
@@ -178,7 +183,7 @@ def test_threshold_override_changes_the_verdicts(trained, tmp_path):
 
 def test_output_names_are_unique_also_where_case_is_ignored(tmp_path):
     for order in (["a.jpg", "a.png", "a_png.png"], ["a_png.png", "a.jpg", "a.png", "A.PNG", "a_jpg.png"]):
-        names = cpc_ad.bundle._output_names([tmp_path / n for n in order])
+        names = cpc_ad.inference._output_names([tmp_path / n for n in order])
         assert len({n.as_posix().casefold() for n in names}) == len(order), names
         assert all(n.suffix == ".png" for n in names)
 
@@ -387,6 +392,7 @@ CRAFTED = {  # name: (edit of the saved dict, what the one-line error must say)
                     "calibration mean['loss'] is (1, 13, 13), expected (1, 7, 7)"),
     "grid_image_size": (lambda b: {**b, "grid": {**b["grid"], "image_size": 128}},
                         "has image_size 64 but a grid for 128 px images"),
+    "bad_colour": (lambda b: {**b, "colour": "sepia"}, "has colour 'sepia', expected None or one of grayscale"),
 }
 
 
@@ -428,3 +434,212 @@ def test_find_images_reads_files_folders_and_globs(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = cu.find_images([tmp_path / "a", str(tmp_path / "c" / "*.bmp"), tmp_path / "a" / "1.png"])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/2.TIFF", "a/b/3.jpg", "c/7.bmp"]
+
+
+class Payload:
+    """What a foreign bundle may carry: unpickling it calls print, i.e. runs code."""
+    def __reduce__(self):
+        return print, ("the payload ran",)
+
+
+def test_a_pickled_or_foreign_bundle_is_refused_without_torchs_unsafe_hint(trained, tmp_path, capsys):
+    """torch's own message advises loading the file with weights_only=False: the one thing not
+    to do with a file of unknown origin. The refusal names what the file holds instead."""
+    pickled = tmp_path / "pickled.pt"
+    torch.save({**torch.load(trained["path"], weights_only=True), "extra": Payload()}, pickled)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    message = score_error(pickled, trained["test"].paths[0], "--out", tmp_path / "out")
+    assert (f"refusing model bundle {pickled}: it holds Python objects, not only tensors and plain types "
+            "(GLOBAL ") in message and "nothing in it was run" in message
+    assert f"cannot read model bundle {garbage}" in score_error(garbage, trained["test"].paths[0], "--out", tmp_path / "o")
+    for path in (pickled, garbage):
+        with pytest.raises(ValueError) as e:
+            cu.load_bundle(path)
+        assert "weights_only" not in str(e.value) and e.value.__cause__ is None, str(e.value)
+    assert "weights_only" not in message and "payload ran" not in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+# ---- what a bundle knows of its training images ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def degenerate(tmp_path_factory) -> Path:
+    """A bundle whose training and calibration images are one image repeated: its score
+    calibration has no spread (untrained: the calibration is what this is about)."""
+    torch.manual_seed(0)
+    same = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).repeat(6, 1, 1, 1)
+    grid = cu.PatchGrid(64, 16, 8)
+    model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8), grid)
+    scoring = cu.prepare_scoring(model, same, same, cu.ScoringConfig(test_negatives=64, knn_bank=256), device="cpu")
+    assert scoring["calibration"].check()["status"] == "degenerate"
+    maps = cu.detector_maps(cu.score_patches(model, same, scoring["bank"], scoring["references"], 16, "cpu",
+                                             grid=scoring["grid"]), scoring["calibration"], "knn_stats")
+    path = tmp_path_factory.mktemp("degenerate") / "model.pt"
+    cu.save_bundle(path, model, scoring, cu.normal_threshold(cu.image_scores(maps, "top10"), TARGET_FPR),
+                   cu.normal_threshold(cu.patches_to_pixels(maps, scoring["grid"]), TARGET_FPR), colour="colour")
+    return path
+
+
+def test_a_degenerate_calibration_is_said_and_fails_the_command(degenerate, trained, tmp_path):
+    """All training images alike: training warned, but score called images anomalous at a
+    meaningless threshold and said nothing. Loading warns; the command scores, writes its
+    outputs, and exits 1 with one line naming the bundle."""
+    with pytest.warns(UserWarning, match=rf"model bundle {degenerate}: degenerate calibration.*verdicts mean little"):
+        assert "degenerate calibration" in cu.load_bundle(degenerate).calibration_note
+    with pytest.warns(UserWarning, match="degenerate calibration"):
+        message = score_error(degenerate, trained["test"].paths[0], "--out", tmp_path / "out")
+    assert f"model bundle {degenerate}: degenerate calibration" in message and "verdicts mean little" in message
+    (row,) = read_csv(tmp_path / "out" / "scores.csv")
+    assert row["verdict"] in ("normal", "anomalous") and (tmp_path / "out" / row["heatmap"]).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cu.load_bundle(trained["path"]).calibration_note is None
+
+
+def test_colour_mode():
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8).expand(2, 3, 8, 8)
+    colour = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert cpc_ad.bundle.colour_mode(grey) == "grayscale" and cpc_ad.bundle.colour_mode(colour) == "colour"
+    assert cpc_ad.bundle.colour_mode(torch.cat([grey, colour])) == "mixed"
+    with pytest.raises(ValueError, match=r"uint8 images \(N, 3, H, W\)"):
+        cpc_ad.bundle.colour_mode(colour.float())
+
+
+def test_images_of_the_other_colour_mode_are_said_once(trained, tmp_path, capsys):
+    """A grayscale model (the demo brick) flags colour images whatever they show: score says
+    how many there are in one line (not once per batch) and in its final line."""
+    assert cu.load_bundle(trained["path"]).info["colour"] == "grayscale"
+    photos = tmp_path / "photos"
+    copy_images(trained, photos, 3)
+    for k in (1, 2):  # two of three get a colour tint
+        rgb = np.asarray(Image.open(photos / f"{k}.png").convert("RGB")).copy()
+        rgb[..., 0] //= 2
+        Image.fromarray(rgb).save(photos / f"{k}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cu.main(["score", str(trained["path"]), str(photos), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--batch-size", "1"])
+    assert not [w for w in caught if "colour" in str(w.message)]
+    lines = capsys.readouterr().out.splitlines()
+    said = [line for line in lines if "images are colour" in line]
+    assert len(said) == 1 and said[0].startswith(f"2 of 3 images are colour while the model {trained['path']} was "
+                                                 "trained on grayscale images: their scores are not comparable")
+    assert "2 colour images for a model trained on grayscale ones" in lines[-1]
+    r = cu.score_files(trained["path"], [photos / "0.png"], tmp_path / "out2", device="cpu", progress=False)
+    assert r["other_colour"] == 0 and r["colour"] == "grayscale"
+
+
+def test_bundle_score_warns_of_the_other_colour_mode_and_old_bundles_know_none(trained, tmp_path):
+    b = torch.load(trained["path"], weights_only=True)
+    torch.save({**b, "colour": "colour"}, tmp_path / "colour.pt")
+    grey = trained["test"].images[:2]
+    with pytest.warns(UserWarning, match="2 of 2 images are grayscale while the model .* trained on colour images"):
+        result = cu.load_bundle(tmp_path / "colour.pt").score(grey)
+    assert result["other_colour"].tolist() == [True, True]
+    torch.save({k: v for k, v in b.items() if k != "colour"}, tmp_path / "old.pt")
+    old = cu.load_bundle(tmp_path / "old.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert old.info["colour"] is None and not old.score(grey)["other_colour"].any()
+    with pytest.raises(cu.ParameterError, match="colour='sepia'"):
+        cu.save_bundle(tmp_path / "x.pt", old.model, {"bank": old.bank, "references": {}, "calibration": None,
+                                                     "config": old.scoring}, b["threshold"], b["pixel_threshold"],
+                       colour="sepia")
+
+
+# ---- what score reads and what it may replace -------------------------------------------
+
+FIND = ("import json, sys, cpc_utils as cu\n"
+        "print(json.dumps([[p.as_posix() for p in cu.find_images([a])] for a in sys.argv[1:]]))")
+
+
+def test_find_images_follows_each_real_folder_once(tmp_path):
+    """photos/sub/up -> .. and photos/sub/loop -> .: Python's recursive glob followed them
+    without end (one loop alone gave sub/up/sub/up/.../1.png); pathlib's rglob followed no
+    symlinked folder at all. Each real folder is searched once, a linked one included.
+    In a subprocess with a timeout, so that a loop fails the test instead of hanging it."""
+    photos = tmp_path / "photos"
+    for name in ("0.png", "sub/1.png", "sub/.hidden/2.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "3.png").write_bytes(b"")
+    (photos / "sub" / "up").symlink_to("..")
+    (photos / "sub" / "loop").symlink_to(".")
+    (photos / "linked").symlink_to(tmp_path / "elsewhere")
+    patterns = ["", "/**/*.png", "/**", "/*/*.png", "/sub/**/.*/*.png"]
+    proc = subprocess.run([sys.executable, "-c", FIND, *(f"{photos}{p}" for p in patterns)], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    found = [[Path(f).relative_to(photos).as_posix() for f in files] for files in json.loads(proc.stdout)]
+    every = ["0.png", "linked/3.png", "sub/.hidden/2.png", "sub/1.png"]  # a folder: all, hidden ones too
+    assert found == [every, ["0.png", "linked/3.png", "sub/1.png"], every, ["linked/3.png", "sub/1.png"],
+                     ["sub/.hidden/2.png"]]
+
+
+@pytest.mark.parametrize("pattern", ["a/*.png", "a/**/*.png", "**/*.png", "a/?.png", "a/[12].*", "a/.*",
+                                     "a/**/.h*/*.png", "*/b/*", "a/b/3.jpg", "a/b/../*.png", "none/**/*"])
+def test_glob_matches_as_python_glob_where_there_are_no_links(tmp_path, pattern):
+    for name in ("a/1.png", "a/2.TIFF", "a/.x.png", "a/b/3.jpg", "a/.hidden/4.png", "a/b/.h/5.png", "c/b/6.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = sorted(glob.glob(f"{tmp_path}/{pattern}", recursive=True))
+    assert [str(p) for p in cpc_ad.inference._glob(f"{tmp_path}/{pattern}")] == expected
+
+
+@pytest.mark.parametrize("link", ["heatmaps", "masks/sub", "masks/sub/0.png", cu.SCORE_MANIFEST])
+def test_score_never_writes_or_deletes_through_a_link_in_out(trained, tmp_path, monkeypatch, link):
+    """A link inside --out (an output folder, a subfolder mirroring the inputs', a planned
+    file, the manifest) leads to files that are not score's: score once followed heatmaps/ to
+    the user's folder and deleted or replaced the files there. Refused before scoring, naming
+    the link; what it points to and --out stay as they were."""
+    photos = tmp_path / "photos"
+    copy_images(trained, photos, 1)
+    copy_images(trained, photos / "sub")  # names: 0.png, sub/0.png, sub/1.png
+    out = tmp_path / "out"
+    cu.main(["score", str(trained["path"]), str(photos), "--out", str(out), "--device", "cpu"])
+    mine = tmp_path / "mine"  # the user moves an output away, adds a file of theirs, and links it back
+    (out / link).rename(mine)
+    if mine.is_dir():
+        (mine / "notes.txt").write_text("mine")
+    (out / link).symlink_to(mine, target_is_directory=mine.is_dir())
+    before = files_below(tmp_path)
+    monkeypatch.setattr(cu.Bundle, "score", lambda *a, **k: pytest.fail("scored before checking --out"))
+    message = score_error(trained["path"], photos, "--out", out)
+    assert f"--out {out}: {out / link} is a symbolic link" in message
+    assert files_below(tmp_path) == before and (out / link).is_symlink()
+
+
+def test_a_users_file_where_score_needs_a_folder_is_refused_before_anything_is_deleted(trained, tmp_path):
+    """heatmaps/sub is the user's file and score must write heatmaps/sub/1.png: it once
+    deleted the earlier outputs and failed only when writing there."""
+    photos = tmp_path / "photos"
+    copy_images(trained, photos, 1)
+    out = tmp_path / "out"
+    cu.main(["score", str(trained["path"]), str(photos), "--out", str(out), "--device", "cpu"])
+    (out / "heatmaps" / "sub").write_text("the user's notes")
+    copy_images(trained, photos / "sub")
+    before = files_below(out)
+    message = score_error(trained["path"], photos, "--out", out)
+    assert f"{out / 'heatmaps' / 'sub'} was not written by score and stands where score needs a folder" in message
+    assert files_below(out) == before
+
+
+@pytest.mark.parametrize("target", ["nowhere", "out"])
+def test_an_out_that_is_a_broken_or_looping_link_is_one_line(trained, tmp_path, target):
+    (tmp_path / "out").symlink_to(tmp_path / target)
+    message = score_error(trained["path"], trained["test"].paths[0], "--out", tmp_path / "out")
+    assert f"--out {tmp_path / 'out'} is a broken symbolic link (to {tmp_path / target})" in message
+
+
+def test_a_link_among_the_inputs_to_out_is_not_read(trained, tmp_path, capsys):
+    """Folders are now searched through links: photos/latest -> ../out must not make score's
+    own outputs inputs of the next run."""
+    photos = tmp_path / "photos"
+    copy_images(trained, photos)
+    (photos / "latest").symlink_to(tmp_path / "out")
+    for _ in range(2):
+        cu.main(["score", str(trained["path"]), str(photos), "--out", str(tmp_path / "out"), "--device", "cpu"])
+        assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "out" / "scores.csv")) == ["0.png", "1.png"]
+    assert "4 images inside --out" in capsys.readouterr().out

@@ -3,6 +3,7 @@ at fault, the train/validation split, and the embedded demo dataset."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,83 @@ def test_mask_16bit_and_colour_non_zero_is_defect(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     for name in ("m16.png", "rgb.png"):
         assert np.array_equal(cu.read_mask(tmp_path / name, 8)[0].numpy(), bits), name
+
+
+def _palette(bits: np.ndarray, colours: list[tuple], transparent: int | None = None) -> Image.Image:
+    im = Image.fromarray(bits.astype(np.uint8), "P")  # index 1 = defect, index 0 = background
+    im.putpalette([c for colour in colours for c in colour])
+    if transparent is not None:
+        im.info["transparency"] = transparent
+    return im
+
+
+MASK_ENCODINGS = {  # name -> the mask of `bits` as a tool may write it
+    "alpha only, RGB white": lambda b: Image.fromarray(np.dstack([np.full(b.shape + (3,), 255, np.uint8),
+                                                                   b.astype(np.uint8) * 255]), "RGBA"),
+    "alpha, dark defect": lambda b: Image.fromarray(np.dstack([np.zeros(b.shape + (3,), np.uint8),
+                                                                 b.astype(np.uint8) * 200]), "RGBA"),
+    "grey + alpha": lambda b: Image.fromarray(np.dstack([np.full(b.shape, 255, np.uint8), b.astype(np.uint8) * 255]),
+                                              "LA"),
+    "palette, index 0 white, defect red": lambda b: _palette(b, [(255, 255, 255), (255, 0, 0)]),
+    "palette, index 0 white, defect black": lambda b: _palette(b, [(255, 255, 255), (0, 0, 0)]),
+    "palette, both white": lambda b: _palette(b, [(255, 255, 255), (255, 255, 255)]),
+    "palette, index 0 black": lambda b: _palette(b, [(0, 0, 0), (255, 255, 255)]),
+    "palette, index 0 transparent": lambda b: _palette(b, [(255, 255, 255), (255, 255, 255)], transparent=0),
+    "RGB on black": lambda b: Image.fromarray(np.where(b[..., None], [200, 30, 30], 0).astype(np.uint8)),
+}
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_masks_are_read_by_what_they_encode(tmp_path, encoding):
+    """Issue 28.5: an RGBA mask whose defect is only in its alpha (RGB white everywhere), a
+    palette mask whose index 0 is white, ...: the defect region, not every pixel."""
+    bits = np.zeros((16, 16), bool)
+    bits[4:9, 5:11] = True
+    MASK_ENCODINGS[encoding](bits).save(tmp_path / "m.png")
+    assert np.array_equal(cu.read_mask(tmp_path / "m.png", 16)[0].numpy(), bits)
+
+
+def test_a_colour_mask_on_a_white_background_reads_its_most_common_colour_as_background(tmp_path):
+    bits = np.zeros((16, 16), bool)
+    bits[2:6, 2:6] = True
+    Image.fromarray(np.where(bits[..., None], [255, 0, 0], 255).astype(np.uint8)).save(tmp_path / "m.png")
+    with pytest.warns(UserWarning, match=r"no black or transparent pixel: its most common colour \(255, 255, 255\)"):
+        assert np.array_equal(cu.read_mask(tmp_path / "m.png", 16)[0].numpy(), bits)
+
+
+def test_a_jpeg_mask_is_read_at_half_intensity(tmp_path):
+    """Second pass of issue 28: compression leaves faint non-zero values around a JPEG mask's
+    defect; read as non-zero they would grow the defect region."""
+    bits = np.zeros((64, 64), bool)
+    bits[10:30, 20:40] = True
+    Image.fromarray((bits * 255).astype(np.uint8)).save(tmp_path / "m.jpg", quality=75)
+    Image.fromarray(np.dstack([bits * 255, bits * 30, bits * 30]).astype(np.uint8)).save(tmp_path / "c.jpg", quality=75)
+    assert (np.asarray(Image.open(tmp_path / "m.jpg"))[~bits] > 0).any()  # the faint values are there
+    for name in ("m.jpg", "c.jpg"):
+        assert np.array_equal(cu.read_mask(tmp_path / name, 64)[0].numpy(), bits), name
+
+
+def test_a_mask_marking_nearly_the_whole_image_is_warned(fresh_mvtec):
+    """Issue 28.5: an inverted mask (white background, the defect black) is read as it is, with a warning."""
+    mask = fresh_mvtec / "widget" / "ground_truth" / "crack" / "000_mask.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
+    with pytest.warns(UserWarning, match=r"1 defect masks mark more than 90% of their image as defect \(first: "
+                                         + re.escape(str(mask)) + r", 96%\): is the mask inverted"):
+        cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)
+
+
+def test_a_category_without_ground_truth_has_image_labels_only(fresh_mvtec):
+    """Issue 28.14: no ground_truth/ folder: loaded, its test set says it has no pixel labels, and
+    evaluation gives image metrics with pixel AUROC and AUPRO None; subsets keep the flag."""
+    import shutil
+    shutil.rmtree(fresh_mvtec / "widget" / "ground_truth")
+    test = cu.load_category(fresh_mvtec, "widget", image_size=FAKE_SIZE, num_threads=1)["test"]
+    assert not test.pixel_labels and not test.masks.any() and sorted(test.labels.tolist()) == [0, 0, 1, 1, 1]
+    assert not test.subset([0, 2]).pixel_labels and not cu.concat_sets([test, test]).pixel_labels
+    grid = cu.PatchGrid(FAKE_SIZE, 8, 8)
+    maps = torch.rand(len(test), 1, grid.grid, grid.grid, generator=torch.Generator().manual_seed(0))
+    metrics = cu.evaluate_maps(maps, test, grid, ("max",))["metrics"]
+    assert metrics["pixel_auroc"] is None and metrics["aupro"] is None and 0 <= metrics["image_auroc"] <= 1
 
 
 def test_extensions_any_case(fresh_mvtec):
@@ -740,6 +818,20 @@ def test_demo_data_never_overwrites_or_mixes_in_a_users_files(tmp_path):
     cu.make_demo_dataset(root, n_train=3, **kw)
     cu.make_demo_dataset(root, n_train=2, **kw)
     assert sorted(p.name for p in (root / "tissue" / "train" / "good").iterdir()) == ["000.png", "001.png"]
+
+
+def test_demo_data_never_writes_through_a_linked_folder(tmp_path):
+    """Second pass of issue 28: tissue/train/good linked to a user's photo folder: refused, the
+    photos untouched (a search that skips links would find nothing there to protect)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "000.png").write_bytes(b"my photo")
+    (tmp_path / "d" / "tissue" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "tissue" / "train" / "good").symlink_to(photos)
+    with pytest.raises(FileExistsError, match=r"train/good is a link to another folder"):
+        cu.make_demo_dataset(tmp_path / "d", categories=["tissue"], n_train=2, n_test_good=1, n_per_defect=1,
+                             image_size=32)
+    assert [p.name for p in photos.iterdir()] == ["000.png"] and (photos / "000.png").read_bytes() == b"my photo"
 
 
 def test_demo_unknown_category_fails_before_writing(tmp_path):

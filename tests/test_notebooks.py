@@ -216,7 +216,7 @@ def test_notebook02_writes_metrics_and_figures(executed, tiny_root):
     assert bundle.info["data"] == m["fingerprint"]["data"]
     assert m["learning"]["status"] in ("ok", "at_chance", "diverged") and "chance" in m["learning"]["message"]
     assert m["calibration"]["status"] == "ok" and "spreads" in m["calibration"]["message"]
-    assert m["fingerprint"] == cu.run_fingerprint(m["config"]["parameters"], tiny_root, "brick")
+    assert m["fingerprint"] == cu.cpcad_fingerprint(m["config"]["parameters"], tiny_root, "brick")
     assert not list(out.parent.glob(f".{out.name}*"))  # no staging folder or lock left behind
 
 

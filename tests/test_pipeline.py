@@ -131,7 +131,7 @@ def test_a_scoring_parameter_change_rescores_the_saved_weights(finished, tiny_ro
     for key in sorted((set(a) | set(b)) - TIMING - {"config", "fingerprint", "history"}):
         assert a[key] == b[key], key
     assert [dict(h, seconds=0) for h in a["history"]] == [dict(h, seconds=0) for h in b["history"]]
-    assert a["fingerprint"] == cu.run_fingerprint({**b["config"]["parameters"]}, tiny_root, "brick")
+    assert a["fingerprint"] == cu.cpcad_fingerprint({**b["config"]["parameters"]}, tiny_root, "brick")
     assert (a["detector"], a["image_reduce"]) == ("cpcad", "mean")
     after = torch.load(out / "model.pt", weights_only=True)
     assert after["scoring"]["detector"] == "cpcad" and after["references"] == {}  # only what the detector reads
@@ -164,8 +164,46 @@ def test_a_scoring_code_change_rescores_and_a_training_code_change_retrains(fini
 
 def test_a_training_parameter_change_retrains(finished, tiny_root, tmp_path, monkeypatch):
     out = copy_run(finished, tmp_path)
-    assert cu.is_rescorable(out, cu.run_fingerprint({**json.loads((out / "metrics.json").read_text())["config"]
+    assert cu.is_rescorable(out, cu.cpcad_fingerprint({**json.loads((out / "metrics.json").read_text())["config"]
                                                      ["parameters"], "lr": 1e-3}, tiny_root, "brick")) is None
     no_training(monkeypatch)
     with pytest.raises(AssertionError, match="trained again"):
         cu.run_cpcad(data_root=str(tiny_root), category="brick", output_dir=str(out), lr=1e-3, progress=False, **TINY)
+
+
+def test_a_run_that_fails_in_training_leaves_its_reason_and_no_lock(tiny_root, tmp_path, monkeypatch):
+    """Issue 28.10: a diverging run (train_model raises FloatingPointError) leaves its staging
+    folder with status "failed" and the error, and no lock: another process may start at once."""
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("the loss diverged with lr=1: non-finite loss (nan)")
+    monkeypatch.setattr(cpc_ad.pipeline, "train_model", diverge)
+    out = tmp_path / "brick"
+    with pytest.raises(FloatingPointError):
+        cu.run_cpcad(data_root=str(tiny_root), category="brick", output_dir=str(out), progress=False, **TINY)
+    run = json.loads((tmp_path / ".brick.partial" / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"].startswith("FloatingPointError: the loss diverged")
+    assert not (tmp_path / ".brick.lock").exists() and not out.exists()
+
+
+def test_a_category_without_ground_truth_is_evaluated_on_image_labels(tiny_root, tmp_path, capsys):
+    """Issue 28.14: no ground_truth/ folder at all: image AUROC, F1 and thresholds; every test
+    pixel metric is None (not available), said in one line in the output, metrics.json and the
+    summary; the validation set (synthetic defects with their masks) keeps its pixel metrics."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "brick", root / "brick", ignore=shutil.ignore_patterns("ground_truth"))
+    out = tmp_path / "runs" / "brick" / "resnet18v2"
+    cu.run_cpcad(data_root=str(root), category="brick", output_dir=str(out), progress=False, **TINY)
+    assert f"ground truth: {cu.IMAGE_LABELS_ONLY}" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ground_truth"] == cu.IMAGE_LABELS_ONLY and 0 <= m["image_auroc"] <= 1 and m["threshold"] is not None
+    for prefix in ("", "cpcad_", "baseline_"):
+        assert m[f"{prefix}pixel_auroc"] is None and m[f"{prefix}aupro"] is None
+    assert m["test_pixel_recall_at_threshold"] is None and m["val_pixel_auroc"] is not None
+    bundle = cu.load_bundle(out / "model.pt")  # issue 28.6: the bundle knows its training images' colour mode
+    assert bundle.info["colour"] == cu.colour_mode(cu.load_category(root, "brick", 64)["train"].images)
+    cu.write_summary(tmp_path / "runs")
+    summary = (tmp_path / "runs" / "summary.md").read_text()
+    assert f"**Ground truth**: brick: {cu.IMAGE_LABELS_ONLY}." in summary and "| n/a |" in summary
+    (root / "brick" / "ground_truth" / "crack").mkdir(parents=True)  # a partial ground_truth/ stays an error
+    with pytest.raises(FileNotFoundError, match="has no mask: expected .*ground_truth"):
+        cu.load_category(root, "brick", 64)

@@ -519,6 +519,42 @@ def test_tables_and_charts_never_pool_two_detectors(summary_tree):
     plt.close("all")
 
 
+@pytest.mark.parametrize("name", ["summary.md", "summary.csv", "comparison.png", "epochs.png",
+                                  "comparison_cpcad_mean.png"])
+def test_write_summary_never_replaces_or_deletes_a_users_file(summary_tree, name):
+    """Issue 28.3: a summary.md (or chart) of the user's in the results folder: refused before
+    anything is written, kept; the summary's own files are replaced on the next call."""
+    (summary_tree / name).write_bytes(b"mine")
+    before = sorted(p.name for p in summary_tree.iterdir())
+    with pytest.raises(FileExistsError, match=f"{summary_tree / name} is a file that cpc_utils did not write"):
+        cu.write_summary(summary_tree)
+    assert sorted(p.name for p in summary_tree.iterdir()) == before and (summary_tree / name).read_bytes() == b"mine"
+    (summary_tree / name).unlink()
+    cu.write_summary(summary_tree)
+    cu.write_summary(summary_tree)  # its own files: replaced
+    assert cu.written_here(summary_tree) >= {"summary.md", "summary.csv", "comparison.png"}
+
+
+def test_save_figure_and_text_refuse_a_users_file_and_a_link(tmp_path):
+    """What notebook 03 writes into its output folder: never over a file it did not write there,
+    nor through a link; its own files are replaced."""
+    fig = plt.figure()
+    (tmp_path / "comparison.png").write_bytes(b"my chart")
+    (tmp_path / "cost.md").symlink_to(tmp_path / "elsewhere.md")
+    with pytest.raises(FileExistsError, match="comparison.png is a file that cpc_utils did not write"):
+        cu.save_figure(fig, tmp_path / "comparison.png")
+    with pytest.raises(FileExistsError, match="cost.md is a link that cpc_utils did not write"):
+        cu.save_text_ours("table", tmp_path / "cost.md")
+    assert (tmp_path / "comparison.png").read_bytes() == b"my chart" and not (tmp_path / "elsewhere.md").exists()
+    for _ in range(2):
+        cu.save_figure(fig, tmp_path / "epochs.png")
+        cu.save_json_ours({"a": 1}, tmp_path / "comparison.json")
+    assert cu.written_here(tmp_path) == {"epochs.png", "comparison.json"}
+    cu.remove_ours(tmp_path / "comparison.png")
+    cu.remove_ours(tmp_path / "epochs.png")
+    assert (tmp_path / "comparison.png").exists() and not (tmp_path / "epochs.png").exists()
+
+
 def test_write_summary_without_results(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         cu.write_summary(tmp_path)

@@ -195,7 +195,7 @@ def test_a_full_disk_stops_the_sweep_cleanly(tmp_path, monkeypatch, capsys):
 
     def no_space(obj, path):
         raise OSError(28, f"cannot write {path}: the disk is full (no space left on device)")
-    monkeypatch.setattr(cu, "save_json", no_space)
+    monkeypatch.setattr(cu, "save_json_ours", no_space)
     assert mod.main(argv) == 2
     assert "sweep: cannot record the failures: [Errno 28] cannot write" in capsys.readouterr().out
     assert not (tmp_path / "r" / "full" / ".sweep.lock").exists()
@@ -568,3 +568,72 @@ def test_a_scoring_change_rescores_finished_pairs_without_training(sweeps, tmp_p
     assert (after["image_reduce"], before["image_reduce"]) == ("mean", "top10")
     assert after["pixel_auroc"] == before["pixel_auroc"]  # the same maps: the reduction is image-level only
     assert after["image_auroc"] == after["image_auroc_mean"] == before["image_auroc_mean"]
+
+
+def test_the_executed_notebook_is_on_its_runs_list_of_files(sweeps):
+    """The sweep's copy of the notebook, written after the run finished, is the run's own: a
+    rerun may replace it; it is recorded before it is moved in."""
+    out = sweeps["run"] / "brick" / "densenet"
+    assert "02_cpc_anomaly_detection.ipynb" in json.loads((out / cu.RUN_MARKER).read_text())["files"]
+    assert cu.is_run_folder(out)
+
+
+def test_a_parameter_written_at_its_default_is_the_same_run(sweeps, tmp_path):
+    """Issue 28.13: --param lr=0.0002 (TrainConfig's default) and the notebook's lr=None resolve
+    to the same value: the finished pair is skipped, not trained again."""
+    results = tmp_path / "results"
+    shutil.copytree(sweeps["results"], results)
+    params = ("width=4", "lr=0.0002", "negatives='batch'", "reduce='top10'")  # sweep 6's pair, the defaults spelled out
+    dry = sweep(sweeps["root"], results, "resnet18v2", params=params, extra=("--dry-run",))
+    assert "[1/1] brick/resnet18v2: would skip (finished with these parameters)" in dry.stdout, dry.stdout + dry.stderr
+    base = {"data_root": "", "category": "brick", "width": 4}
+    assert cu.cpcad_fingerprint(base, sweeps["root"], "brick") == \
+        cu.cpcad_fingerprint({**base, "lr": 2e-4, "pred_steps": 1}, sweeps["root"], "brick")
+    assert cu.cpcad_fingerprint(base, sweeps["root"], "brick") != \
+        cu.cpcad_fingerprint({**base, "lr": 1e-3}, sweeps["root"], "brick")
+
+
+USERS_FILES = {"summary.md": b"# my notes", "summary.csv": b"a,b\n1,2\n", "comparison.png": b"my chart",
+               "failures.json": b'{"brick/resnet18v2": "my own list"}'}
+
+
+@pytest.mark.parametrize("name", USERS_FILES)
+def test_a_users_file_in_the_sweeps_folder_stops_it_before_anything_runs(name, tmp_path):
+    """Issue 28.3: summary.md, summary.csv, comparison.png or failures.json of the user's in
+    --results X --run proj: named in one line before any pair runs, kept byte for byte."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    run = tmp_path / "r" / "t"
+    run.mkdir(parents=True)
+    (run / name).write_bytes(USERS_FILES[name])
+    proc = sweep(root, tmp_path / "r", "resnet18v2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith(f"sweep: {run / name} is a file that cpc_utils did not write"), proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_bytes() == USERS_FILES[name]
+
+
+def test_a_failure_record_of_another_shape_is_named_not_read(sweeps, tmp_path):
+    """Issue 28.3: a failures.json the sweep recorded as its own but of another shape (edited by
+    hand) is one line, not an AttributeError in the summary."""
+    results = tmp_path / "results"
+    shutil.copytree(sweeps["results"], results)
+    (results / "t" / "failures.json").write_text('{"broken/resnet18v2": "edited"}')
+    proc = sweep(sweeps["root"], results, "resnet18v2", params=("width=4",))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "is not a sweep's failure record (its entry 'broken/resnet18v2' has no error message)" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["category folder", "missing"])
+def test_a_wrong_data_root_is_one_line_that_says_what_was_meant(where, tmp_path):
+    """Issue 28.8: --data-root naming one category's folder, or nothing: no traceback; the first
+    says which options were meant."""
+    root = cu.make_demo_dataset(tmp_path / "data", categories=["brick"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    data_root = root / "brick" if where == "category folder" else tmp_path / "nonexistent"
+    proc = subprocess.run([sys.executable, str(SWEEP), "--data-root", str(data_root), "--run", "t", "--results",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"sweep: --data-root {data_root}: ")
+    assert (f"did you mean data_root={str(root)!r} and category='brick' (scripts/sweep.py --data-root {root} "
+            "--categories brick;" in proc.stderr) if where == "category folder" else "which does not exist" in proc.stderr
+    assert not (tmp_path / "r").exists()

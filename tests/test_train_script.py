@@ -76,6 +76,33 @@ def test_a_diverging_run_is_one_line_naming_the_lr(root, tmp_path):
     message = proc.stderr.strip().splitlines()[-1]  # after tqdm's progress lines
     assert message.startswith("train.py: FloatingPointError: the "), message
     assert "diverged with lr=1e+308" in message and "try a lower lr" in message
+    run = json.loads((tmp_path / ".out.partial" / "run.json").read_text())  # issue 28.10: said, and unlocked
+    assert run["status"] == "failed" and run["error"].startswith("FloatingPointError: the ")
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_a_folder_that_only_looks_like_a_run_is_kept(root, tmp_path):
+    """Issue 28.1, as reported: myexp/ holds the user's own metrics.json and photo.png; the run
+    stops in one line before training, naming them, and both files stay."""
+    myexp = tmp_path / "myexp"
+    myexp.mkdir()
+    (myexp / "metrics.json").write_text('{"accuracy": 0.9}')
+    (myexp / "photo.png").write_bytes(b"my photo")
+    proc = train(root, tmp_path, "--output_dir", str(myexp))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(f"train.py: FileExistsError: output_dir {myexp} is not empty and not a "
+                                          "run folder of cpc_utils (it holds metrics.json, photo.png)")
+    assert sorted(p.name for p in myexp.iterdir()) == ["metrics.json", "photo.png"]
+    assert (myexp / "photo.png").read_bytes() == b"my photo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["myexp"]  # no staging folder or lock left
+
+
+def test_a_category_folder_as_data_root_says_what_was_meant(root, tmp_path):
+    """Issue 28.8: --data_root naming the category's own folder: one line with the options meant."""
+    proc = train(root / "brick", tmp_path, "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"did you mean data_root={str(root)!r} and category='brick'" in proc.stderr
+    assert f"scripts/train.py --data_root {root} --category brick)?" in proc.stderr
 
 
 def test_a_stopped_run_prints_the_command_that_continues_it_quoted(root, tmp_path):

@@ -3,6 +3,7 @@ early stopping, the device choice and atomic writes."""
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -771,17 +772,110 @@ def test_foreign_staging_or_old_folders_are_refused_and_kept(tmp_path, sibling):
     assert snapshot(tmp_path) == before
 
 
-def test_an_earlier_run_without_the_marker_is_replaced(tmp_path):
-    """Runs written before RUN_MARKER existed: a metrics.json and only what a run writes."""
+def test_a_folder_that_only_looks_like_a_run_is_refused_and_kept(tmp_path):
+    """Issue 28.1: a user's metrics.json and photo.png are not a run of ours: without the marker
+    nothing in the folder is taken as the project's, and nothing is deleted."""
+    out = tmp_path / "myexp"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"accuracy": 0.9}')
+    (out / "photo.png").write_bytes(b"my photo")
+    (out / "run.json").write_text("{}")
+    assert not cu.is_run_folder(out)
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=r"is not empty and not a run folder of cpc_utils \(it holds metrics.json, "
+                                              r"photo.png, run.json\)"):
+        cu.begin_run(out, {})
+    assert snapshot(tmp_path) == before
+
+
+def test_a_finished_run_lists_its_files_and_only_those_are_its_own(tmp_path):
+    """Issue 28.1: the marker lists every file and folder the run wrote; a file added later, at
+    the top or in a subfolder, is the user's, and a link is never the run's."""
+    out = tmp_path / "run"
+    work = cu.begin_run(out, {})
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "last.pt").write_bytes(b"weights")
+    (work / "roc.png").write_bytes(b"png")
+    cu.finish_run(out, work, {"n": 1})
+    marker = json.loads((out / cu.RUN_MARKER).read_text())
+    assert marker["files"] == ["checkpoints/", "checkpoints/last.pt", "metrics.json", "roc.png", "run.json"]
+    assert cu.is_run_folder(out)
+    for added in ("photo.png", "checkpoints/seed0/", "checkpoints/mine.pt"):  # what a run writes, by name: not listed
+        path = out / added.rstrip("/")
+        path.mkdir() if added.endswith("/") else path.write_bytes(b"mine")
+        assert not cu.is_run_folder(out), added
+        with pytest.raises(FileExistsError, match=f"also holds {re.escape(added)}"):
+            cu.begin_run(out, {})
+        path.rmdir() if added.endswith("/") else path.unlink()
+    (out / "latest").symlink_to(tmp_path)
+    assert not cu.is_run_folder(out)
+
+
+@pytest.mark.parametrize("added", ["scored/notes.txt", "checkpoints/mine.pt"])
+def test_a_users_file_in_a_finished_runs_subfolder_stops_the_rerun(tmp_path, added):
+    """Issue 28.2: checkpoints/ and a score output in scored/ are looked into, file by file."""
+    out = tmp_path / "run"
+    work = cu.begin_run(out, {"seed": 0})
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "last.pt").write_bytes(b"weights")
+    cu.finish_run(out, work, {"n": 1})
+    (out / "scored" / "heatmaps").mkdir(parents=True)  # what `score --out run/scored` writes: listed in its manifest
+    cu.save_json({"written_by": "cpc_utils score", "files": ["scores.csv", "heatmaps/000.png"]},
+                 out / "scored" / cu.SCORE_MANIFEST)
+    (out / "scored" / "scores.csv").write_text("path\n")
+    (out / "scored" / "heatmaps" / "000.png").write_bytes(b"png")
+    assert cu.is_run_folder(out)  # the score output is the project's
+    (out / added).write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=f"also holds {re.escape(added)}"):
+        cu.begin_run(out, {"seed": 1})
+    assert snapshot(tmp_path) == before
+    (out / added).unlink()
+    cu.finish_run(out, cu.begin_run(out, {"seed": 1}), {"n": 2})  # without it the run (and its scored/) is replaced
+    assert json.loads((out / "metrics.json").read_text()) == {"n": 2} and not (out / "scored").exists()
+
+
+def test_a_run_of_an_older_cpc_utils_with_the_marker_but_no_list_is_replaced(tmp_path):
+    """A marker without the list of files (written before it had one): what a run writes, by name,
+    is its own, subfolders included; anything else is named."""
     out = tmp_path / "run"
     for name in ("metrics.json", "model.pt", "run.json", "roc.png", "02_cpc_anomaly_detection.ipynb",
-                 "checkpoints/last.pt", "scored/scores.csv"):
+                 "checkpoints/last.pt", "checkpoints/seed1/best.pt", "scored/scores.csv"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("{}")
-    assert cu.is_run_folder(out) and not (out / cu.RUN_MARKER).exists()
+    cu.save_json({"written_by": "cpc_utils.begin_run"}, out / cu.RUN_MARKER)
+    cu.save_json({"files": ["scores.csv"]}, out / "scored" / cu.SCORE_MANIFEST)
+    assert cu.is_run_folder(out)
+    (out / "checkpoints" / "mine.pt").write_text("mine")
+    with pytest.raises(FileExistsError, match="also holds checkpoints/mine.pt"):
+        cu.begin_run(out, {})
+    (out / "checkpoints" / "mine.pt").unlink()
     cu.finish_run(out, cu.begin_run(out, {}), {"n": 2})
     assert sorted(p.name for p in out.iterdir()) == sorted([cu.RUN_MARKER, "metrics.json", "run.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_failed_run_says_so_and_leaves_no_lock(tmp_path):
+    """Issue 28.10: a run that diverges (or crashes) records why in its staging folder's run.json
+    and unlocks the output_dir, so another process may start at once."""
+    out = tmp_path / "run"
+    work = cu.begin_run(out, {})
+    cu.abandon_run(out, work, FloatingPointError("the loss is nan at epoch 3"))
+    run = json.loads((work / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"] == "FloatingPointError: the loss is nan at epoch 3"
+    assert not (tmp_path / ".run.lock").exists() and cu.is_run_folder(work)
+    cu.abandon_run(out, cu.begin_run(out, {}), KeyboardInterrupt())
+    assert json.loads((work / "run.json").read_text())["status"] == "stopped"
+
+
+def test_a_locked_output_dir_is_named_in_the_refusal(tmp_path):
+    """Issue 28.11: the message names the output_dir, not its parent folder."""
+    out = tmp_path / "results" / "run"
+    out.parent.mkdir()
+    (out.parent / ".run.lock").write_text(json.dumps({"pid": 1, "host": "another-host", "started": "earlier"}))
+    with pytest.raises(cu.RunBlocked, match=f"^output_dir {re.escape(str(out))} is being written by process 1 on "
+                                            "another-host"):
+        cu.begin_run(out, {})
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
