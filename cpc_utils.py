@@ -21,7 +21,7 @@ from cpc_ad.files import (  # noqa: F401
     save_text_ours, save_json_ours, remove_ours)
 from cpc_ad.data import (  # noqa: F401
     MVTEC_CATEGORIES, IMAGE_EXTENSIONS, KAGGLE_ROOTS, NESTED_DIR, LOCAL_ROOT, EXPECTED_LAYOUT,
-    candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, FULL_MASK, read_mask,
+    candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, LOSSY_FORMATS, FULL_MASK, read_mask,
     load_category, split_train_val, split_held_out, concat_sets)
 from cpc_ad.synthetic import (  # noqa: F401
     SYNTHETIC_KINDS, synthetic_anomalies, make_validation_set)

@@ -34,7 +34,9 @@ and the sweep goes on; a full disk stops it cleanly. A lock keeps two sweeps out
 folder. At the end cu.write_summary writes summary.md (parameters, the class x encoder
 table, every run, the finished, failed and missing pairs), summary.csv, comparison.png (and
 epochs.png when a pair was run for several epoch counts). Exits 1 if any pair failed or is
-missing; `python -m cpc_utils summary results/<run>` rewrites the summary alone.
+missing; `python -m cpc_utils summary results/<run>` rewrites the summary alone. These files
+are listed in results/<run>/.cpc_utils_files as the sweep writes them: a file of yours under
+one of their names stops the sweep, before any pair runs, and is kept.
 
 Progress: each pair's epoch, losses, seconds per epoch and an estimate of the time left,
 read from the progress.json its notebook writes every epoch, then one line with its result.
