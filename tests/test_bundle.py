@@ -443,8 +443,8 @@ class Payload:
 
 
 def test_a_pickled_or_foreign_bundle_is_refused_without_torchs_unsafe_hint(trained, tmp_path, capsys):
-    """torch's own message advises loading the file with weights_only=False: the one thing not
-    to do with a file of unknown origin. The refusal names what the file holds instead."""
+    """Issue 28.12: torch's own message advises loading the file unsafely (weights_only off): the
+    one thing not to do with a file of unknown origin. The refusal names what the file holds instead."""
     pickled = tmp_path / "pickled.pt"
     torch.save({**torch.load(trained["path"], weights_only=True), "extra": Payload()}, pickled)
     garbage = tmp_path / "garbage.pt"
