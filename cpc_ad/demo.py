@@ -2,7 +2,6 @@
 photographs shipped in scikit-image, with defects drawn by the synthetic edits and pixel masks."""
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import save_atomic, save_json
+from .files import save_atomic, save_json, written_here
 from .data import _configured_root, _is_category_dir, find_mvtec_root
 from .synthetic import _changed, _edit, _region, _to_uint8
 
@@ -262,11 +261,9 @@ def _write_owned(d: Path, files: dict[str, bytes]) -> None:
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} is a file: expected a folder for the demo category")
     try:
-        previous = set(json.loads((d / DEMO_MANIFEST).read_text())["files"]) if (d / DEMO_MANIFEST).is_file() else set()
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read {d / DEMO_MANIFEST}, the list of what demo-data wrote there ({e}); "
-                         f"choose another folder") from e
-    previous = {f for f in previous if not Path(f).is_absolute() and ".." not in Path(f).parts}
+        previous = written_here(d, DEMO_MANIFEST)
+    except ValueError as e:
+        raise ValueError(f"{e}; or choose another folder") from None
     linked = sorted({d / q for f in previous | set(files) for q in Path(f).parents if q != Path(".")
                      and (d / q).is_symlink()})
     if linked:  # writing or deleting through it would reach a folder of the user's, elsewhere

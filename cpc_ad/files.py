@@ -66,8 +66,10 @@ SCORE_MANIFEST = ".cpc_utils_score"  # in every `score --out` folder: the files 
 
 
 def written_here(folder: str | os.PathLike, manifest: str = FILES_MANIFEST) -> set[str]:
-    """The files (relative, posix) the project recorded writing into `folder` (its `manifest`);
-    empty when it recorded none. A manifest that cannot be read is ValueError naming it."""
+    """The files (relative, posix) the project recorded writing into `folder` (its `manifest`:
+    FILES_MANIFEST, SCORE_MANIFEST or the demo's), empty when it recorded none; an entry that
+    leaves the folder (absolute, or with "..") is never the project's file there. A manifest
+    that cannot be read is ValueError naming it."""
     path = Path(folder) / manifest
     if not path.is_file():
         return set()
@@ -79,7 +81,7 @@ def written_here(folder: str | os.PathLike, manifest: str = FILES_MANIFEST) -> s
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ValueError(f"{path} is not a list of files written by cpc_utils; move that folder's files elsewhere "
                          "and delete it")
-    return set(files)
+    return {f for f in files if not Path(f).is_absolute() and ".." not in Path(f).parts}
 
 
 def check_ours(path: str | os.PathLike) -> None:

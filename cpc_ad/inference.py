@@ -5,7 +5,6 @@ scores.csv with one row per image."""
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 import time
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .files import SCORE_MANIFEST, save_atomic, save_json
+from .files import SCORE_MANIFEST, save_atomic, save_json, written_here
 from .data import IMAGE_EXTENSIONS, _is_macos_metadata, _open_rgb, _resized_tensor
 from .checks import check_param
 from .plots import HEATMAP_CMAP
@@ -202,11 +201,9 @@ def _score_out_plan(out: Path, names: Sequence[Path]) -> list[str]:
         raise FileExistsError(f"--out {out} is not empty and not an earlier score output (it holds {shown}); "
                               "score writes only into a new or empty folder or one it wrote before")
     try:
-        previous = set(json.loads((out / SCORE_MANIFEST).read_text())["files"]) if entries else set()
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--out {out}: cannot read {SCORE_MANIFEST}, the list of what score wrote there ({e}); "
-                         "choose a new or empty folder") from e
-    previous = {f for f in previous if not Path(f).is_absolute() and ".." not in Path(f).parts}
+        previous = written_here(out, SCORE_MANIFEST)
+    except ValueError as e:
+        raise ValueError(f"--out {out}: {e}; or choose a new or empty folder") from None
     link = next(_links_on_the_way(out, [SCORE_MANIFEST, *planned, *previous]), None)
     if link:
         raise FileExistsError(f"--out {out}: {link} is a symbolic link, and score never writes or deletes through "

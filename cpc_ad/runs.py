@@ -207,7 +207,6 @@ def _score_outputs(path: Path) -> set[str]:
         files = written_here(path, SCORE_MANIFEST)
     except ValueError:
         return set()
-    files = {f for f in files if not Path(f).is_absolute() and ".." not in Path(f).parts}
     return {SCORE_MANIFEST} | files | {p.as_posix() for f in files for p in Path(f).parents if p != Path(".")}
 
 
