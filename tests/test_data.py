@@ -652,12 +652,12 @@ def test_a_kind_that_cannot_show_on_an_image_is_replaced_by_another_and_recorded
     images = _weave(4)
     with pytest.raises(ValueError, match="flat_fill on image 0: 50 random draws changed no pixel visibly"):
         cu.synthetic_anomalies(images, seed=0, kinds=["flat_fill"])  # no other kind asked for
-    syn = cu.synthetic_anomalies(images, seed=0)
-    K, n = len(cu.SYNTHETIC_KINDS), len(images)
+    syn = cu.synthetic_anomalies(images, seed=0, kinds=cu.LEGACY_KINDS)  # the other new kinds cannot show either
+    K, n = len(cu.LEGACY_KINDS), len(images)
     assert len(syn) == K * n and syn.labels.tolist() == [1] * (K * n)
-    flat = cu.SYNTHETIC_KINDS.index("flat_fill")
+    flat = cu.LEGACY_KINDS.index("flat_fill")
     replaced = syn.defect_types[flat * n:(flat + 1) * n]           # the kinds actually drawn
-    assert all(k in cu.SYNTHETIC_KINDS and k != "flat_fill" for k in replaced)
+    assert all(k in cu.LEGACY_KINDS and k != "flat_fill" for k in replaced)
     assert syn.substituted == {f"flat_fill/{i} drawn as {k}": "flat_fill" for i, k in enumerate(replaced)}
     assert syn.paths[flat * n:(flat + 1) * n] == list(syn.substituted)
     # every anomaly visibly changed its image, exactly inside its (non-empty) mask
@@ -666,9 +666,9 @@ def test_a_kind_that_cannot_show_on_an_image_is_replaced_by_another_and_recorded
     assert torch.equal(diff > 0, syn.masks) and syn.masks.flatten(1).any(1).all()
     assert all(d[m].float().mean() >= 3 for d, m in zip(diff, syn.masks))
     # seeded, and the slots that needed no replacement are drawn as before
-    again = cu.synthetic_anomalies(images, seed=0)
+    again = cu.synthetic_anomalies(images, seed=0, kinds=cu.LEGACY_KINDS)
     assert torch.equal(again.images, syn.images) and again.defect_types == syn.defect_types
-    others = [k for k in cu.SYNTHETIC_KINDS if k != "flat_fill"]
+    others = [k for k in cu.LEGACY_KINDS if k != "flat_fill"]
     alone = cu.synthetic_anomalies(images, seed=0, kinds=others)
     keep = [i for i, p in enumerate(syn.paths) if p not in syn.substituted]
     assert torch.equal(alone.images, syn.images[keep]) and alone.substituted == {}
@@ -678,10 +678,13 @@ def test_make_validation_set_records_the_replaced_defects():
     val = cu.ImageSet(_weave(3), torch.zeros(3, 1, 64, 64, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
                       ["good"] * 3, [f"train/good/{i:03d}.png" for i in range(3)])
     vs = cu.make_validation_set(val, seed=1)
-    assert len(vs.substituted) == 3 and set(vs.substituted.values()) == {"flat_fill"}
-    for path in vs.substituted:
+    # the weave averages to its mean colour, and so do its blur and its border's median: a flat
+    # fill, a smoothed region and a missing part (filled with that median) change nothing visibly
+    assert len(vs.substituted) == 9
+    assert set(vs.substituted.values()) == {"flat_fill", "smoothed_region", "missing_part"}
+    for path, kind in vs.substituted.items():
         i = vs.paths.index(path)
-        assert path.startswith("train/good/") and "#flat_fill drawn as " in path
+        assert path.startswith("train/good/") and f"#{kind} drawn as " in path
         assert vs.defect_types[i] == path.rsplit(" ", 1)[1] and vs.labels[i] == 1 and vs.masks[i].any()
     first = vs.paths.index(next(iter(vs.substituted)))
     assert vs.subset([0, first]).substituted == {vs.paths[first]: "flat_fill"}  # subset keeps its own
@@ -699,6 +702,143 @@ def test_make_validation_set(fake_widget):
     assert torch.equal(vs.images[:n], val.images)
     with pytest.raises(ValueError, match="normal images only"):
         cu.make_validation_set(fake_widget["test"])
+
+
+NEW_KINDS = ("rotated_block", "smoothed_region", "missing_part", "extra_part")
+
+
+def test_synthetic_legacy_kinds_draw_as_before_with_the_new_kinds_after_them():
+    assert cu.SYNTHETIC_KINDS == cu.LEGACY_KINDS + NEW_KINDS  # a kind's draws are seeded by its index
+    images = _photo_images(3, 48, grey=False)
+    legacy = cu.synthetic_anomalies(images, seed=3, kinds=cu.LEGACY_KINDS)
+    full = cu.synthetic_anomalies(images, seed=3)
+    assert torch.equal(legacy.images, full.images[:len(legacy)]) and torch.equal(legacy.masks, full.masks[:len(legacy)])
+    assert legacy.defect_types == full.defect_types[:len(legacy)]
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_synthetic_new_kinds_masks_are_the_changed_pixels_and_stay_regions(grey):
+    images = _photo_images(4, 64, grey)
+    syn = cu.synthetic_anomalies(images, seed=5, kinds=NEW_KINDS)
+    assert syn.defect_types == [k for k in NEW_KINDS for _ in range(4)] and syn.substituted == {}
+    diff = (syn.images.short() - images.repeat(len(NEW_KINDS), 1, 1, 1).short()).abs().amax(1, keepdim=True)
+    assert torch.equal(diff > 0, syn.masks)                       # (M, 1, H, W): exactly the changed pixels
+    fraction = syn.masks.flatten(1).float().mean(1)               # (M,)
+    assert (fraction > 0).all() and (fraction < 0.15).all()       # each one a region, not the image
+    same = torch.equal(syn.images[:, 0], syn.images[:, 1]) and torch.equal(syn.images[:, 1], syn.images[:, 2])
+    assert same == grey                                           # grayscale stays grayscale
+
+
+def _texture(size: int = 96, seed: int = 0) -> np.ndarray:
+    """(size, size, 3) float32: seeded noise, a texture with no two places alike."""
+    return np.random.default_rng(seed).uniform(0.2, 0.8, (size, size, 3)).astype(np.float32)
+
+
+def test_synthetic_new_kinds_do_what_they_say():
+    from cpc_ad.synthetic import _edit, _rotated
+    img = _texture()
+    # a quarter turn about the region's centre moves whole pixels: the square shows np.rot90 of itself
+    square = np.zeros(img.shape[:2], bool)
+    square[40:51, 30:41] = True
+    turned = _rotated(img, square, np.pi / 2).reshape(11, 11, 3)
+    assert np.allclose(turned, np.rot90(img[40:51, 30:41], k=-1), atol=1e-6)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        # smoothed_region: the region keeps its mean colour and loses its fine detail
+        out = _edit("smoothed_region", img, rng, subtle=False)
+        m = (out != img).any(-1)
+        assert abs(out[m].mean() - img[m].mean()) < 0.03 and out[m].std() < 0.5 * img[m].std()
+        # missing_part: an object on a plain background loses a piece to the background colour
+        obj = np.full_like(img, 0.1)
+        obj[16:80, 16:80] = img[16:80, 16:80]
+        out = _edit("missing_part", obj, rng, subtle=False)
+        m = (out != obj).any(-1)
+        assert m.any() and (np.abs(out[m] - 0.1) < 1e-3).all(-1).any()  # its core is the background
+        assert (np.abs(out - 0.1) <= np.abs(obj - 0.1) + 1e-6).all()   # and every change is towards it
+        # extra_part: the core of the region is an unflipped copy of the image 10-30% of its size away
+        out = _edit("extra_part", img, rng, subtle=False)
+        m = (np.abs(out - img) > 0.02).any(-1)                    # (H, W): without the faintest edge
+        copies = [(dy, dx) for dy in range(-32, 33) for dx in range(-32, 33) if (dy, dx) != (0, 0)
+                  if (np.abs(out[m] - np.roll(img, (dy, dx), axis=(0, 1))[m]) < 0.01).all(-1).mean() > 0.3]
+        assert len(copies) == 1 and 0.08 * 96 <= np.hypot(*copies[0]) <= 0.32 * 96
+
+
+def _photo_files(folder: Path, n: int, size: int, load: int) -> cu.ImageSet:
+    """n crops of a photograph written as size px PNG files (the second one grayscale), loaded at
+    `load` px as load_category loads them: an all-normal ImageSet whose paths are the files."""
+    import skimage.data
+    im = skimage.data.astronaut()                                 # (512, 512, 3)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        x = np.asarray(Image.fromarray(im[40 * i:40 * i + 256, 50 * i:50 * i + 256]).resize((size, size)))
+        paths.append(str(folder / f"{i:03d}.png"))
+        Image.fromarray(x.mean(-1).astype(np.uint8) if i == 1 else x).save(paths[-1])
+    images = torch.stack([cu.read_image(p, load) for p in paths])
+    return cu.ImageSet(images, torch.zeros(n, 1, load, load, dtype=torch.bool), torch.zeros(n, dtype=torch.long),
+                       ["good"] * n, paths)
+
+
+def _check_anomalies(vs: cu.ImageSet, val: cu.ImageSet) -> None:
+    """The anomalies of a validation set: masks exactly the pixels changed from their normal
+    image, never empty, each a region (not the image), visible (3 grey levels on average), a
+    grayscale source kept grayscale."""
+    n = len(val)
+    assert torch.equal(vs.images[:n], val.images) and vs.labels.tolist() == [0] * n + [1] * (len(vs) - n)
+    source = val.images.repeat((len(vs) - n) // n, 1, 1, 1)
+    diff = (vs.images[n:].short() - source.short()).abs().amax(1, keepdim=True)  # (M, 1, H, W)
+    assert torch.equal(diff > 0, vs.masks[n:]) and vs.masks[n:].flatten(1).any(1).all()
+    assert (vs.masks[n:].flatten(1).float().mean(1) < 0.15).all()
+    assert all(d[m].float().mean() >= 3 for d, m in zip(diff, vs.masks[n:]))
+    grey = [j for j in range(len(vs) - n) if j % n == 1]
+    assert all(torch.equal(vs.images[n + j, 0], vs.images[n + j, 2]) for j in grey)
+
+
+def test_native_validation_set_masks_are_the_changed_pixels_at_the_working_size(tmp_path):
+    val = _photo_files(tmp_path / "big", 3, 256, load=64)
+    vs = cu.make_validation_set(val, seed=0, native=True)
+    assert len(vs) == 3 * (1 + len(cu.SYNTHETIC_KINDS)) and vs.images.shape[2:] == (64, 64)
+    assert vs.paths[3] == f"{val.paths[0]}#{cu.SYNTHETIC_KINDS[0]}"
+    _check_anomalies(vs, val)
+    again = cu.make_validation_set(val, seed=0, native=True)
+    assert torch.equal(again.images, vs.images) and again.paths == vs.paths       # seeded
+    assert not torch.equal(cu.make_validation_set(val, seed=0).images, vs.images)  # drawn at 256 px, not 64
+    # a file already at the working size is drawn on exactly as the loaded image is
+    small = _photo_files(tmp_path / "small", 2, 64, load=64)
+    assert torch.equal(cu.make_validation_set(small, seed=1, native=True).images,
+                       cu.make_validation_set(small, seed=1).images)
+
+
+def test_native_validation_set_above_the_size_cap_keeps_the_loaded_pixels_elsewhere(tmp_path, monkeypatch):
+    import cpc_ad.synthetic
+    val = _photo_files(tmp_path, 2, 256, load=64)
+    monkeypatch.setattr(cpc_ad.synthetic, "NATIVE_MAX_SIDE", 160)  # drawn on a 160 px copy of the 256 px files
+    vs = cu.make_validation_set(val, seed=2, kinds=("thin_line", "missing_part"), native=True)
+    _check_anomalies(vs, val)
+
+
+def test_native_validation_set_draws_a_thin_line_fainter_at_the_working_size(tmp_path):
+    """The point of native drawing: a crack 1-3 px wide at 256 px is a blur of a fraction of a
+    pixel at 64 px, as a real one is, not a hard 1-px line of full contrast."""
+    val = _photo_files(tmp_path, 4, 256, load=64)
+
+    def contrast(vs: cu.ImageSet) -> float:  # mean change of the changed pixels, in grey levels
+        diff = (vs.images[4:].short() - val.images.short()).abs().amax(1).float()  # (4, H, W)
+        return float(np.mean([d[m[0]].mean() for d, m in zip(diff, vs.masks[4:])]))
+
+    native = cu.make_validation_set(val, seed=0, kinds=("thin_line",), native=True)
+    working = cu.make_validation_set(val, seed=0, kinds=("thin_line",))
+    assert native.substituted == {} and contrast(native) < 0.6 * contrast(working)
+
+
+def test_native_validation_set_names_a_missing_or_changed_file(tmp_path):
+    val = _photo_files(tmp_path, 2, 128, load=32)
+    os.remove(val.paths[1])
+    with pytest.raises(ValueError, match=re.escape(val.paths[1])):
+        cu.make_validation_set(val, native=True)
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(val.paths[1])  # back, but not the image loaded
+    with pytest.raises(ValueError, match=re.escape(val.paths[1]) + ".*changed"):
+        cu.make_validation_set(val, native=True)
 
 
 # ---- demo data -----------------------------------------------------------------------
