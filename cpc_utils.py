@@ -24,7 +24,7 @@ from cpc_ad.data import (  # noqa: F401
     candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, LOSSY_FORMATS, FULL_MASK, read_mask,
     load_category, split_train_val, split_held_out, concat_sets)
 from cpc_ad.synthetic import (  # noqa: F401
-    SYNTHETIC_KINDS, synthetic_anomalies, make_validation_set)
+    SYNTHETIC_KINDS, LEGACY_KINDS, NATIVE_MAX_SIDE, synthetic_anomalies, make_validation_set)
 from cpc_ad.demo import (  # noqa: F401
     DemoCategory, DEMO_CATEGORIES, DEMO_KIND_DEFECTS, DEMO_EDITS, DEMO_TUNING, DEMO_CONFIRMATION,
     DEMO_IMAGE_SIZE, DEMO_FOREIGN_PHOTO, demo_defects, DEMO_MANIFEST, make_demo_dataset,
@@ -53,8 +53,11 @@ from cpc_ad.training import (  # noqa: F401
     train_model, learning_check, chosen_epoch)
 from cpc_ad.scoring import (  # noqa: F401
     ScoringConfig, scoring_config, score_patches, prepare_scoring, score_images, REDUCES,
-    image_scores, SPREAD_FLOOR, ScoreCalibration, DETECTORS, detector_references, detector_maps,
-    pixel_baseline)
+    image_scores, SPREAD_FLOOR, ScoreCalibration, AUTO, DETECTORS, DETECTOR_PARTS, UNCALIBRATED, CANDIDATES, FIXED,
+    detector_references, score_kinds, detector_maps, raw_scores, PIXEL_KINDS, PIXEL_RESOLUTION, POSITION_RADIUS,
+    pixel_features, PixelReferences, pixel_baseline)
+from cpc_ad.selection import (  # noqa: F401
+    CRITERION, TIE_RULE, BOOTSTRAP, criterion, candidate_table, bootstrap_spread, choose, selection_table)
 from cpc_ad.metrics import (  # noqa: F401
     f1_max, aupro, compute_metrics, evaluate_maps, per_defect_auroc, normal_threshold,
     threshold_metrics)
@@ -64,24 +67,24 @@ from cpc_ad.probes import (  # noqa: F401
     PROBE_METRICS, probe_representations, PROBE_MARGIN, probe_verdict, mean_pm, probe_table,
     prediction_table)
 from cpc_ad.schema import (  # noqa: F401
-    SCHEMA_VERSION, PIXEL_MASKS, IMAGE_LABELS_ONLY, PIXEL_METRIC_KEYS, METRIC_KEYS, METRIC_FAMILIES, MetricsRecord, record_keys, read_record,
+    SCHEMA_VERSION, BEFORE_SELECTION, PIXEL_MASKS, IMAGE_LABELS_ONLY, PIXEL_METRIC_KEYS, METRIC_KEYS, METRIC_FAMILIES, MetricsRecord, record_keys, read_record,
     SUMMARY_COLUMNS, DERIVED_COLUMNS, TEXT_COLUMNS, COLUMN_LEGEND, SUMMARY_HIDDEN_PARAMETERS,
     HALVES, demo_half, half_rank)
 from cpc_ad.plots import (  # noqa: F401
     HEATMAP_CMAP, GROUND_TRUTH_COLOUR, STRIP_MAX_IMAGES, plot_training_curves,
     plot_prediction_accuracy, plot_probes, plot_roc, plot_score_histogram, plot_heatmaps,
-    check_one_detector, detector_groups, plot_comparison, has_epoch_series, plot_epochs, save_figure)
+    CHOSEN, method_of, fixed_view, method_suffix, method_label, check_one_detector, detector_groups, plot_comparison, has_epoch_series, plot_epochs, save_figure)
 from cpc_ad.report import (  # noqa: F401
     load_results, summary_records, summary_table, comparison_table, ladder_table, encoder_verdicts,
     cost_table, parameters_text, summary_markdown, pair_status_table, write_summary, summary_files,
     check_summary_files)
 from cpc_ad.bundle import (  # noqa: F401
-    BUNDLE_FORMAT, BUNDLE_VERSION, IMAGE_HANDLING, colour_mode, save_bundle, Bundle, load_bundle,
+    BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_VERSIONS, IMAGE_HANDLING, colour_mode, save_bundle, Bundle, load_bundle,
     BUNDLE_CONTENTS)
 from cpc_ad.inference import (  # noqa: F401
     MASK_COLOUR, find_images, overlay_heatmap, SCORE_COLUMNS, UPSAMPLE_WARNING, score_files)
 from cpc_ad.pipeline import (  # noqa: F401
-    RunParameters, MODEL_PARAMETERS, SCORING_PARAMETERS, RunPlan, RunData, Evaluated, CPCADResult,
+    RunParameters, MODEL_PARAMETERS, SCORING_PARAMETERS, PIXELS_WON, RunPlan, RunData, Evaluated, CPCADResult,
     plan_run, run_identity, cpcad_fingerprint, load_run_data, evaluate, run_cpcad, score_detectors)
 from cpc_ad.cli import (  # noqa: F401
     cli_parser, main)

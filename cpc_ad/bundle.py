@@ -23,14 +23,16 @@ from .patches import PatchGrid, patches_to_pixels
 from .devices import PRECISIONS, resolve_device
 from .models import CPCAD, CPCADConfig, REFERENCE_KINDS, encode_grid
 from .runs import code_version
-from .scoring import ScoreCalibration, ScoringConfig, detector_maps, detector_references, image_scores, score_patches
+from .scoring import (AUTO, DETECTOR_PARTS, PIXEL_KINDS, PixelReferences, pixel_cell, ScoreCalibration, ScoringConfig, detector_maps,
+                      image_scores, score_kinds, score_patches)
 
 
 # A trained model as a tool: one file with everything scoring needs (weights, grid, negative
 # bank, kNN references, calibration, thresholds); `python -m cpc_utils score` on new images.
 
 BUNDLE_FORMAT = "cpc_utils.bundle"
-BUNDLE_VERSION = 3  # raise it when a bundle's contents change meaning; load_bundle refuses others
+BUNDLE_VERSION = 4  # raise it when a bundle's contents change meaning; load_bundle refuses others
+READABLE_VERSIONS = (3, 4)  # 4: raw-pixel references (`pixel_source`) for the pixel detectors
 IMAGE_HANDLING = ("8-bit RGB: grayscale replicated to 3 equal channels, 16-bit scaled to 8 bit (read_image); "
                   "resized bilinearly to image_size x image_size")
 _COLOUR_MODES = ("grayscale", "colour", "mixed")  # what `colour_mode` says of a set of images
@@ -65,7 +67,9 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
     """Write a self-contained model bundle, all `load_bundle` needs to score new images.
 
     It holds the weights, the CPCADConfig, ScoringConfig and PatchGrid (as dicts), the negative bank, the kNN
-    references the configured detector reads (only those), the score calibration, the image
+    references the detector reads (only those), the train/good images' pixels when it reads raw
+    pixels (`pixel_source`, `PixelReferences.source`: pooled to the cells every patch averages, or
+    the uint8 images; the references are rebuilt from it on load), the score calibration, the image
     size and handling, the image and pixel thresholds with their rules (`normal_threshold`),
     the bundle format version, `code_version()` and the training data's fingerprint (`data`,
     e.g. `data_fingerprint(root, category)`). Tensors are moved to the CPU and everything is
@@ -84,7 +88,13 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
     check_param("precision", precision, "str", choices=PRECISIONS[1:])  # resolved: what the run computed in
     check_param("colour", colour, "str", choices=_COLOUR_MODES, optional=True)
     config: ScoringConfig = scoring["config"]
-    kind = config.references
+    if config.choosing:
+        raise ValueError("a bundle scores with one detector and reduction: set them (the run's chosen ones) in "
+                         f"scoring['config'], got detector={config.detector!r}, reduce={config.reduce!r}")
+    kinds = score_kinds([config.detector])
+    pixels = scoring.get("pixels")
+    if any(k in PIXEL_KINDS for k in kinds) and pixels is None:
+        raise ValueError(f"detector {config.detector!r} reads raw pixels: scoring needs its PixelReferences")
     calibration = scoring["calibration"]
     bundle = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "code_version": code_version(),
@@ -93,14 +103,24 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
         "grid": dataclasses.asdict(model.grid),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "bank": scoring["bank"].detach().cpu(),
-        "references": {kind: scoring["references"][kind].detach().cpu()} if kind else {},
-        "calibration": calibration.to_dict() if calibration is not None else None,
+        "references": {k: scoring["references"][k].detach().cpu() for k in kinds if k not in PIXEL_KINDS},
+        "pixel_source": pixels.source.cpu() if any(k in PIXEL_KINDS for k in kinds) else None,
+        "calibration": _calibration_of(calibration, config.detector),
         "image_size": model.grid.image_size, "image_handling": IMAGE_HANDLING,
         "threshold": dict(threshold), "pixel_threshold": dict(pixel_threshold), "data": data,
         "precision": precision, "colour": colour,
     }
     save_atomic(bundle, path)
     return Path(path)
+
+
+def _calibration_of(calibration: ScoreCalibration | None, detector: str) -> dict | None:
+    """The calibration of the kinds `detector` reads, as plain tensors (None when it reads none)."""
+    if calibration is None:
+        return None
+    parts = DETECTOR_PARTS[detector]
+    return ScoreCalibration({k: v for k, v in calibration.mean.items() if k in parts},
+                            {k: v for k, v in calibration.std.items() if k in parts}).to_dict()
 
 
 @dataclass
@@ -121,6 +141,7 @@ class Bundle:
     pixel_threshold_rule: dict
     info: dict
     device: torch.device
+    pixels: PixelReferences | None = None  # the raw-pixel references of a pixel detector
 
     @property
     def threshold(self) -> float:
@@ -170,6 +191,8 @@ class Bundle:
         precision = (self.info.get("precision") or "fp32") if self.device.type == "cuda" else "fp32"  # as trained
         raw = score_patches(self.model, images, self.bank, self.references or None, batch_size, self.device, progress,
                             precision, self.score_grid)
+        if self.pixels is not None:
+            raw.update(self.pixels.distances(images, self.device))
         maps = detector_maps(raw, self.calibration, self.scoring.detector)  # (N, n_sub, G, G), score grid
         scores = image_scores(maps, self.scoring.reduce)
         trained, grey = self.info.get("colour"), _grayscale(images)
@@ -214,10 +237,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path} is not a model bundle (a training checkpoint?); notebook 02 writes the bundle "
                          "as model.pt next to metrics.json")
-    if b.get("format_version") != BUNDLE_VERSION:
+    if b.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"model bundle {path} has format version {b.get('format_version')} (code "
-                         f"{b.get('code_version')}), this cpc_utils ({code_version()}) reads version "
-                         f"{BUNDLE_VERSION}: write it again with notebook 02 and this cpc_utils")
+                         f"{b.get('code_version')}), this cpc_utils ({code_version()}) reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}: write it again with notebook 02 and this cpc_utils")
     _check_bundle_contents(b, path)
     device = resolve_device(device)
     try:
@@ -228,8 +251,12 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         calibration = ScoreCalibration.from_dict(b["calibration"]) if b["calibration"] is not None else None
         info = {k: b.get(k) for k in ("format_version", "code_version", "created", "data", "image_handling",
                                       "precision", "colour")}
+        kinds = score_kinds([scoring.detector])
+        pixels = PixelReferences.from_source(b["pixel_source"], scoring.score_grid(model.grid),
+                                             [k for k in PIXEL_KINDS if k in kinds], device) \
+            if b.get("pixel_source") is not None else None
         bundle = Bundle(model.eval().to(device), scoring, b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
-                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device)
+                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device, pixels)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"model bundle {path} is inconsistent: {_first_line(e)}") from e
     misfit = _bundle_misfit(bundle)
@@ -269,14 +296,19 @@ def _check_bundle_contents(b: dict, path: Path) -> None:
         value = b[key]["value"]
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
             fail(f"has {key} value {value!r}, expected a finite number")
-    detector = b["scoring"].get("detector")
-    kind = detector_references(detector) if isinstance(detector, str) else None
-    if kind and kind not in b["references"]:
-        fail(f"has no {kind} references, which its detector {detector!r} reads")
-    if detector not in (None, "cpcad") and b["calibration"] is None:
-        fail(f"has no calibration, which its detector {detector!r} needs")
     if b["image_size"] != b["grid"].get("image_size"):
         fail(f"has image_size {b['image_size']} but a grid for {b['grid'].get('image_size')} px images")
+    detector = b["scoring"].get("detector")
+    if detector == AUTO or (isinstance(detector, str) and detector not in DETECTOR_PARTS):
+        fail(f"has detector {detector!r}, expected one of {', '.join(DETECTOR_PARTS)}")
+    kinds = score_kinds([detector]) if isinstance(detector, str) else ()
+    for kind in kinds:
+        if kind not in PIXEL_KINDS and kind not in b["references"]:
+            fail(f"has no {kind} references, which its detector {detector!r} reads")
+    if any(k in PIXEL_KINDS for k in kinds):
+        _check_pixel_source(b, fail)
+    if detector not in (None, "cpcad", "pixel", "pixel_pos") and b["calibration"] is None:
+        fail(f"has no calibration, which its detector {detector!r} needs")
     unknown = [k for k in b["references"] if k not in REFERENCE_KINDS]
     if unknown:
         fail(f"has references of unknown kinds {unknown}, expected some of {REFERENCE_KINDS}")
@@ -298,6 +330,28 @@ def _check_bundle_contents(b: dict, path: Path) -> None:
             fail(f"has calibration std[{k!r}] {std!r}, expected a finite positive number")
     if b.get("colour") not in (None, *_COLOUR_MODES):  # optional: bundles before it have none
         fail(f"has colour {b['colour']!r}, expected None or one of {', '.join(_COLOUR_MODES)}")
+
+
+def _check_pixel_source(b: dict, fail) -> None:
+    """The raw-pixel references a pixel detector compares with: the uint8 train images (N, 3, S, S),
+    or, on a grid of whole cells of c px (`pixel_cell`), the images pooled to them, (N, 3, S/c, S/c)
+    finite float32; `fail` otherwise."""
+    source, detector = b.get("pixel_source"), b["scoring"]["detector"]
+    S = b["grid"].get("image_size")
+    try:
+        c = pixel_cell(PatchGrid(**b["grid"]))
+    except (TypeError, ValueError):
+        c = None  # a grid of another shape: named by the checks after this one
+    side = S if c is None else S // c
+    want = (f"uint8 (N, 3, {S}, {S})" if c is None else f"float32 (N, 3, {side}, {side})")
+    ok = (isinstance(source, torch.Tensor) and source.ndim == 4 and len(source) and tuple(source.shape[1:]) == (3, side, side)
+          and source.dtype == (torch.uint8 if c is None else torch.float32))
+    if not ok:
+        got = f"{source.dtype} {tuple(source.shape)}" if isinstance(source, torch.Tensor) else type(source).__name__
+        fail(f"has pixel_source {got}, expected {want}: the train images' pixels, which its detector {detector!r} "
+             "compares with")
+    if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+        fail("has non-finite values in pixel_source, expected finite numbers")
 
 
 def _bundle_misfit(bundle: Bundle) -> str | None:

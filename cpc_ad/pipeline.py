@@ -2,8 +2,9 @@
 evaluate -> thresholds -> bundle and metrics.json. Notebook 02 calls `run_cpcad` and plots its
 result; scripts/train.py (also under torchrun) calls it with the same parameters.
 
-Model selection never looks at test/: training stops early on the calibration normals, the
-thresholds come from the validation normals, and the test split is only reported.
+Model selection never looks at test/: training stops early on the calibration normals, each
+class chooses its detector and reduction on its validation set (`selection.py`), the thresholds
+come from the validation normals, and the test split is only reported.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_param, make_config
-from .data import ImageSet, load_category, split_held_out
+from .data import ImageSet, concat_sets, load_category, split_held_out
 from .synthetic import make_validation_set
 from .demo import resolve_data_root
 from .patches import PatchGrid
@@ -29,8 +30,9 @@ from .models import CPCAD, CPCADConfig, cpcad_config
 from .runs import (RESCORE_CHANGES, RunBlocked, abandon_run, begin_run, finish_run, fingerprint_diff, is_rescorable,
                    load_trained_weights, run_fingerprint)
 from .training import TrainConfig, chosen_epoch, learning_check, parse_duration, train_model
-from .scoring import (DETECTORS, REDUCES, REFERENCE_KINDS, ScoringConfig, detector_maps, detector_references, pixel_baseline, prepare_scoring, score_patches,
-                      scoring_config)
+from .scoring import (DETECTOR_PARTS, DETECTORS, FIXED, REDUCES, ScoreCalibration, ScoringConfig, detector_maps, prepare_scoring, raw_scores,
+                      score_kinds, scoring_config)
+from .selection import CRITERION, TIE_RULE, bootstrap_spread, candidate_table, choose
 from .metrics import evaluate_maps, normal_threshold, per_defect_auroc, threshold_metrics
 from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, MetricsRecord
 from .bundle import colour_mode, save_bundle
@@ -64,6 +66,7 @@ class RunParameters:
     shared_encoder: bool | None = None
     detector: str | None = None
     reduce: str | None = None
+    candidates: list[str] | None = None
     dense_scoring: bool | None = None
     batch_size: int = 8
     lr: float | None = None
@@ -81,7 +84,8 @@ class RunParameters:
 
 MODEL_PARAMETERS = ("encoder", "width", "stem", "norm", "pred_steps", "target_offset", "num_negatives", "negatives",
                     "similarity", "temperature", "shared_encoder")
-SCORING_PARAMETERS = ("detector", "reduce", "test_negatives", "dense_scoring")  # ScoringConfig's, set per run
+SCORING_PARAMETERS = ("detector", "reduce", "candidates", "test_negatives", "dense_scoring")  # ScoringConfig's, per run
+PIXELS_WON = "raw pixels won on this class's validation set: here the learned features did not help"
 
 
 @dataclass
@@ -99,13 +103,19 @@ class RunPlan:
 @dataclass
 class RunData:
     """The category's images: train (fits the model), calib (early stopping and the score
-    calibration), normals (held out), val (normals + synthetic defects), test (only reported)."""
+    calibration), normals (held out), val (normals + synthetic defects), test (only reported).
+
+    val is two folds, each held-out half with its synthetic anomalies: the validation normals'
+    (scored with the calibration fitted on the calibration normals), then the calibration
+    normals' (scored with one fitted on the validation normals): twice the normals for choosing
+    and for the threshold, without training on fewer images. val_folds: their sizes."""
     root: Path
     train: ImageSet
     calib: ImageSet
     normals: ImageSet
     val: ImageSet
     test: ImageSet
+    val_folds: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -125,7 +135,7 @@ class CPCADResult:
     model: CPCAD
     history: list[dict]
     scoring: dict                   # `prepare_scoring`'s bank, references, calibration, config, grid
-    ours: Evaluated                 # the configured detector, test split
+    ours: Evaluated                 # the chosen (or forced) detector, test split, its reduction the headline
     pure: Evaluated                 # pure CPC-AD (the paper's loss map), test split
     baseline: Evaluated             # the raw-pixel baseline on the same grid, test split
     ours_val: Evaluated
@@ -137,6 +147,7 @@ class CPCADResult:
     figures: dict                   # {name: matplotlib Figure}, each saved as output/<name>.png
     rescored_from: Path | None = None  # the finished run whose trained weights were rescored
     detectors: dict = dataclasses.field(default_factory=dict)  # {"test" | "val": {detector: Evaluated}}
+    selection: dict = dataclasses.field(default_factory=dict)  # what metrics.json's `selection` holds
 
     @property
     def metrics(self) -> dict:
@@ -189,7 +200,8 @@ def load_run_data(plan: RunPlan) -> RunData:
     root = resolve_data_root(p["data_root"])
     data = load_category(root, p["category"], plan.grid.image_size)
     train, calib, normals = split_held_out(data["train"], p["val_fraction"], p["seed"])
-    return RunData(root, train, calib, normals, make_validation_set(normals, p["seed"]), data["test"])
+    folds = [make_validation_set(normals, p["seed"], native=True), make_validation_set(calib, p["seed"] + 1, native=True)]
+    return RunData(root, train, calib, normals, concat_sets(folds), data["test"], (len(folds[0]), len(folds[1])))
 
 
 def evaluate(maps: torch.Tensor, images: ImageSet, grid: PatchGrid, reduces: tuple[str, ...]) -> Evaluated:
@@ -227,7 +239,8 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
 
     data = load_run_data(plan)
     print(f"{data.root} / {params.category}: {len(data.train)} train, {len(data.calib)} calibration, "
-          f"{len(data.val)} validation ({len(data.normals)} normal + synthetic), {len(data.test)} test images")
+          f"{len(data.val)} validation (two folds: {len(data.normals) + len(data.calib)} held-out normals + synthetic), "
+          f"{len(data.test)} test images")
     print("test images per defect type:",
           {d: data.test.defect_types.count(d) for d in sorted(set(data.test.defect_types))})
     if not data.test.pixel_labels:
@@ -295,8 +308,9 @@ def _run_in(out: Path, params: RunParameters, plan: RunPlan, data: RunData, mode
     result = _score_and_evaluate(plan, data, model, tuple(detectors))
     score_seconds = result.pop("score_seconds")
     record = MetricsRecord(
-        category=params.category, encoder=params.encoder, preset=params.preset, detector=plan.scoring.detector,
-        image_reduce=plan.scoring.reduce, score_grid=result["ours"].maps.shape[-1],
+        category=params.category, encoder=params.encoder, preset=params.preset,
+        detector=result["selection"]["detector"], image_reduce=result["selection"]["reduce"],
+        selection=result["selection"], fixed=result.pop("fixed").metrics, score_grid=result["ours"].maps.shape[-1],
         baseline_grid=result["baseline"].maps.shape[-1], epochs=params.epochs, epochs_trained=len(history),
         chosen_epoch=chosen_epoch(history) if history else 0, test=result["ours"].metrics, per_defect_auroc=result.pop("per_defect"),
         cpcad=result["pure"].metrics, baseline=result["baseline"].metrics,
@@ -357,14 +371,15 @@ def _figures(params: RunParameters, data: RunData, history: list[dict], chance_l
     return figures
 
 
-def score_detectors(model: CPCAD, scoring: dict, images: ImageSet, detectors: Sequence[str] = tuple(DETECTORS),
+def score_detectors(model: CPCAD, scoring: dict, images: ImageSet, detectors: Sequence[str] | None = None,
                     batch_size: int = 16, device: str | torch.device = "cpu",
                     precision: str = "auto") -> dict[str, Evaluated]:
     """Every detector in `detectors` on `images`, from one scoring pass with `prepare_scoring`'s
     output (which must hold the references they read), every reduction: the study's view of
     a model, e.g. on the validation set during training."""
-    raw = score_patches(model, images.images, scoring["bank"], scoring["references"], batch_size, device,
-                        precision=precision, grid=scoring["grid"])
+    raw = raw_scores(model, images.images, scoring, batch_size, device, precision=precision)
+    if detectors is None:  # every detector the prepared references can score
+        detectors = [d for d in DETECTORS if all(k in raw for k in DETECTOR_PARTS[d])]
     return {d: evaluate(detector_maps(raw, scoring["calibration"], d), images, scoring["grid"], REDUCES)
             for d in detectors}
 
@@ -386,53 +401,58 @@ def _check_weights_from(source: Path, fingerprint: dict) -> list[str]:
 
 
 def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: tuple[str, ...] = ()) -> dict:
-    """Score test and validation images with the configured detector, pure CPC-AD and the pixel
-    baseline (on the same grid, with the same reductions), and choose the thresholds on the
-    validation normals. `detectors`: more to evaluate from the same scores, every reduction."""
+    """Score test and validation images with every candidate detector (`ScoringConfig.detectors`),
+    pure CPC-AD, the raw-pixel baseline and the fixed detector (FIXED), on one grid with the same
+    reductions; choose the detector and reduction on validation (`selection.py`), and the
+    thresholds on the validation normals. `detectors`: more to evaluate from the same scores."""
     cfg, dev, precision, bs = plan.scoring, plan.device, plan.train.precision, plan.train.batch_size
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
-    kinds = {k for k in (cfg.references, *map(detector_references, detectors)) if k}
+    names = tuple(dict.fromkeys((*cfg.detectors, "cpcad", "pixel", FIXED[0], *detectors)))
     t0 = time.perf_counter()
     scoring = prepare_scoring(model, data.train.images, data.calib.images, cfg, batch_size=bs, device=dev,
-                              precision=precision, kinds=[k for k in REFERENCE_KINDS if k in kinds])
+                              precision=precision, kinds=score_kinds(names))
     # score as the model was trained: same precision; the same patches whichever kinds are built
-    grid = scoring["grid"]
-    raw = score_patches(model, data.test.images, scoring["bank"], scoring["references"], bs, dev,
-                        precision=precision, grid=grid)
+    grid, test, val = scoring["grid"], data.test, data.val
+    raw = raw_scores(model, test.images, scoring, bs, dev, precision=precision)
     score_seconds = time.perf_counter() - t0
-    raw_val = score_patches(model, data.val.images, scoring["bank"], scoring["references"], bs, dev,
-                            precision=precision, grid=grid)
-    # like for like: the baseline on the same score grid as the detector's maps, same reductions, same metrics
-    baseline_maps = pixel_baseline(data.train.images, data.test.images, grid, device=dev)
-    baseline_val_maps = pixel_baseline(data.train.images, data.val.images, grid, device=dev)
+    raw_val = raw_scores(model, val.images, scoring, bs, dev, precision=precision)
     refs = ", ".join(f"{k} {tuple(v.shape)}" for k, v in scoring["references"].items())
-    print(f"bank {tuple(scoring['bank'].shape)}, kNN references {refs or 'none'}, "
+    print(f"bank {tuple(scoring['bank'].shape)}, kNN references {refs or 'none'}, raw pixels "
+          f"{'of ' + str(len(data.train)) + ' train images' if scoring['pixels'] is not None else 'none'}, "
           f"test maps {tuple(raw['loss'].shape)}, scored in {score_seconds:.1f} s")
     calibration = scoring["calibration"].check()  # calibration normals all alike: nothing to standardise by
     if calibration["status"] != "ok":
         warnings.warn(calibration["message"])
 
-    reduces = (cfg.reduce,) + tuple(r for r in REDUCES if r != cfg.reduce)
-    maps, maps_val = (detector_maps(r, scoring["calibration"], cfg.detector) for r in (raw, raw_val))
-    ours = evaluate(maps, data.test, grid, reduces)
-    pure = evaluate(raw["loss"], data.test, grid, ("mean",) + tuple(r for r in REDUCES if r != "mean"))
-    base = evaluate(baseline_maps, data.test, grid, reduces)
-    ours_val = evaluate(maps_val, data.val, grid, reduces)
-    base_val = evaluate(baseline_val_maps, data.val, grid, reduces)
-    test, val = data.test, data.val
-    per_defect = per_defect_auroc(test.defect_types, ours.scores[cfg.reduce])
-    base_per_defect = per_defect_auroc(test.defect_types, base.scores[cfg.reduce])
-    val_per_kind = per_defect_auroc(val.defect_types, ours_val.scores[cfg.reduce])
-    _print_evaluation(cfg, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind)
+    n_a = data.val_folds[0]  # fold A: the validation normals (first) and theirs; fold B: the calibration normals'
+    fold_b_calibration = ScoreCalibration.fit({k: v[:len(data.normals)] for k, v in raw_val.items()})
 
-    val_normal = val.labels == 0  # the clean held-out normals; the rest of val carries synthetic defects
+    def val_maps(d: str) -> torch.Tensor:  # cross-fitted: no image is calibrated by itself
+        return torch.cat([detector_maps({k: v[:n_a] for k, v in raw_val.items()}, scoring["calibration"], d),
+                          detector_maps({k: v[n_a:] for k, v in raw_val.items()}, fold_b_calibration, d)])
+
+    on_test = {d: evaluate(detector_maps(raw, scoring["calibration"], d), test, grid, REDUCES) for d in names}
+    on_val = {d: evaluate(val_maps(d), val, grid, REDUCES) for d in names}
+    selection = _select(cfg, on_val, on_test, val)
+    detector, reduce = selection["detector"], selection["reduce"]
+    scoring["config"] = dataclasses.replace(cfg, detector=detector, reduce=reduce)  # what the bundle scores with
+    ours, ours_val = _headline(on_test[detector], reduce), _headline(on_val[detector], reduce)
+    pure = _headline(on_test["cpcad"], "mean")
+    base, base_val = _headline(on_test["pixel"], reduce), _headline(on_val["pixel"], reduce)
+    fixed = _headline(on_test[FIXED[0]], FIXED[1])
+    per_defect = per_defect_auroc(test.defect_types, ours.scores[reduce])
+    base_per_defect = per_defect_auroc(test.defect_types, base.scores[reduce])
+    val_per_kind = per_defect_auroc(val.defect_types, ours_val.scores[reduce])
+    _print_evaluation(selection, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind)
+
+    val_normal = val.labels == 0  # the clean held-out normals of both folds; the rest carries synthetic defects
     target_fpr = plan.parameters["target_fpr"]
-    threshold = normal_threshold(ours_val.scores[cfg.reduce][val_normal], target_fpr, "image scores")
+    threshold = normal_threshold(ours_val.scores[reduce][val_normal], target_fpr, "image scores")
     pixel_threshold = normal_threshold(ours_val.pixel_maps[val_normal], target_fpr, "pixel scores")
-    at = threshold_metrics(test.labels, ours.scores[cfg.reduce], threshold["value"])
-    val_at = threshold_metrics(val.labels, ours_val.scores[cfg.reduce], threshold["value"])
+    at = threshold_metrics(test.labels, ours.scores[reduce], threshold["value"])
+    val_at = threshold_metrics(val.labels, ours_val.scores[reduce], threshold["value"])
     pixel_at = threshold_metrics(test.masks, ours.pixel_maps, pixel_threshold["value"]) if test.pixel_labels \
         else dict.fromkeys(("precision", "recall", "fpr"))  # no ground truth: not available
     _print_thresholds(threshold, pixel_threshold, at, val_at, pixel_at, ours, target_fpr)
@@ -442,28 +462,69 @@ def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: t
         **{f"test_{k}_at_threshold": at[k] for k in ("precision", "recall", "fpr")},
         "pixel_threshold": pixel_threshold["value"], "pixel_threshold_rule": pixel_threshold,
         **{f"test_pixel_{k}_at_threshold": pixel_at[k] for k in ("precision", "recall", "fpr")}}
-    extra = {split: {d: evaluate(detector_maps(r, scoring["calibration"], d), images, grid, REDUCES)
-                     for d in detectors} for split, r, images in (("test", raw, test), ("val", raw_val, val))}
+    extra = {"test": on_test, "val": on_val}
     return {"scoring": scoring, "ours": ours, "pure": pure, "baseline": base, "ours_val": ours_val, "detectors": extra,
-            "baseline_val": base_val, "threshold": threshold, "pixel_threshold": pixel_threshold,
+            "baseline_val": base_val, "fixed": fixed, "selection": selection, "threshold": threshold,
+            "pixel_threshold": pixel_threshold,
             "per_defect": per_defect, "baseline_per_defect": base_per_defect, "val_per_kind": val_per_kind,
             "at_thresholds": at_thresholds, "calibration_check": calibration, "score_seconds": score_seconds}
 
 
-def _print_evaluation(cfg, ours, pure, base, ours_val, base_val, per_defect, base_per_defect, val_per_kind) -> None:
-    name = f"{cfg.detector} ({cfg.reduce})"
-    print(f"{'':<22}{name:>22}{'pure CPC-AD':>13}{'baseline':>10}")
+def _headline(e: Evaluated, reduce: str) -> Evaluated:
+    """`e` with `reduce`'s image AUROC and F1-max as its headline (`image_auroc`, `image_f1_max`)."""
+    metrics = {**e.metrics, "image_auroc": e.metrics[f"image_auroc_{reduce}"],
+               "image_f1_max": e.metrics[f"image_f1_max_{reduce}"]}
+    return dataclasses.replace(e, metrics=metrics)
+
+
+def _select(cfg: ScoringConfig, on_val: dict, on_test: dict, val: ImageSet) -> dict:
+    """Choose the detector and reduction on validation (`selection.py`), or take the forced ones:
+    metrics.json's `selection`, every candidate's validation and test numbers beside the choice."""
+    rows = candidate_table({d: on_val[d].metrics for d in cfg.detectors},
+                           {d: on_test[d].metrics for d in cfg.detectors}, cfg.reduces)
+    spread = None
+    if len(rows) > 1:
+        best = max(rows, key=lambda r: r["criterion"])
+        e = on_val[best["detector"]]
+        spread = bootstrap_spread(val.labels, e.scores[best["reduce"]], val.masks, e.pixel_maps)
+        chosen, why = choose(rows, spread)
+    else:
+        chosen, why = rows[0], f"fixed: detector={cfg.detector!r}, reduce={cfg.reduce!r} (nothing to choose)"
+    return {"mode": "validation" if len(rows) > 1 else "fixed", "detector": chosen["detector"],
+            "reduce": chosen["reduce"], "why": why, "criterion": CRITERION, "tie_rule": TIE_RULE, "spread": spread,
+            "validation": {"normals": int((val.labels == 0).sum()), "anomalies": int(val.labels.sum()), "folds": 2},
+            "candidates": rows}
+
+
+def _print_evaluation(selection, ours, pure, base, ours_val, base_val, per_defect, base_per_defect,
+                      val_per_kind) -> None:
+    reduce = selection["reduce"]
+    name = f"{selection['detector']} ({reduce})"
+    rows = sorted(selection["candidates"], key=lambda r: -r["criterion"])
+    if len(rows) > 1:
+        print(f"{len(rows)} candidates on validation ({selection['validation']['normals']} normals, "
+              f"{selection['validation']['anomalies']} synthetic anomalies), {CRITERION}; test only reported:")
+        print(f"  {'candidate':<30}{'criterion':>10}{'val image':>10}{'val AUPRO':>10}{'test image':>11}")
+        for r in rows:
+            mark = " <- chosen" if (r["detector"], r["reduce"]) == (selection["detector"], reduce) else ""
+            test = "n/a" if r["test_image_auroc"] is None else f"{r['test_image_auroc']:.3f}"
+            print(f"  {r['detector'] + ' (' + r['reduce'] + ')':<30}{r['criterion']:>10.3f}{r['val_image_auroc']:>10.3f}"
+                  f"{r['val_aupro']:>10.3f}{test:>11}{mark}")
+    print(f"chosen: {name}: {selection['why']}")
+    if selection["detector"].startswith("pixel") and len(rows) > 1:
+        print(PIXELS_WON)
+    print(f"{'':<22}{name:>26}{'pure CPC-AD':>13}{'pixels':>10}")
     f = lambda v, width: f"{'n/a' if v is None else f'{v:.3f}':>{width}}"  # noqa: E731 (n/a: no pixel ground truth)
     for key in [f"image_auroc_{r}" for r in REDUCES] + ["pixel_auroc", "aupro"]:
-        print(f"{'test ' + key:<22}{f(ours.metrics[key], 22)}{f(pure.metrics[key], 13)}{f(base.metrics[key], 10)}")
-    for key in (f"image_auroc_{cfg.reduce}", "pixel_auroc"):
-        print(f"{'val ' + key:<22}{f(ours_val.metrics[key], 22)}{'':>13}{f(base_val.metrics[key], 10)}")
-    print(f"test image AUROC ({cfg.reduce}) per defect type:")
+        print(f"{'test ' + key:<22}{f(ours.metrics[key], 26)}{f(pure.metrics[key], 13)}{f(base.metrics[key], 10)}")
+    for key in (f"image_auroc_{reduce}", "pixel_auroc"):
+        print(f"{'val ' + key:<22}{f(ours_val.metrics[key], 26)}{'':>13}{f(base_val.metrics[key], 10)}")
+    print(f"test image AUROC ({reduce}) per defect type:")
     for d in per_defect:
         print(f"  {d:<22}{per_defect[d]:>8.3f}{base_per_defect[d]:>10.3f}")
     print("validation image AUROC per synthetic kind:", {k: round(v, 3) for k, v in val_per_kind.items()})
     verdict = "beats" if ours.metrics["image_auroc"] > base.metrics["image_auroc"] else "does not beat"
-    print(f"{name} {verdict} the pixel baseline on test image AUROC with the {cfg.reduce} reduction "
+    print(f"{name} {verdict} raw pixels on test image AUROC with the {reduce} reduction "
           f"({ours.metrics['image_auroc']:.3f} vs {base.metrics['image_auroc']:.3f})")
 
 

@@ -12,6 +12,7 @@ from .data import ImageSet
 from .encoders import ENCODERS
 from .metrics import _mean_std
 from .probes import PROBE_FEATURES, PROBE_METRICS
+from .scoring import FIXED
 from .schema import _budget, _category_order, _encoder_order, _floor, _group, _half, _seed
 
 
@@ -205,26 +206,66 @@ def _metric_label(rows: list[dict], metric: str) -> str:
     return words
 
 
+CHOSEN = ("chosen per class", "on validation")  # the group of runs that chose their detector on validation
+
+
+def method_of(row: dict) -> tuple[str | None, str | None]:
+    """How a run's headline was scored: CHOSEN when its class chose the detector and reduction on
+    its own validation set (`selection`; the protocol is the method, the `detector` column says
+    what each class chose), else its (detector, image reduction)."""
+    if (row.get("selection") or {}).get("mode") == "validation":
+        return CHOSEN
+    return row.get("detector"), row.get("image_reduce")
+
+
+def fixed_view(row: dict) -> dict:
+    """A run as scored by the one detector every class shares (FIXED, the record's `fixed_*`), its
+    raw-pixel floor with the same reduction: encoders compared like for like on every class."""
+    detector, reduce = FIXED
+    return {**row, "detector": detector, "image_reduce": reduce, "selection": {"mode": "fixed"},
+            **{m: row.get(f"fixed_{m}") for m in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro")},
+            "baseline_image_auroc": row.get(f"baseline_image_auroc_{reduce}")}
+
+
+def method_suffix(method: tuple, n_groups: int) -> str:
+    """The file-name suffix of a method's tables and charts: none for CHOSEN (the headline) or a
+    tree's only method, else "_<detector>_<reduce>"."""
+    return "" if n_groups == 1 or method == CHOSEN else f"_{method[0]}_{method[1]}"
+
+
+def method_label(method: tuple) -> str:
+    """A method in words, for headings."""
+    if method == CHOSEN:
+        return "each class's own detector and image score, chosen on its validation set"
+    return f"detector `{method[0]}`, image score: {method[1]} of the patch map"
+
+
 def check_one_detector(rows: list[dict]) -> tuple[str | None, str | None]:
-    """The one (detector, image reduction) that every row was scored with; an error when rows
-    mix them, since a table or chart that pools two detectors in one column compares methods,
-    not encoders (filter the rows by `detector` and `image_reduce` first)."""
-    kinds = sorted({(r.get("detector"), r.get("image_reduce")) for r in rows}, key=str)
+    """The one method (`method_of`: a (detector, image reduction), or CHOSEN) that every row was
+    scored with; an error when rows mix them, since a table or chart that pools two detectors in
+    one column compares methods, not encoders (filter the rows by `detector` and `image_reduce`,
+    or take `detector_groups`)."""
+    kinds = sorted({method_of(r) for r in rows}, key=str)
     if len(kinds) > 1:
-        found = "; ".join(f"{d or 'unnamed'} ({m or 'unnamed'}): "
-                          f"{sum((r.get('detector'), r.get('image_reduce')) == (d, m) for r in rows)} rows"
+        found = "; ".join(f"{d or 'unnamed'} ({m or 'unnamed'}): {sum(method_of(r) == (d, m) for r in rows)} rows"
                           for d, m in kinds)
         raise ValueError(f"the rows mix detectors or image reductions ({found}); compare one at a time: "
                          "filter the rows by their 'detector' and 'image_reduce'")
     return kinds[0] if kinds else (None, None)
 
 
-def detector_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """{(detector, image reduction): its rows}, the groups a table or chart may compare within."""
+def detector_groups(rows: list[dict], fixed: bool = True) -> dict[tuple, list[dict]]:
+    """{method (`method_of`): its rows}, the groups a table or chart may compare within. With
+    `fixed`, the runs that chose per class also form the group of the detector every class shares
+    (FIXED, `fixed_view`), so encoders compare both ways."""
     out: dict[tuple, list[dict]] = {}
     for r in rows:
-        out.setdefault((r.get("detector"), r.get("image_reduce")), []).append(r)
-    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+        out.setdefault(method_of(r), []).append(r)
+    if fixed:
+        for r in out.get(CHOSEN, []):
+            if r.get("fixed_image_auroc") is not None:  # schema 4 on: recorded beside the choice
+                out.setdefault(FIXED, []).append(fixed_view(r))
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != CHOSEN, str(kv[0]))))
 
 
 def _half_separators(ax, halves: list[str], label: bool) -> None:
@@ -400,7 +441,8 @@ def _category_means(rows: list[dict], categories: list[str], metrics: Sequence[s
         if {r["category"] for r in sel} != set(categories):
             continue
         row = {"category": "mean", "half": "", "encoder": key[0], "epochs": key[1], "seed": key[2],
-               "detector": sel[0].get("detector"), "image_reduce": sel[0].get("image_reduce")}
+               "detector": sel[0].get("detector"), "image_reduce": sel[0].get("image_reduce"),
+               "selection": sel[0].get("selection")}
         for m in (*metrics, *(f"baseline_{m}" for m in metrics)):
             values = [r[m] for r in sel if r.get(m) is not None]
             row[m] = float(np.mean(values)) if len(values) == len(sel) else None

@@ -63,7 +63,7 @@ def patch_embeddings(encoder: nn.Module, images: torch.Tensor, grid: PatchGrid, 
 
     descriptor "z": the embedding CPC predicts (F = D); "stats": the stage statistics of
     `PatchEncoder.multiscale` (the mean and spatial spread of every channel of every stage),
-    the descriptor the default detector (`knn_stats`) compares.
+    the descriptor the `knn_stats` detector compares.
     """
     check_param("descriptor", descriptor, "str", choices=PROBE_DESCRIPTORS)
     return _patch_descriptors(encoder, images, grid, batch_size, device)[descriptor]
@@ -149,7 +149,7 @@ def patch_probes(fit: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tenso
             "knn_image_auroc": float(roc_auc_score(image_labels, distance.max(1).values.numpy()))}
 
 
-# name: what it is; "trained" (the CPC-trained encoder read as the default detector reads it) is the headline
+# name: what it is; "trained" (the CPC-trained encoder read as the knn_stats detector reads it) is the headline
 PROBE_FEATURES = {"trained": "CPC-trained encoder, stage statistics", "random": "same encoder at random init, stage statistics",
                   "trained_z": "CPC-trained encoder, embedding z", "random_z": "same encoder at random init, embedding z",
                   "pixel": "raw pixels"}
@@ -161,7 +161,7 @@ def probe_representations(trained: nn.Module, random: nn.Module, train: ImageSet
                           grid: PatchGrid, device: torch.device | str = "cpu", seed: int = 0) -> dict:
     """`patch_probes` of five representations (`PROBE_FEATURES`): the CPC-trained encoder and
     the same encoder at its random initialisation, each read as stage statistics (what the
-    default detector compares; the headline) and as the embedding z, and raw pixels. fit:
+    knn_stats detector compares; the headline) and as the embedding z, and raw pixels. fit:
     normals with synthetic anomalies (for the linear probe), train: the normal images the kNN
     compares against, test: real defects.
     Returns {name in PROBE_FEATURES: {"linear_auroc", "knn_auroc", "knn_image_auroc"}}."""

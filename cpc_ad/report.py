@@ -12,10 +12,10 @@ import numpy as np
 from .files import check_ours, remove_ours, save_text_ours
 from .encoders import ENCODERS, build_encoder, count_parameters
 from .training import chosen_epoch
-from .scoring import DETECTORS, REDUCES
+from .scoring import DETECTORS, FIXED, REDUCES
 from .metrics import _mean_std
 from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, PIXEL_METRIC_KEYS, COLUMN_LEGEND, HALVES, SUMMARY_COLUMNS, SUMMARY_HIDDEN_PARAMETERS, TEXT_COLUMNS, _budget, _category_order, _encoder_order, _floor, _group, _half, half_rank, _seed, read_record
-from .plots import _metric_label, save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
+from .plots import CHOSEN, method_suffix, _metric_label, save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
 
 
 def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
@@ -49,11 +49,12 @@ def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()
 
 def _summary_row(row: dict) -> dict:
     """`row` with the derived columns: half, learned, calibration, seed (top-level or from
-    config.parameters), chosen_epoch (from the history for a run that did not record it)."""
+    config.parameters), chosen_epoch (from the history for a run that did not record it),
+    chosen (how the detector was set: `selection`'s mode)."""
     chosen = row.get("chosen_epoch") or (chosen_epoch(row["history"]) if row.get("history") else None)
     return {**row, "half": _half(row), "learned": (row.get("learning") or {}).get("status", ""),
             "calibration": (row.get("calibration") or {}).get("status", ""),
-            "seed": _seed(row), "chosen_epoch": chosen}
+            "seed": _seed(row), "chosen_epoch": chosen, "chosen": (row.get("selection") or {}).get("mode", "")}
 
 
 def summary_records(rows: list[dict]) -> list[dict]:
@@ -335,6 +336,12 @@ def summary_markdown(rows: list[dict], title: str, written: str = "", pairs: str
     for (detector, reduce), group in groups.items():  # never two detectors in one column
         how = f"detector {detector}, " if detector else ""
         how += f"image score: {reduce} of the patch map; " if reduce else ""
+        if (detector, reduce) == CHOSEN:
+            how = ("each class's detector and image reduction chosen on its own validation set (the `detector` and "
+                   "`image_reduce` columns below say which); ")
+        elif (detector, reduce) == FIXED and CHOSEN in groups:
+            how = (f"one detector for every class, {detector}, image score: {reduce} of the patch map (the runs "
+                   "above, scored the same way on every class: encoders like for like); ")
         tables += [f"### {detector or 'unnamed detector'} ({reduce or 'unnamed reduction'})\n" if len(groups) > 1 else "",
                    f"Cells: image AUROC / pixel AUROC ({how}baseline: the raw-pixel baseline on the same grid with "
                    "the same reduction); mean ± std where several runs share a cell; a mean line per demo half. Two "
@@ -359,8 +366,9 @@ def _ground_truth_text(rows: list[dict]) -> str:
 
 
 def _comparison_png(detector: str | None, reduce: str | None, n_groups: int) -> str:
-    """comparison.png, or one file per detector when a results tree holds several."""
-    return "comparison.png" if n_groups == 1 else f"comparison_{detector}_{reduce}.png"
+    """comparison.png for the detectors chosen per class or a tree's only method; one file per
+    other method when a results tree holds several (`method_suffix`)."""
+    return f"comparison{method_suffix((detector, reduce), n_groups)}.png"
 
 
 def pair_status_table(status: dict[str, str], failures: dict | None = None, others: Sequence[str] = ()) -> str:

@@ -42,13 +42,13 @@ CODE_PARTS = {
               "models": None, "training": None,
               "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad",
                            "_run_in")},
-    "score": {"scoring": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
+    "score": {"scoring": None, "selection": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
                                                            "MetricsRecord"),
               "bundle": ("BUNDLE_FORMAT", "BUNDLE_VERSION", "save_bundle"),
-              "pipeline": ("SCORING_PARAMETERS", "evaluate", "_score_and_evaluate")},
+              "pipeline": ("SCORING_PARAMETERS", "evaluate", "_score_and_evaluate", "_headline", "_select")},
 }
 # what a rescore may change: the scoring code and the parameters of ScoringConfig and the thresholds
-RESCORE_CHANGES = ("code.score", *(f"parameters.{k}" for k in ("detector", "reduce", "test_negatives",
+RESCORE_CHANGES = ("code.score", *(f"parameters.{k}" for k in ("detector", "reduce", "candidates", "test_negatives",
                                                                  "dense_scoring", "target_fpr")))
 RESUMABLE_CHANGES = (*RESUMABLE_CHANGES, *RESCORE_CHANGES)  # training resumes whatever scoring will be
 

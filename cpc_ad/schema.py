@@ -13,7 +13,7 @@ from .demo import DEMO_CONFIRMATION, DEMO_TUNING
 from .encoders import ENCODERS
 from .scoring import REDUCES
 
-SCHEMA_VERSION = 3  # 3: ground_truth; 2: the record has a schema (this dataclass); 1: the same keys, without a version
+SCHEMA_VERSION = 4  # 4: selection, fixed; 3: ground_truth; 2: the record has a schema (this dataclass); 1: the same keys, without a version
 METRIC_KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "aupro",
                *(f"{m}_{r}" for r in REDUCES for m in ("image_auroc", "image_f1_max")))
 PIXEL_MASKS = "pixel masks"  # a record's ground_truth: what its test metrics were measured against
@@ -21,7 +21,8 @@ IMAGE_LABELS_ONLY = ("image labels only: no ground_truth/ folder, so test pixel 
                      "the pixel threshold are not available (n/a); image AUROC, F1 and thresholds are as usual")
 PIXEL_METRIC_KEYS = ("pixel_auroc", "aupro")  # None in every test family of an IMAGE_LABELS_ONLY record
 METRIC_FAMILIES = {"test": "", "cpcad": "cpcad_", "baseline": "baseline_", "val": "val_",
-                   "val_baseline": "val_baseline_"}  # field -> its keys' prefix in metrics.json
+                   "val_baseline": "val_baseline_", "fixed": "fixed_"}  # field -> its keys' prefix in metrics.json
+BEFORE_SELECTION = {"mode": "fixed", "why": "recorded before detectors were chosen per class (schema 3 or older)"}
 
 
 @dataclass
@@ -31,11 +32,14 @@ class MetricsRecord:
     (`image_auroc`, `cpcad_image_auroc`, `baseline_image_auroc`, `val_image_auroc`, ...,
     each with every key of METRIC_KEYS), as they always were; every other field is one key.
 
-    test: the configured detector on the test split (`detector`, `image_reduce`: the headline);
-    cpcad: pure CPC-AD (the paper's loss map, mean reduction first); baseline: the raw-pixel
-    nearest neighbour on the same `score_grid` (`baseline_grid`) and reduction; val and
-    val_baseline: the same on the validation set (synthetic anomalies). The thresholds were
-    chosen on validation normals only; the test numbers at them are reported, never chosen on.
+    test: the chosen detector on the test split (`detector`, `image_reduce`: the headline),
+    chosen per class on validation or fixed by the parameters (`selection`: how, why, and every
+    candidate's validation and test numbers); cpcad: pure CPC-AD (the paper's loss map, mean
+    reduction first); baseline: the raw-pixel nearest neighbour on the same `score_grid`
+    (`baseline_grid`) and reduction; fixed: one detector for every class (pipeline.FIXED), so
+    encoders compare like for like; val and val_baseline: the chosen detector and the baseline on
+    the validation set (synthetic anomalies). The thresholds were chosen on validation normals
+    only; the test numbers at them are reported, never chosen on.
     """
     category: str
     encoder: str
@@ -83,6 +87,8 @@ class MetricsRecord:
     fingerprint: dict                 # `run_fingerprint`: what determined this result
     history: list[dict]
     config: dict                      # {"parameters", "model", "scoring", "train", "grid"}
+    selection: dict = dataclasses.field(default_factory=lambda: dict(BEFORE_SELECTION))  # `pipeline._select`
+    fixed: dict[str, float] = dataclasses.field(default_factory=dict)  # pipeline.FIXED on the test split
     ground_truth: str = "pixel masks"  # PIXEL_MASKS, or IMAGE_LABELS_ONLY: test pixel metrics None (not available)
     schema_version: int = SCHEMA_VERSION
 
@@ -91,7 +97,8 @@ class MetricsRecord:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in METRIC_FAMILIES:
+            if f.name in METRIC_FAMILIES:  # every key of the family, None where not measured
+                out.update({METRIC_FAMILIES[f.name] + k: value.get(k) for k in METRIC_KEYS})
                 out.update({METRIC_FAMILIES[f.name] + k: v for k, v in value.items()})
             else:
                 out[f.name] = value
@@ -118,6 +125,10 @@ def read_record(d: dict, source: str = "metrics.json") -> MetricsRecord:
     d = dict(d, schema_version=SCHEMA_VERSION)
     if version < 3:
         d.setdefault("ground_truth", PIXEL_MASKS)
+    if version < 4:  # one detector for every class; the fixed one was not recorded apart
+        d.setdefault("selection", dict(BEFORE_SELECTION))
+        for m in METRIC_KEYS:
+            d.setdefault(METRIC_FAMILIES["fixed"] + m, None)
     if "chosen_epoch" not in d and version == 1 and d.get("history"):
         best = min((h for h in d["history"] if h.get("val_loss") is not None), key=lambda h: h["val_loss"],
                    default=d["history"][-1])
@@ -161,14 +172,14 @@ def _group(rows: list[dict], metric: str, key: Callable[[dict], object]) -> dict
 # results tree into summary.md, summary.csv and the figures.
 
 SUMMARY_COLUMNS = ("category", "half", "encoder", "seed", "epochs", "epochs_trained", "chosen_epoch", "learned",
-                   "calibration", "detector",
-                   "image_reduce",
+                   "calibration", "detector", "image_reduce", "chosen",
                    "image_auroc", "pixel_auroc", "aupro", "baseline_image_auroc", "baseline_pixel_auroc",
-                   "cpcad_image_auroc", "cpcad_pixel_auroc", "val_image_auroc", "val_pixel_auroc",
+                   "cpcad_image_auroc", "cpcad_pixel_auroc", "fixed_image_auroc", "fixed_pixel_auroc",
+                   "val_image_auroc", "val_pixel_auroc",
                    "image_f1_max", "train_seconds")
-DERIVED_COLUMNS = ("half", "seed", "learned", "calibration")  # from a record's fields (report._summary_row)
+DERIVED_COLUMNS = ("half", "seed", "learned", "calibration", "chosen")  # from a record's fields (report._summary_row)
 TEXT_COLUMNS = ("category", "half", "encoder", "seed", "epochs", "epochs_trained", "chosen_epoch", "learned",
-                "calibration", "detector", "image_reduce")
+                "calibration", "detector", "image_reduce", "chosen")
 COLUMN_LEGEND = {
     "category": "the MVTec AD class (or demo category) trained on and tested",
     "half": "demo half: `tuning` (the study made its choices looking at these categories, so their test "
@@ -182,11 +193,15 @@ COLUMN_LEGEND = {
                "`diverged`; such runs still have metrics, flagged rather than hidden (empty: not recorded)",
     "calibration": "`ScoreCalibration.check`: ok, or `degenerate` (the calibration normals' scores had no spread, "
                    "e.g. identical training images: the detector's scores and thresholds are meaningless)",
-    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `knn_stats` (the "
-                "default) the standardised distance of the patch's stage statistics, from the CPC-trained encoder, "
-                "to the nearest normal patch's, `cpcad_knn_stats` the standardised loss plus that distance",
+    "detector": "the anomaly map scored (`cu.DETECTORS`): e.g. `cpcad` the CPC-AD loss alone, `knn_stats` the "
+                "standardised distance of the patch's stage statistics, from the CPC-trained encoder, to the nearest "
+                "normal patch's, `pixel` the raw-pixel nearest neighbour, `pixel_pos` the same among train patches "
+                "at the same place, `knn_stats_pixel` the two standardised and added",
     "image_reduce": "how a patch map becomes an image score: `mean` (the paper's), `max`, or `top10` "
                     "(the mean of the highest 10% of patches)",
+    "chosen": "how `detector` and `image_reduce` were set: `validation` (chosen per class on its own validation "
+              "set, from `cu.CANDIDATES` x every reduction; metrics.json's `selection` says why) or `fixed` "
+              "(by the parameters)",
     "image_auroc": "test image AUROC of the detector, image score = `image_reduce` of its patch map",
     "pixel_auroc": "test pixel AUROC of the detector's pixel map against the ground-truth masks",
     "aupro": "area under the per-region-overlap curve up to 30% false positive rate, divided by 0.3 (MVTec AD)",
@@ -195,6 +210,9 @@ COLUMN_LEGEND = {
     "baseline_pixel_auroc": "pixel AUROC of the raw-pixel baseline: a learned detector should beat it",
     "cpcad_image_auroc": "pure CPC-AD, the paper's detector: the loss map with the `mean` reduction",
     "cpcad_pixel_auroc": "pixel AUROC of pure CPC-AD",
+    "fixed_image_auroc": "test image AUROC of one detector for every class (`knn_stats`, top10, the study's "
+                         "earlier default), so encoders and classes compare like for like",
+    "fixed_pixel_auroc": "pixel AUROC of that fixed detector",
     "val_image_auroc": "image AUROC on the validation set: held-out train/good images with synthetic anomalies "
                        "pasted in (never test images); choices are made on these numbers",
     "val_pixel_auroc": "pixel AUROC on the validation set",

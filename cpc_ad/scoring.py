@@ -27,23 +27,45 @@ class ScoringConfig:
     (`runs.SCORING_PARAMETERS`). The defaults were chosen on validation data only; the
     evidence is in results/study/README.md ("Why the defaults are what they are").
     """
-    detector: str = "knn_stats"   # how patch scores become the anomaly map: a key of DETECTORS
-    reduce: str = "top10"         # how the map becomes the image score: a name in REDUCES
+    detector: str = "auto"        # the anomaly map: a key of DETECTORS, or "auto": chosen per class on validation
+    reduce: str = "auto"          # the image score: a name in REDUCES, or "auto": chosen with the detector
+    candidates: tuple[str, ...] = ()  # what "auto" chooses from (keys of DETECTORS); () is CANDIDATES
     test_negatives: int = 1024    # train/good patches of the training grid: CPC-AD's negatives when scoring
     knn_bank: int = 16384         # train/good patches of the score grid the kNN typicality compares with
     dense_scoring: bool = True    # maps on the training grid at half its stride (`score_grid`)
 
     def __post_init__(self):
-        check_param("detector", self.detector, "str", choices=DETECTORS)
-        check_param("reduce", self.reduce, "str", choices=REDUCES)
+        check_param("detector", self.detector, "str", choices=(AUTO, *DETECTORS))
+        check_param("reduce", self.reduce, "str", choices=(AUTO, *REDUCES))
+        if isinstance(self.candidates, str) or not all(isinstance(d, str) for d in self.candidates):
+            raise ValueError(f"candidates must be a list of detector names, got {self.candidates!r}")
+        unknown = [d for d in self.candidates if d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown candidates {unknown}; choose from {', '.join(DETECTORS)}")
+        self.candidates = tuple(self.candidates)
         check_param("test_negatives", self.test_negatives, "int", low=1)
         check_param("knn_bank", self.knn_bank, "int", low=1)
         check_param("dense_scoring", self.dense_scoring, "bool")
 
     @property
-    def references(self) -> str | None:
-        """The kNN references the detector reads (one of REFERENCE_KINDS), None for the loss alone."""
-        return detector_references(self.detector)
+    def choosing(self) -> bool:
+        """Whether the detector or the reduction is chosen per class on validation (`selection.py`)."""
+        return AUTO in (self.detector, self.reduce)
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors this config scores: the forced one, or the candidates "auto" chooses from."""
+        return (self.detector,) if self.detector != AUTO else (self.candidates or CANDIDATES)
+
+    @property
+    def reduces(self) -> tuple[str, ...]:
+        return (self.reduce,) if self.reduce != AUTO else REDUCES
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The score kinds beyond the loss its detectors read: kNN references (REFERENCE_KINDS)
+        and raw-pixel references (PIXEL_KINDS), in that order."""
+        return score_kinds(self.detectors)
 
     def score_grid(self, grid: PatchGrid) -> PatchGrid:
         """The grid the anomaly maps are on: with `dense_scoring` the training grid at half its
@@ -56,8 +78,9 @@ class ScoringConfig:
 
 def scoring_config(preset: str = "fast", **overrides) -> ScoringConfig:
     """ScoringConfig from a named preset, then `overrides` (None keeps the preset's value).
-    "fast": the defaults; "paper": pure CPC-AD loss as the map, the mean as the image score,
-    on the training grid, as de Haan & Loewe published it."""
+    "fast": the defaults (detector and reduction chosen per class on its validation set);
+    "paper": pure CPC-AD loss as the map, the mean as the image score, on the training grid,
+    as de Haan & Loewe published it."""
     if preset not in ("fast", "paper"):
         raise ValueError(f"unknown preset {preset!r}; choose fast or paper")
     base = dict(detector="cpcad", reduce="mean", dense_scoring=False) if preset == "paper" else {}
@@ -149,25 +172,47 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
 
     bank: `config.test_negatives` encoded train/good patches, the InfoNCE negatives;
     references: `knn_size` (default `config.knn_bank`) other train/good patches of the score
-    grid, as each of `kinds`: embeddings z ("knn"), multi-scale descriptors ("knn_ms"), stage
-    statistics ("knn_stats"). By default only the kind the detector reads is built (none for
-    the loss alone). calibration: a ScoreCalibration fitted on `calibration_images`, normal
-    images held out of training (train images would look too normal: the model has fitted
-    them, and their own patches sit among the references). grid: the score grid.
+    grid, as each kNN kind of `kinds`: embeddings z ("knn"), multi-scale descriptors ("knn_ms"),
+    stage statistics ("knn_stats"); pixels: the train/good images' raw pixels on the score grid
+    (`PixelReferences`) when `kinds` holds a kind of PIXEL_KINDS. By default `kinds` are those
+    the config's detectors read (`ScoringConfig.kinds`). calibration: a ScoreCalibration
+    fitted on `calibration_images`, normal images held out of training (train images would look
+    too normal: the model has fitted them, and their own patches sit among the references), and
+    calibration_raw, their raw scores. grid: the score grid.
     Everything is encoded at the run's `precision`, as `score_patches` must then be called.
     """
     config = config or ScoringConfig()
     grid = config.score_grid(model.grid)
-    kinds = tuple(kinds) if kinds is not None else tuple(k for k in (config.references,) if k)
+    kinds = tuple(kinds) if kinds is not None else config.kinds
+    unknown = [k for k in kinds if k not in (*REFERENCE_KINDS, *PIXEL_KINDS)]
+    if unknown:
+        raise ValueError(f"unknown score kinds {unknown}; choose from {', '.join(REFERENCE_KINDS + PIXEL_KINDS)}")
+    knn = [k for k in kinds if k in REFERENCE_KINDS]
     bank = model.build_bank(train_images, config.test_negatives, seed=seed, precision=precision)
-    references = model.build_references(train_images, knn_size or config.knn_bank, seed=seed + 1, kinds=kinds,
-                                        grid=grid, precision=precision) if kinds else {}
-    calibration = None
+    references = model.build_references(train_images, knn_size or config.knn_bank, seed=seed + 1, kinds=knn,
+                                        grid=grid, precision=precision) if knn else {}
+    pixels = PixelReferences.build(train_images, grid, [k for k in PIXEL_KINDS if k in kinds], device=device) \
+        if any(k in PIXEL_KINDS for k in kinds) else None
+    scoring = {"bank": bank, "references": references, "pixels": pixels, "calibration": None,
+               "calibration_raw": None, "config": config, "grid": grid}
     if calibration_images is not None and len(calibration_images):
-        raw = score_patches(model, calibration_images, bank, references, batch_size, device, precision=precision,
-                            grid=grid)
-        calibration = ScoreCalibration.fit(raw)
-    return {"bank": bank, "references": references, "calibration": calibration, "config": config, "grid": grid}
+        scoring["calibration_raw"] = raw_scores(model, calibration_images, scoring, batch_size, device,
+                                                precision=precision)
+        scoring["calibration"] = ScoreCalibration.fit(scoring["calibration_raw"])
+    return scoring
+
+
+def raw_scores(model: CPCAD, images: torch.Tensor, scoring: dict, batch_size: int = 16,
+               device: str | torch.device = "auto", progress: bool = False,
+               precision: str = "auto") -> dict[str, torch.Tensor]:
+    """Every raw score `prepare_scoring`'s output can give of uint8 images (N, C, H, W): the
+    loss and kNN kinds (`score_patches`) and the raw-pixel kinds (`PixelReferences`), each
+    (N, n_sub, G, G) on the score grid, on the CPU."""
+    raw = score_patches(model, images, scoring["bank"], scoring["references"], batch_size, device, progress,
+                        precision, scoring["grid"])
+    if scoring.get("pixels") is not None:
+        raw.update(scoring["pixels"].distances(images, device=device))
+    return raw
 
 
 def score_images(model: CPCAD, images: torch.Tensor, bank: torch.Tensor, batch_size: int = 16,
@@ -253,6 +298,7 @@ class ScoreCalibration:
         return cls({k: v.float() for k, v in d["mean"].items()}, {k: float(v) for k, v in d["std"].items()})
 
 
+AUTO = "auto"  # ScoringConfig's detector / reduce: chosen per class on its validation set (selection.py)
 DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     # name: (raw maps, calibrated maps) -> patch anomaly maps, (N, n_sub, G, G)
     "cpcad": lambda raw, cal: raw["loss"],                         # pure CPC-AD: the paper's score
@@ -264,49 +310,171 @@ DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     "cpcad_knn_ms": lambda raw, cal: cal["loss"] + cal["knn_ms"],  # unpredictable or untypical at any scale
     "knn_stats": lambda raw, cal: cal["knn_stats"],                # typicality of stage statistics alone
     "cpcad_knn_stats": lambda raw, cal: cal["loss"] + cal["knn_stats"],  # ... also in texture energy
+    "pixel": lambda raw, cal: raw["pixel"],                        # raw pixels, nearest train patch: nothing learned
+    "pixel_pos": lambda raw, cal: raw["pixel_pos"],                # ... at the same place (aligned objects)
+    "knn_stats_pixel": lambda raw, cal: cal["knn_stats"] + cal["pixel"],  # learned and pixel typicality
+    "knn_stats_pixel_pos": lambda raw, cal: cal["knn_stats"] + cal["pixel_pos"],  # ... pixels at the same place
 }
+DETECTOR_PARTS: dict[str, tuple[str, ...]] = {  # the raw score kinds each detector reads
+    "cpcad": ("loss",), "cpcad_cal": ("loss",), "cpcad_2sided": ("loss",), "knn": ("knn",),
+    "cpcad_knn": ("loss", "knn"), "knn_ms": ("knn_ms",), "cpcad_knn_ms": ("loss", "knn_ms"),
+    "knn_stats": ("knn_stats",), "cpcad_knn_stats": ("loss", "knn_stats"), "pixel": ("pixel",),
+    "pixel_pos": ("pixel_pos",), "knn_stats_pixel": ("knn_stats", "pixel"),
+    "knn_stats_pixel_pos": ("knn_stats", "pixel_pos"),
+}
+UNCALIBRATED = ("cpcad", "pixel", "pixel_pos")  # raw maps: they need no ScoreCalibration
+CANDIDATES = ("cpcad", "knn_stats", "cpcad_knn_stats", "pixel", "pixel_pos", "knn_stats_pixel",
+              "knn_stats_pixel_pos")  # what detector="auto" chooses from, each with every reduction
+FIXED = ("knn_stats", "top10")  # one detector for every class beside the chosen ones (the study's earlier default)
+assert set(DETECTOR_PARTS) == set(DETECTORS) and set(CANDIDATES) <= set(DETECTORS)
 
 
 def detector_references(detector: str) -> str | None:
-    """The kNN references a detector reads (one of REFERENCE_KINDS), None for the loss alone."""
-    return next((k for k in sorted(REFERENCE_KINDS, key=len, reverse=True) if detector.endswith(k)), None)
+    """The kNN references a detector reads (one of REFERENCE_KINDS), None for none."""
+    return next((k for k in DETECTOR_PARTS[detector] if k in REFERENCE_KINDS), None)
+
+
+def score_kinds(detectors: Sequence[str]) -> tuple[str, ...]:
+    """The score kinds beyond the loss that `detectors` read, REFERENCE_KINDS then PIXEL_KINDS."""
+    parts = {k for d in detectors for k in DETECTOR_PARTS[d]}
+    return tuple(k for k in (*REFERENCE_KINDS, *PIXEL_KINDS) if k in parts)
 
 
 def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | None,
                   detector: str) -> torch.Tensor:
-    """Patch anomaly maps of one named detector from raw `score_patches` output."""
+    """Patch anomaly maps of one named detector from raw scores (`raw_scores`)."""
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
-    if detector != "cpcad" and calibration is None:
+    if detector not in UNCALIBRATED and calibration is None:
         raise ValueError(f"detector {detector!r} needs a ScoreCalibration fitted on normal images")
-    kind = detector_references(detector)
-    if kind and kind not in raw:
-        raise ValueError(f"detector {detector!r} needs {kind} scores: pass references to score_patches")
-    return DETECTORS[detector](raw, calibration(raw) if calibration is not None else {})
+    missing = [k for k in DETECTOR_PARTS[detector] if k not in raw]
+    if missing:
+        raise ValueError(f"detector {detector!r} needs {', '.join(missing)} scores: pass references "
+                         "of its kinds (prepare_scoring) to raw_scores")
+    parts = {k: raw[k] for k in DETECTOR_PARTS[detector]}
+    return DETECTORS[detector](parts, calibration(parts) if detector not in UNCALIBRATED else {})
 
 
-@torch.no_grad()
-def pixel_baseline(train_images: torch.Tensor, test_images: torch.Tensor, grid: PatchGrid,
-                   resolution: int = 8, device: str | torch.device = "auto", chunk: int = 2048) -> torch.Tensor:
-    """Non-learned reference: raw-pixel patch nearest-neighbour distance to train patches.
+PIXEL_KINDS = ("pixel", "pixel_pos")  # raw-pixel nearest-neighbour distances: free of position, or at it
+PIXEL_RESOLUTION = 8   # each patch average-pooled to 8 x 8 pixels before comparing
+POSITION_RADIUS = 1    # "pixel_pos" compares with train patches at most this many grid steps away
 
-    Each patch is average-pooled to `resolution` x `resolution` pixels and compared (L2) with
-    every train/good patch at any position. Returns (N, n_sub, G, G) distance maps; use the
-    max as the image score and `patches_to_pixels` for the pixel map.
-    """
-    device = resolve_device(device)
 
-    def features(images):
-        out = []
-        for idx in _batches(len(images), 32, None):
-            p = extract_patches(to_float(images[idx].to(device)), grid)              # (B', G, G, C, P, P)
+def pixel_cell(grid: PatchGrid, resolution: int = PIXEL_RESOLUTION) -> int | None:
+    """The side c of the pixel cells each patch's `resolution` x `resolution` pooling averages
+    (patch_size / resolution), when the grid lies on whole cells (image, stride and sub-images in
+    multiples of c): every patch's pooled pixels are then cells of the image pooled once, and the
+    references need only the pooled images (64 times smaller at c = 8). None otherwise."""
+    if grid.patch_size % resolution:
+        return None
+    c = grid.patch_size // resolution
+    sizes = (grid.image_size, grid.stride, grid.subimage_size or c, grid.subimage_stride or c)
+    return c if all(n % c == 0 for n in sizes) else None
+
+
+def pixel_source(images: torch.Tensor, grid: PatchGrid, resolution: int = PIXEL_RESOLUTION,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """What the raw-pixel features of uint8 images (N, C, H, W) are cut from: the images pooled
+    to `pixel_cell`s, (N, C, H/c, W/c) float32, or the uint8 images where the grid is not on cells."""
+    c = pixel_cell(grid, resolution)
+    if c is None:
+        return images
+    return torch.cat([F.avg_pool2d(to_float(images[idx].to(device)), c) for idx in _batches(len(images), 64, None)])
+
+
+def pixel_features(images: torch.Tensor, grid: PatchGrid, resolution: int = PIXEL_RESOLUTION,
+                   device: str | torch.device = "cpu", source: torch.Tensor | None = None) -> torch.Tensor:
+    """Every patch of `grid` of uint8 images (N, C, H, W) average-pooled to `resolution` x
+    `resolution` pixels, (N, n_sub, G, G, C * r * r) float32 on `device`; from `source`
+    (`pixel_source` of the images) when given."""
+    source = pixel_source(images, grid, resolution, device) if source is None else source.to(device)
+    c = pixel_cell(grid, resolution) if source.dtype != torch.uint8 else None
+    out = []
+    for idx in _batches(len(source), 32, None):
+        if c is None:  # pool every patch
+            p = extract_patches(to_float(source[idx]), grid)                     # (B', G, G, C, P, P)
             Bp, G = p.shape[:2]
             p = F.adaptive_avg_pool2d(p.reshape(Bp * G * G, *p.shape[3:]), resolution)
-            out.append(p.flatten(1))                                                 # (B'*G*G, C*r*r)
-        return torch.cat(out)
+        else:  # cut the pooled patches out of the pooled image: the same numbers, no pooling per patch
+            cells = PatchGrid(grid.image_size // c, resolution, grid.stride // c,
+                              grid.subimage_size and grid.subimage_size // c,
+                              grid.subimage_stride and grid.subimage_stride // c)
+            p = extract_patches(source[idx], cells)                              # (B', G, G, C, r, r)
+            Bp, G = p.shape[:2]
+        out.append(p.reshape(Bp, G, G, -1))                                      # (B', G, G, C*r*r)
+    f = torch.cat(out)
+    return f.view(len(source), -1, *f.shape[1:])                                 # (N, n_sub, G, G, D)
 
-    bank = features(train_images)
-    query = features(test_images)
-    dist = torch.cat([torch.cdist(q, bank).min(1).values for q in query.split(chunk)])
-    G = grid.grid
-    return dist.cpu().view(len(test_images), -1, G, G)
+
+@dataclass
+class PixelReferences:
+    """The train/good images' raw pixels on the score grid, the references of the raw-pixel
+    kinds: "pixel", each patch's L2 distance to the nearest train patch at any position (the
+    floor every learned detector is measured against); "pixel_pos", to the nearest train
+    patch within POSITION_RADIUS grid steps of its own position. On aligned objects a blank
+    where an imprint belongs matches a blank elsewhere on the object; it does not match the
+    imprints found at its own place. Nothing is learned: the bundle keeps `source`."""
+    source: torch.Tensor            # `pixel_source` of the train/good images: pooled cells, or the uint8 images
+    features: torch.Tensor          # (M, n_sub, G, G, D), `pixel_features` of them
+    grid: PatchGrid
+    kinds: tuple[str, ...] = PIXEL_KINDS
+    resolution: int = PIXEL_RESOLUTION
+
+    @classmethod
+    def build(cls, images: torch.Tensor, grid: PatchGrid, kinds: Sequence[str] = PIXEL_KINDS,
+              device: str | torch.device = "cpu", resolution: int = PIXEL_RESOLUTION) -> "PixelReferences":
+        """From uint8 train images (M, C, H, W)."""
+        return cls.from_source(pixel_source(images, grid, resolution, resolve_device(device)), grid, kinds, device,
+                               resolution)
+
+    @classmethod
+    def from_source(cls, source: torch.Tensor, grid: PatchGrid, kinds: Sequence[str] = PIXEL_KINDS,
+                    device: str | torch.device = "cpu", resolution: int = PIXEL_RESOLUTION) -> "PixelReferences":
+        """From a `source` (what a bundle keeps)."""
+        features = pixel_features(None, grid, resolution, resolve_device(device), source=source)
+        return cls(source.cpu(), features, grid, tuple(kinds), resolution)
+
+    @torch.no_grad()
+    def distances(self, images: torch.Tensor, device: str | torch.device = "cpu",
+                  chunk: int = 2048) -> dict[str, torch.Tensor]:
+        """{kind: (N, n_sub, G, G)} of uint8 images (N, C, H, W), on the CPU."""
+        device = resolve_device(device)
+        ref = self.features.to(device)
+        out = {k: [] for k in self.kinds}
+        for idx in _batches(len(images), 16, None):
+            q = pixel_features(images[idx], self.grid, self.resolution, device)      # (B, n_sub, G, G, D)
+            if "pixel" in out:
+                flat = ref.reshape(-1, ref.shape[-1])
+                d = torch.cat([torch.cdist(part, flat).min(1).values for part in q.reshape(-1, q.shape[-1]).split(chunk)])
+                out["pixel"].append(d.view(q.shape[:-1]).cpu())
+            if "pixel_pos" in out:
+                out["pixel_pos"].append(_nearest_nearby(q, ref, POSITION_RADIUS).cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _nearest_nearby(q: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:
+    """L2 distance of each query patch (B, n_sub, G, G, D) to the nearest reference patch
+    (M, n_sub, G, G, D) of the same sub-image at most `radius` grid steps away: (B, n_sub, G, G)."""
+    G = q.shape[2]
+    q2 = (q ** 2).sum(-1)                                                        # (B, n_sub, G, G)
+    best = torch.full(q.shape[:-1], float("inf"), device=q.device)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            # the reference patches dy, dx steps from each position, where there are any
+            ys, xs = slice(max(0, -dy), G - max(0, dy)), slice(max(0, -dx), G - max(0, dx))
+            ry, rx = slice(max(0, dy), G - max(0, -dy)), slice(max(0, dx), G - max(0, -dx))
+            r = ref[:, :, ry, rx]                                                # (M, n_sub, g, g', D)
+            dot = torch.einsum("bsijd,msijd->bmsij", q[:, :, ys, xs], r)
+            d2 = q2[:, None, :, ys, xs] + (r ** 2).sum(-1)[None] - 2 * dot       # (B, M, n_sub, g, g')
+            best[:, :, ys, xs] = torch.minimum(best[:, :, ys, xs], d2.min(1).values)
+    return best.clamp_min(0).sqrt()
+
+
+def pixel_baseline(train_images: torch.Tensor, test_images: torch.Tensor, grid: PatchGrid,
+                   resolution: int = PIXEL_RESOLUTION, device: str | torch.device = "auto") -> torch.Tensor:
+    """Non-learned reference: raw-pixel patch nearest-neighbour distance to train patches, the
+    "pixel" detector's map (`PixelReferences`). Each patch is average-pooled to `resolution` pixels and
+    compared (L2) with every train/good patch at any position. Returns (N, n_sub, G, G)
+    distance maps; `patches_to_pixels` makes the pixel map."""
+    refs = PixelReferences.build(train_images, grid, ("pixel",), device, resolution)
+    return refs.distances(test_images, device)["pixel"]

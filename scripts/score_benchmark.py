@@ -2,7 +2,7 @@
 
 For each grid (the demo's: 128 px images, 16 px patches at stride 8, width 16; the paper's:
 256 px images, 64 px patches at stride 32, width 64), resnet18v2 at the module's defaults
-(test_negatives 1024, knn_bank 16384, the default detector): writes a bundle, writes
+(test_negatives 1024, knn_bank 16384, detector knn_stats): writes a bundle, writes
 `--images` random PNGs, and times the command twice, in a fresh process (Python and torch
 start-up included) and in-process (`cu.score_files`: bundle loading, reading, scoring and
 writing the CSV, overlays and masks). The weights are untrained and the negative bank, kNN
@@ -38,8 +38,8 @@ def random_bundle(path: Path, grid: cu.PatchGrid, width: int) -> cu.PatchGrid:
     model = cu.CPCAD(cu.cpcad_config("fast", grid, encoder="resnet18v2", width=width), grid).eval()
     with torch.no_grad():
         patch = torch.zeros(1, 3, grid.patch_size, grid.patch_size)
-        sc = cu.ScoringConfig()
-        kind = sc.references  # the references the default detector reads
+        sc = cu.ScoringConfig(detector="knn_stats", reduce="top10")  # a learned detector, as a class may choose
+        kind = cu.detector_references(sc.detector)  # the references it reads
         z, *descriptors = model.encoders[0].multiscale(patch)  # z, then one descriptor per reference kind
         D, D_ref = z.shape[-1], (z, *descriptors)[cu.REFERENCE_KINDS.index(kind)].shape[-1]
     G = sc.score_grid(grid).grid  # the calibration's maps are on the score grid

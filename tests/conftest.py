@@ -136,7 +136,9 @@ def metrics_record(**fields) -> dict:
         train_wall_seconds=12.0, score_seconds=1.0, num_parameters=1000, embedding_dim=64, device="cpu",
         data_root="/data", learning={"status": "ok"}, calibration={"status": "ok"}, fingerprint={},
         history=[{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0}, {"epoch": 2, "train_loss": 1.0, "val_loss": 1.0}],
-        config={"parameters": {"seed": seed}})
+        config={"parameters": {"seed": seed}}, fixed=dict(metrics),
+        selection={"mode": "fixed", "detector": "knn_stats", "reduce": "top10", "why": "a test record",
+                   "candidates": []})
     out = record.to_dict()
     config = fields.pop("config", None)
     out.update(fields)

@@ -21,6 +21,7 @@ import cpc_ad.inference
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FPR = 0.01
+SC = cu.ScoringConfig(detector="knn_stats_pixel_pos", reduce="top10", test_negatives=64, knn_bank=256)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,13 @@ def trained(request, brick, tmp_path_factory) -> dict:
     val = cu.make_validation_set(normals, 0)
     grid = cu.PatchGrid(64, 16, 8)
     model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8, shared_encoder=request.param), grid)
-    sc = cu.ScoringConfig(test_negatives=64, knn_bank=256)
+    sc = SC  # a chosen detector that reads the learned features and the raw pixels at their place
     cu.train_model(model, train, calib, cu.TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)
     scoring = cu.prepare_scoring(model, train.images, calib.images, sc, device="cpu")
     sg = scoring["grid"]
     maps = {}
     for name, images in (("test", data["test"].images), ("val", val.images)):
-        raw = cu.score_patches(model, images, scoring["bank"], scoring["references"], 16, "cpu", grid=sg)
+        raw = cu.raw_scores(model, images, scoring, 16, "cpu")
         maps[name] = cu.detector_maps(raw, scoring["calibration"], sc.detector)
     normal = val.labels == 0
     val_scores = cu.image_scores(maps["val"], sc.reduce)
@@ -112,8 +113,8 @@ def test_bundle_scores_as_the_notebook_and_holds_its_provenance(trained, brick):
     assert torch.equal(result["anomalous"], trained["scores"] > bundle.threshold)
     assert bundle.model.cfg.shared_encoder is trained["shared_encoder"] and bundle.image_size == 64
     assert bundle.threshold_rule == trained["threshold"] and bundle.threshold_rule["target_fpr"] == TARGET_FPR
-    assert set(bundle.references) == {bundle.scoring.references} == {"knn_stats"}  # only what it reads
-    assert bundle.scoring == cu.ScoringConfig(test_negatives=64, knn_bank=256) and bundle.score_grid == cu.PatchGrid(64, 16, 4)
+    assert set(bundle.references) == {"knn_stats"} and bundle.pixels.kinds == ("pixel_pos",)  # only what it reads
+    assert bundle.scoring == SC and bundle.pixels is not None and bundle.score_grid == cu.PatchGrid(64, 16, 4)
     assert bundle.info["format_version"] == cu.BUNDLE_VERSION and bundle.info["code_version"] == cu.code_version()
     assert bundle.info["data"] == cu.data_fingerprint(brick, "brick")
     # the threshold keeps validation normals' false-positive rate at or below the target
@@ -382,14 +383,23 @@ CRAFTED = {  # name: (edit of the saved dict, what the one-line error must say)
                          "has an empty references['knn_stats']"),
     "no_references": (lambda b: {**b, "references": {}}, "has no knn_stats references"),
     "nan_calibration": (lambda b: {**b, "calibration": {**b["calibration"], "std": {
-        k: float("nan") for k in b["calibration"]["std"]}}}, "calibration std['loss'] nan"),
+        k: float("nan") for k in b["calibration"]["std"]}}}, "calibration std['knn_stats'] nan"),
     "no_calibration": (lambda b: {**b, "calibration": None}, "has no calibration"),
+    "no_pixel_source": (lambda b: {**b, "pixel_source": None}, "has pixel_source NoneType, expected float32 (N, 3, 32, 32)"),
+    "pixel_grid": (lambda b: {**b, "grid": {**b["grid"], "patch_size": 32, "stride": 16}},
+                   "has pixel_source torch.float32 (4, 3, 32, 32), expected float32 (N, 3, 16, 16)"),
+    "uint8_pixel_source": (lambda b: {**b, "pixel_source": b["pixel_source"].to(torch.uint8)},
+                           "has pixel_source torch.uint8 (4, 3, 32, 32), expected float32"),
+    "nan_pixel_source": (lambda b: {**b, "pixel_source": b["pixel_source"] * float("nan")},
+                         "has non-finite values in pixel_source"),
+    "auto_detector": (lambda b: {**b, "scoring": {**b["scoring"], "detector": "auto"}}, "has detector 'auto', expected one of"),
     # a grid the weights load into, but whose patches give other descriptor sizes
-    "grid_patch_size": (lambda b: {**b, "grid": {**b["grid"], "patch_size": 32, "stride": 16}},
+    "grid_patch_size": (lambda b: {**b, "grid": {**b["grid"], "patch_size": 32, "stride": 16},  # (pixels: below)
+                                   "scoring": {**b["scoring"], "detector": "knn_stats"}, "pixel_source": None},
                         "on 32 px patches (the grid"),
     # ... or another score grid than the calibration's
     "grid_stride": (lambda b: {**b, "grid": {**b["grid"], "stride": 16}},
-                    "calibration mean['loss'] is (1, 13, 13), expected (1, 7, 7)"),
+                    "calibration mean['knn_stats'] is (1, 13, 13), expected (1, 7, 7)"),
     "grid_image_size": (lambda b: {**b, "grid": {**b["grid"], "image_size": 128}},
                         "has image_size 64 but a grid for 128 px images"),
     "bad_colour": (lambda b: {**b, "colour": "sepia"}, "has colour 'sepia', expected None or one of grayscale"),
@@ -471,7 +481,7 @@ def degenerate(tmp_path_factory) -> Path:
     same = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).repeat(6, 1, 1, 1)
     grid = cu.PatchGrid(64, 16, 8)
     model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8), grid)
-    scoring = cu.prepare_scoring(model, same, same, cu.ScoringConfig(test_negatives=64, knn_bank=256), device="cpu")
+    scoring = cu.prepare_scoring(model, same, same, SC, device="cpu")
     assert scoring["calibration"].check()["status"] == "degenerate"
     maps = cu.detector_maps(cu.score_patches(model, same, scoring["bank"], scoring["references"], 16, "cpu",
                                              grid=scoring["grid"]), scoring["calibration"], "knn_stats")

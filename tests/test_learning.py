@@ -23,12 +23,12 @@ def brick(tmp_path_factory):
 
 
 def test_cpcad_learns_and_detects(brick):
-    """The loss falls well below chance, and both pure CPC-AD and the default detector find the
+    """The loss falls well below chance, and both pure CPC-AD and the fixed detector (knn_stats) find the
     defects. Pure CPC-AD's image score with the paper's mean swings with the seed at this tiny
     scale (0.54 to 0.76 over seeds 0-2), so its pixel map and top10 image score are checked."""
     train, calib, test, _ = brick
     torch.manual_seed(0)
-    cfg, sc = cu.CPCADConfig(width=16, num_negatives=31), cu.ScoringConfig(test_negatives=512)  # the default detector
+    cfg, sc = cu.CPCADConfig(width=16, num_negatives=31), cu.ScoringConfig(*cu.FIXED, test_negatives=512)
     model = cu.CPCAD(cfg, GRID)
     history = cu.train_model(model, train, calib, cu.TrainConfig(epochs=15, batch_size=8, lr=2e-4, seed=0,
                              patience=15), progress=False)

@@ -411,3 +411,47 @@ def test_pixel_baseline_with_subimages():
     grid = cu.PatchGrid(48, 16, 8, subimage_size=32, subimage_stride=16)
     dist = cu.pixel_baseline(random_images(2, 48), random_images(3, 48, seed=1), grid, device="cpu")
     assert dist.shape == (3, 4, 3, 3) and (dist > 0).all()
+
+
+def aligned_objects(n: int, imprint: bool = True, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 64, 64) uint8: a grey object with a dark imprint always at the same place, and blank
+    grey elsewhere, faint noise; `imprint=False` leaves the imprint out (a blank where it belongs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 128 + torch.randint(-3, 4, (n, 3, 64, 64), generator=g)
+    if imprint:
+        x[:, :, 8:24, 8:24] = 30
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def test_the_pixel_detectors_are_the_baseline_and_its_position_aware_twin():
+    """"pixel" is `pixel_baseline`, map for map; "pixel_pos" compares with train patches near
+    the patch's own place, so a missing imprint, a blank that matches blanks elsewhere on the
+    object, stands out there and nowhere else; its distances never fall below "pixel"'s."""
+    grid = cu.PatchGrid(64, 16, 4)
+    train, missing = aligned_objects(6), aligned_objects(2, imprint=False, seed=1)
+    refs = cu.PixelReferences.build(train, grid)
+    d = refs.distances(missing)
+    assert torch.equal(d["pixel"], cu.pixel_baseline(train, missing, grid, device="cpu"))
+    assert (d["pixel_pos"] >= d["pixel"] - 1e-3).all()
+    at_imprint, elsewhere = d["pixel_pos"][:, 0, 2, 2], d["pixel_pos"][:, 0, 10, 10]  # patch (2, 2) covers 8-24 px
+    assert (at_imprint > 10 * elsewhere.clamp_min(1e-3)).all() and (d["pixel"][:, 0, 2, 2] < at_imprint / 10).all()
+    # brute force: the nearest train patch within one grid step, same sub-image
+    f, q = refs.features, cu.pixel_features(missing, grid)
+    i, j = 2, 3
+    near = f[:, 0, i - 1:i + 2, j - 1:j + 2].reshape(-1, f.shape[-1])
+    torch.testing.assert_close(d["pixel_pos"][0, 0, i, j], torch.cdist(q[0, 0, i, j][None], near).min(),
+                               atol=2e-3, rtol=1e-4)
+
+
+def test_a_pixel_detector_needs_its_references_and_no_calibration():
+    grid = cu.PatchGrid(64, 16, 8)
+    train = aligned_objects(4)
+    raw = cu.PixelReferences.build(train, grid).distances(aligned_objects(2, seed=2))
+    assert torch.equal(cu.detector_maps(raw, None, "pixel_pos"), raw["pixel_pos"])
+    with pytest.raises(ValueError, match="needs a ScoreCalibration"):
+        cu.detector_maps(raw, None, "knn_stats_pixel")
+    with pytest.raises(ValueError, match="needs pixel_pos scores"):
+        cu.detector_maps({"pixel": raw["pixel"]}, None, "pixel_pos")
+    assert cu.score_kinds(["knn_stats_pixel_pos", "cpcad"]) == ("knn_stats", "pixel_pos")
+    assert cu.ScoringConfig().kinds == ("knn_stats", "pixel", "pixel_pos") and cu.ScoringConfig().choosing
+    assert not cu.scoring_config("paper").choosing and cu.scoring_config("paper").detectors == ("cpcad",)

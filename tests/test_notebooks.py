@@ -65,7 +65,8 @@ def fake_results(tmp_path_factory) -> Path:
                                             chosen_epoch=epochs, history=history, seed=seed,
                                             image_auroc=0.5 + 0.1 * i + 0.02 * seed, pixel_auroc=0.6, aupro=0.3,
                                             baseline_image_auroc=0.55, baseline_pixel_auroc=0.7, baseline_aupro=0.2,
-                                            detector=cu.ScoringConfig().detector, image_reduce=cu.ScoringConfig().reduce,
+                                            detector="knn_stats", image_reduce="max", fixed_image_auroc=0.45,
+                                            selection={"mode": "validation", "why": "as notebook 02 chooses"},
                                             score_grid=13, baseline_grid=13),  # the tiny runs' grid
                              root / "brick" / enc / f"seed{seed}" / f"e{epochs}" / "metrics.json")
     return root
@@ -245,7 +246,7 @@ def test_notebook03_shows_the_study_table_of_a_ladder(executed):
     for enc in cu.ENCODERS:
         for n in (1, 2):  # notebook 02's own runs, as rungs of a ladder
             m = json.loads((out / "runs" / "gravel" / enc / "seed0" / f"e{n}" / "metrics.json").read_text())
-            assert (m["epochs"], m["detector"], m["image_reduce"]) == (n, cu.ScoringConfig().detector, cu.ScoringConfig().reduce)
+            assert m["epochs"] == n and m["selection"]["mode"] == "validation" and m["detector"] in cu.CANDIDATES
             assert 0 <= m["baseline_image_auroc"] <= 1 and m["chosen_epoch"] in (1, 2)
     table = (out / "table_image_auroc.md").read_text().splitlines()
     assert table[0] == ("| Class | resnet18v2 e1 | resnet18v2 e2 | resnet50v2 e1 | resnet50v2 e2 | densenet e1 | densenet e2 "
@@ -259,6 +260,8 @@ def test_notebook03_shows_the_study_table_of_a_ladder(executed):
     cost = (out / "cost.md").read_text()
     assert all(f"| {enc} | " in cost for enc in cu.ENCODERS) and "(width 8)" in cost
     assert {"comparison.png", "image_auroc_vs_epochs.png", "pixel_auroc_vs_epochs.png"} <= {p.name for p in out.glob("*.png")}
+    fixed = (out / "table_image_auroc_knn_stats_top10.md").read_text().splitlines()  # the same runs, one detector
+    assert fixed[2] == "| brick | 0.45 | 0.45 | 0.45 | 0.45 | 0.45 | 0.45 | 0.50 |"
 
 
 def test_notebook02_flags_a_degenerate_calibration(tiny_root, tmp_path):

@@ -519,6 +519,31 @@ def test_tables_and_charts_never_pool_two_detectors(summary_tree):
     plt.close("all")
 
 
+def test_runs_that_chose_per_class_compare_as_one_method_and_under_the_fixed_detector(tmp_path):
+    """Each class chose its own detector on validation: those runs are one method (the protocol),
+    never split by what each class chose, and the same runs under the one detector every class
+    shares (`fixed_*`) are a second table, with the floor at that detector's reduction."""
+    chosen = {"mode": "validation", "why": "highest", "candidates": []}
+    rows = [metrics_record(category=c, encoder=e, detector=d, image_reduce=r, selection=chosen, image_auroc=0.9,
+                           fixed_image_auroc=0.7, fixed_pixel_auroc=0.8, baseline_image_auroc=0.6,
+                           baseline_image_auroc_top10=0.5)
+            for c, d, r in (("brick", "pixel", "max"), ("screw", "knn_stats", "top10")) for e in ("resnet18v2", "densenet")]
+    groups = cu.detector_groups(rows)
+    assert list(groups) == [cu.CHOSEN, cu.FIXED] and [len(g) for g in groups.values()] == [4, 4]
+    assert cu.check_one_detector(groups[cu.CHOSEN]) == cu.CHOSEN
+    fixed = groups[cu.FIXED]
+    assert {(r["detector"], r["image_reduce"], r["image_auroc"], r["pixel_auroc"], r["baseline_image_auroc"])
+            for r in fixed} == {("knn_stats", "top10", 0.7, 0.8, 0.5)}
+    for i, r in enumerate(rows):
+        cu.save_json(r, tmp_path / "run" / r["category"] / f"{r['encoder']}{i}" / "metrics.json")
+    cu.write_summary(tmp_path / "run")
+    text = (tmp_path / "run" / "summary.md").read_text()
+    assert "### chosen per class (on validation)" in text and "### knn_stats (top10)" in text
+    assert "one detector for every class, knn_stats" in text and "| pixel | max | validation |" in text
+    assert {"comparison.png", "comparison_knn_stats_top10.png"} <= {p.name for p in (tmp_path / "run").glob("*.png")}
+    plt.close("all")
+
+
 @pytest.mark.parametrize("name", ["summary.md", "summary.csv", "comparison.png", "epochs.png",
                                   "comparison_cpcad_mean.png"])
 def test_write_summary_never_replaces_or_deletes_a_users_file(summary_tree, name):

@@ -100,7 +100,8 @@ def trees(tmp_path_factory) -> dict[str, Path]:
     model = cu.CPCAD(cu.cpcad_config("fast", grid, width=8), grid)
     train = cu.load_category(demo, "brick", 32)["train"]
     rule = cu.normal_threshold(np.zeros(8), 0.01)
-    scoring = cu.prepare_scoring(model, train.images, train.images, cu.scoring_config(test_negatives=32, knn_bank=64),
+    scoring = cu.prepare_scoring(model, train.images, train.images, cu.scoring_config(detector="knn_stats", reduce="top10",
+                                                                                          test_negatives=32, knn_bank=64),
                                  device="cpu")
     bundle = cu.save_bundle(tmp / "model.pt", model, scoring, rule, rule)
     return {"mvtec": mvtec, "demo": demo, "tmp": tmp, "bundle": bundle}

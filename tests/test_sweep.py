@@ -554,10 +554,14 @@ def test_a_scoring_change_rescores_finished_pairs_without_training(sweeps, tmp_p
     (results / "t" / "failures.json").unlink()  # the broken category's record: not this test's subject
     pair = results / "t" / "brick" / "resnet18v2"
     before = json.loads((pair / "metrics.json").read_text())
-    params = ("width=4", "reduce=mean")  # the pair's last run was width 4, 1 epoch
+    # the pair's last run was width 4, 1 epoch, its detector and reduction chosen on validation: force
+    # its detector with another reduction
+    reduce = next(r for r in cu.REDUCES if r != before["image_reduce"])
+    params = ("width=4", f"detector={before['detector']}", f"reduce={reduce}")
     dry = sweep(sweeps["root"], results, "resnet18v2", params=params, extra=("--dry-run",))
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "would rescore its trained weights (finished with other parameters.reduce)" in dry.stdout
+    assert "would rescore its trained weights (finished with other parameters.detector, parameters.reduce)" \
+        in dry.stdout
     proc = sweep(sweeps["root"], results, "resnet18v2", params=params)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rescoring its trained weights" in proc.stdout and "1 run, 0 skipped" in proc.stdout
@@ -565,9 +569,10 @@ def test_a_scoring_change_rescores_finished_pairs_without_training(sweeps, tmp_p
     notebook = (pair / "02_cpc_anomaly_detection.ipynb").read_text()
     assert "rescoring the finished run" in notebook and "train: " not in notebook  # no training progress bar
     assert after["history"] == before["history"] and after["train_seconds"] == before["train_seconds"]
-    assert (after["image_reduce"], before["image_reduce"]) == ("mean", "top10")
+    assert (after["detector"], after["image_reduce"]) == (before["detector"], reduce)
+    assert after["selection"]["mode"] == "fixed" and before["selection"]["mode"] == "validation"
     assert after["pixel_auroc"] == before["pixel_auroc"]  # the same maps: the reduction is image-level only
-    assert after["image_auroc"] == after["image_auroc_mean"] == before["image_auroc_mean"]
+    assert after["image_auroc"] == after[f"image_auroc_{reduce}"] == before[f"image_auroc_{reduce}"]
 
 
 def test_the_executed_notebook_is_on_its_runs_list_of_files(sweeps):
@@ -583,7 +588,7 @@ def test_a_parameter_written_at_its_default_is_the_same_run(sweeps, tmp_path):
     to the same value: the finished pair is skipped, not trained again."""
     results = tmp_path / "results"
     shutil.copytree(sweeps["results"], results)
-    params = ("width=4", "lr=0.0002", "negatives='batch'", "reduce='top10'")  # sweep 6's pair, the defaults spelled out
+    params = ("width=4", "lr=0.0002", "negatives='batch'", "reduce='auto'")  # sweep 6's pair, the defaults spelled out
     dry = sweep(sweeps["root"], results, "resnet18v2", params=params, extra=("--dry-run",))
     assert "[1/1] brick/resnet18v2: would skip (finished with these parameters)" in dry.stdout, dry.stdout + dry.stderr
     base = {"data_root": "", "category": "brick", "width": 4}
