@@ -4,7 +4,7 @@
     python -m cpc_utils --help      # demo-data, summary, score
 
 The code lives in the package `cpc_ad`, one concern per module, in the order the data flows:
-data -> synthetic -> demo -> checks -> patches -> encoders -> devices -> models -> runs ->
+data -> synthetic -> demo -> checks -> patches -> encoders -> devices -> corruption -> models -> runs ->
 training -> scoring -> metrics -> probes -> schema -> plots -> report -> bundle -> inference ->
 pipeline -> cli (docs/module.md maps them). This file re-exports their public names and nothing else.
 
@@ -39,9 +39,11 @@ from cpc_ad.encoders import (  # noqa: F401
 from cpc_ad.devices import (  # noqa: F401
     DEVICES, resolve_device, seed_everything, PRECISIONS, resolve_precision, autocast,
     init_distributed)
+from cpc_ad.corruption import (  # noqa: F401
+    CORRUPTION_KINDS, AREA, CHANGED, noise_masks, corrupt, changed_patches)
 from cpc_ad.models import (  # noqa: F401
     info_nce, encode_grid, REFERENCE_KINDS, CausalConv2d, PixelCNNContext, CPCConfig, CPC,
-    DIRECTIONS, orient, unorient, CPCADConfig, cpcad_config, CPCAD)
+    DIRECTIONS, DEFECT_NEGATIVES, orient, unorient, CPCADConfig, cpcad_config, CPCAD)
 from cpc_ad.runs import (  # noqa: F401
     RunBlocked, NOT_IDENTITY, RESUMABLE_TRAIN, RESUMABLE_CHANGES, CODE_PARTS, RESCORE_CHANGES,
     code_fingerprint, code_version, data_fingerprint, run_fingerprint, fingerprint_diff,

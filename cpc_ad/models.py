@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .checks import ParameterError, check_param, make_config
 from .patches import PatchGrid, extract_patches, patch_positions, to_float
+from .corruption import changed_patches, corrupt
 from .encoders import ENCODERS, NORMS, STEMS, build_encoder
 from .devices import autocast
 
@@ -47,7 +48,8 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
              num_negatives: int | None = None, pos_index: torch.Tensor | None = None,
              generator: torch.Generator | None = None, similarity: str = "dot",
              temperature: float = 1.0, pos_key: torch.Tensor | None = None,
-             cand_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             cand_key: torch.Tensor | None = None, hard: torch.Tensor | None = None,
+             hard_valid: torch.Tensor | None = None, outlier: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row InfoNCE loss: -log softmax of the positive among itself and its negatives.
 
     Args:
@@ -62,6 +64,11 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
             row's key is a copy of the positive (overlapping sub-images) and scores -inf, so it
             neither wins nor adds to the softmax. pos_index still keeps the positive itself out
             of the draw, so without copies every row has num_negatives real negatives.
+        hard: (N, D) one more negative per row (the row's target with a training-only defect,
+            `corruption`), counted only where hard_valid (N,) bool is True. With `outlier`, the
+            row's loss also has -log(1 - p), p the hard negative's softmax among itself and the
+            other negatives: it must rank below the normal negatives too, not only below the
+            positive, which is what raises CPC-AD's score (its InfoNCE loss) on a defect.
     Returns:
         loss (N,) and correct (N,) bool: the positive scored above every negative (a tie within
         float rounding, as between identical patches, is a miss).
@@ -84,8 +91,14 @@ def info_nce(pred: torch.Tensor, positive: torch.Tensor, candidates: torch.Tenso
         neg = scores.gather(1, idx)                                                     # (N, num_negatives)
         if pos_key is not None:
             neg = neg.masked_fill(cand_key[idx] == pos_key[:, None], float("-inf"))
+    exposure = 0.0
+    if hard is not None:
+        h = (pred * _for_similarity(hard, similarity)).sum(-1, keepdim=True) / temperature
+        if outlier:  # -log(1 - p) = softplus(h - logsumexp(negatives))
+            exposure = F.softplus(h[:, 0] - neg.logsumexp(1)).masked_fill(~hard_valid, 0.0)
+        neg = torch.cat([neg, h.masked_fill(~hard_valid[:, None], float("-inf"))], dim=1)
     logits = torch.cat([pos, neg], dim=1)      # positive in column 0; finite, so -inf columns give no NaN
-    loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none")
+    loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=pred.device), reduction="none") + exposure
     pos = logits[:, 0]  # a hit beats every negative by more than float rounding (the two are summed differently):
     return loss, pos > logits[:, 1:].max(1).values + 1e-5 * (1 + pos.abs())  # identical patches tie, no hit
 
@@ -235,6 +248,7 @@ class CPC(nn.Module):
 
 
 DIRECTIONS = ("top_down", "bottom_up", "left_right", "right_left")
+DEFECT_NEGATIVES = ("none", "negative", "outlier")  # CPCADConfig.defect_negatives: see CPCAD.loss
 
 
 def orient(t: torch.Tensor, direction: str) -> torch.Tensor:
@@ -272,6 +286,7 @@ class CPCADConfig:
     target_offset: int = 0
     num_negatives: int | None = 63
     negatives: str = "batch"      # training negatives: "batch" (num_negatives from the batch) | "image" (see patch_losses)
+    defect_negatives: str = "none"  # "negative" | "outlier": targets with a training-only defect (`corruption`), see CPCAD.loss
     similarity: str = "cosine"
     temperature: float = 0.1
     shared_encoder: bool = True
@@ -283,6 +298,7 @@ class CPCADConfig:
         check_param("num_negatives", self.num_negatives, "int", low=1, optional=True)  # None: all in the batch
         check_param("negatives", self.negatives, "str", choices=("batch", "image"))
         check_param("shared_encoder", self.shared_encoder, "bool")
+        check_param("defect_negatives", self.defect_negatives, "str", choices=DEFECT_NEGATIVES)
         for d in self.directions:
             check_param("directions", d, "str", choices=DIRECTIONS)
 
@@ -373,7 +389,8 @@ class CPCAD(nn.Module):
         return [encode_grid(enc, x, self.grid) for enc in self.encoders]
 
     def patch_losses(self, zs: list[torch.Tensor], bank: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     defects: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per-patch InfoNCE loss, averaged over steps k and directions: (B', G, G).
 
         Negatives: with `bank` (n_enc, M, D) every bank entry (scoring); without it, in
@@ -381,6 +398,8 @@ class CPCAD(nn.Module):
         (same image, same position), and with cfg.negatives "batch" `num_negatives` patches of
         the whole batch, with "image" every other patch of the target's own image and none
         else: the hard negatives of a texture, the same material at other places.
+        `defects` (one (B'*G*G, D) grid per encoder, and which patches hold a defect) adds each
+        defective target as one more negative of the predictions of it (`defect_negatives`).
         """
         G, off = self.grid.grid, self.cfg.target_offset
         if bank is None:
@@ -400,6 +419,10 @@ class CPCAD(nn.Module):
                 ctx = zo[:, :, :rows].permute(0, 2, 3, 1).reshape(-1, D)       # (B*rows*G, D)
                 pred = ctx @ self.W[d, k - 1].to(ctx.dtype)
                 pos_index = ids[:, off + k:].reshape(-1)
+                hard = hard_valid = None
+                outlier = self.cfg.defect_negatives == "outlier"
+                if defects is not None:
+                    hard, hard_valid = defects[0][d % len(zs)][pos_index], defects[1][pos_index]
                 if bank is None and self.cfg.negatives == "image":  # one image at a time, its own patches
                     per_image = len(flat) // n_images                          # all its sub-images' patches
                     owner = pos_index // per_image
@@ -409,11 +432,14 @@ class CPCAD(nn.Module):
                         pos_b = pos_index[rows_b]
                         loss[rows_b] = info_nce(pred[rows_b], flat[pos_b], flat[own], None, pos_b - own.start, None,
                                                 self.cfg.similarity, self.cfg.temperature, pos_key=keys[pos_b],
-                                                cand_key=keys[own])[0].float()
+                                                cand_key=keys[own], hard=None if hard is None else hard[rows_b],
+                                                hard_valid=None if hard is None else hard_valid[rows_b],
+                                                outlier=outlier)[0].float()
                 elif bank is None:
                     loss, _ = info_nce(pred, flat[pos_index], flat, self.cfg.num_negatives, pos_index,
                                        generator, self.cfg.similarity, self.cfg.temperature,
-                                       pos_key=keys[pos_index], cand_key=keys)
+                                       pos_key=keys[pos_index], cand_key=keys, hard=hard, hard_valid=hard_valid,
+                                       outlier=outlier)
                 else:
                     loss, _ = info_nce(pred, flat[pos_index], bank[d % len(zs)], None, None,
                                        None, self.cfg.similarity, self.cfg.temperature)
@@ -423,8 +449,30 @@ class CPCAD(nn.Module):
         return total / count
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Training objective: the mean per-patch loss with in-batch negatives."""
-        return {"loss": self.patch_losses(self.encode(x), generator=generator).mean()}
+        """Training objective: the mean per-patch loss with in-batch negatives. In training,
+        `defect_negatives` "negative" adds each target's defective copy as one more negative
+        (ranked below the true target), "outlier" also ranks it below the normal negatives
+        (`info_nce`'s outlier term). The validation loss (eval mode) stays plain InfoNCE,
+        comparable across settings. The study of both: results/study/README.md (issue 30)."""
+        anomaly_aware = self.training and self.cfg.defect_negatives != "none"
+        defects = self.defective_targets(x, generator) if anomaly_aware else None
+        return {"loss": self.patch_losses(self.encode(x), generator=generator, defects=defects).mean()}
+
+    def defective_targets(self, x: torch.Tensor, generator: torch.Generator | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A training-only defect on each image (`corruption.corrupt`); only the patches it
+        changed are encoded: one (B'*G*G, D) grid per encoder (zeros elsewhere) and which they are."""
+        bad, _ = corrupt(x, generator)
+        covered = changed_patches(x, bad, self.grid)                                # (B'*G*G,)
+        p = extract_patches(bad, self.grid)                                         # (B', G, G, C, P, P)
+        p = p.reshape(-1, *p.shape[3:])[covered].contiguous(memory_format=torch.channels_last)
+        D, grids = self.encoders[0].out_dim, []
+        for enc in self.encoders:
+            full = x.new_zeros(len(covered), D)
+            if covered.any():
+                full[covered] = enc(p).to(full.dtype)
+            grids.append(full)
+        return grids, covered
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return self.loss(x, generator)  # what DistributedDataParallel wraps: the training objective

@@ -60,6 +60,7 @@ class RunParameters:
     target_offset: int | None = None
     num_negatives: int | None = None
     negatives: str | None = None
+    defect_negatives: str | None = None
     test_negatives: int | None = None
     similarity: str | None = None
     temperature: float | None = None
@@ -83,7 +84,7 @@ class RunParameters:
 
 
 MODEL_PARAMETERS = ("encoder", "width", "stem", "norm", "pred_steps", "target_offset", "num_negatives", "negatives",
-                    "similarity", "temperature", "shared_encoder")
+                    "defect_negatives", "similarity", "temperature", "shared_encoder")
 SCORING_PARAMETERS = ("detector", "reduce", "candidates", "test_negatives", "dense_scoring")  # ScoringConfig's, per run
 PIXELS_WON = "raw pixels won on this class's validation set: here the learned features did not help"
 

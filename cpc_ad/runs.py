@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = tuple(f"parameters.{k}" for k in RESUMABLE_TRAIN)
 # and plots, reports, the CLI and run bookkeeping are not part of any result.
 CODE_PARTS = {
     "train": {"data": None, "synthetic": None, "checks": None, "patches": None, "encoders": None, "devices": None,
-              "models": None, "training": None,
+              "models": None, "corruption": None, "training": None,
               "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad",
                            "_run_in")},
     "score": {"scoring": None, "selection": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",

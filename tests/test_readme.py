@@ -162,7 +162,7 @@ def test_readme_command_runs_as_written(command, trees, tmp_path):
         assert cu.list_categories(tmp_path / "demo") == sorted(cu.DEMO_CATEGORIES)
         return
     if args[0] == "scripts/selection_study.py":  # the arguments parse; its committed record rebuilds its tables
-        record = ROOT / "results" / "study" / "selection"
+        record = ROOT / (args[args.index("--out") + 1] if "--out" in args else "results/study/selection")
         for f in record.glob("runs/*/seed*.json"):  # the record git holds, never the run folders beside it
             (tmp_path / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / f.relative_to(ROOT)).write_bytes(f.read_bytes())

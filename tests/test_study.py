@@ -146,3 +146,19 @@ def test_untrained_control_and_per_defect_auroc(tiny_study, tmp_path, monkeypatc
     assert "same network untrained (knn_stats, top10) | untrained |" in text
     section = text.split("## Per defect type: validation against test")[1]
     assert "| flat (flat_fill) |" in section and "untrained (knn_stats): val / test" in section
+
+
+def test_selection_study_set_takes_notebook_parameters_and_refuses_others(monkeypatch):
+    """`--set NAME=VALUE` (a training lever through the same protocol): VALUE is JSON where it parses,
+    an unknown NAME is an error, and one study folder never mixes settings in its tables."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    import selection_study as ss
+    got = ss.parse_overrides(["defect_negatives=outlier", "negatives=image", "num_negatives=31"], cu.RunParameters)
+    assert got == {"defect_negatives": "outlier", "negatives": "image", "num_negatives": 31}
+    for bad in (["defect_negative=outlier"], ["defect_negatives"]):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            ss.parse_overrides(bad, cu.RunParameters)
+    assert ss.overrides_said([{"overrides": {}}, {}]) == ""
+    assert ss.overrides_said([{"overrides": {"defect_negatives": True}}]) == " except `defect_negatives=True`"
+    with pytest.raises(ValueError, match="different --set"):
+        ss.overrides_said([{"overrides": {}}, {"overrides": {"defect_negatives": True}}])
