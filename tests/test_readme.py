@@ -3,8 +3,8 @@
 Every command in README.md and docs/*.md (their code blocks and their inline `code`) is found
 here and run:
 `make` targets as a dry run (`make -n`), the demo-data command for real into a temporary
-folder, a papermill command by its notebook and the parameters it sets, the selection study with `--report` on a copy of its committed
-runs (its tables.md must come out the same), every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
+folder, a papermill command by its notebook and the parameters it sets, the selection study and its levers with `--report` on a copy of their
+committed runs (their tables.md must come out the same), every `scripts/sweep.py` command with `--dry-run` (arguments, parameters and
 categories checked, nothing trained) against a tiny tree standing in for its data,
 `scripts/train.py` (also under torchrun) for real with tiny settings, `python -m cpc_utils --help`
 for real, and the score command for real with an untrained model's bundle standing in for a
@@ -161,16 +161,18 @@ def test_readme_command_runs_as_written(command, trees, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert cu.list_categories(tmp_path / "demo") == sorted(cu.DEMO_CATEGORIES)
         return
-    if args[0] == "scripts/selection_study.py":  # the arguments parse; its committed record rebuilds its tables
+    if args[0] == "scripts/selection_study.py":  # the arguments parse; the committed record rebuilds its tables
+        study = ROOT / "results" / "study"
+        for f in [*study.glob("selection/runs/*/seed*.json"), *study.glob("levers/*/runs/*/seed*.json")]:
+            (tmp_path / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)  # what git holds, never
+            (tmp_path / f.relative_to(ROOT)).write_bytes(f.read_bytes())                # the run folders beside it
         record = ROOT / (args[args.index("--out") + 1] if "--out" in args else "results/study/selection")
-        for f in record.glob("runs/*/seed*.json"):  # the record git holds, never the run folders beside it
-            (tmp_path / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / f.relative_to(ROOT)).write_bytes(f.read_bytes())
         copy = tmp_path / record.relative_to(ROOT)
         proc = subprocess.run([sys.executable, *args, "--report", "--out", str(copy)], cwd=ROOT, capture_output=True,
                               text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert (copy / "tables.md").read_text() == (record / "tables.md").read_text(), "tables.md is not what its runs give"
+        made = copy.parent / "levers" / "tables.md" if "--levers" in args else copy / "tables.md"
+        assert made.read_text() == (ROOT / made.relative_to(tmp_path)).read_text(), f"{made.name} is not what its runs give"
         return
     assert args[0] == "scripts/sweep.py", f"command in README.md or docs/ not covered by this test: {command}"
     if "--data-root" not in args:
