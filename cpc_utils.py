@@ -57,7 +57,9 @@ from cpc_ad.scoring import (  # noqa: F401
     ScoringConfig, scoring_config, score_patches, prepare_scoring, score_images, REDUCES,
     image_scores, SPREAD_FLOOR, ScoreCalibration, AUTO, DETECTORS, DETECTOR_PARTS, UNCALIBRATED, CANDIDATES, FIXED,
     detector_references, score_kinds, detector_maps, raw_scores, PIXEL_KINDS, PIXEL_RESOLUTION, POSITION_RADIUS,
-    pixel_cell, pixel_source, pixel_features, PixelReferences, pixel_baseline)
+    pixel_cell, pixel_source, pixel_features, PixelReferences, pixel_baseline, HEAD_KINDS)
+from cpc_ad.head import (  # noqa: F401
+    HEAD_HIDDEN, HEAD_IMAGES, HEAD_STEPS, HEAD_BATCH, HEAD_LR, DefectHead, head_features, fit_head)
 from cpc_ad.selection import (  # noqa: F401
     CRITERION, TIE_RULE, BOOTSTRAP, criterion, candidate_table, bootstrap_spread, choose, selection_table)
 from cpc_ad.metrics import (  # noqa: F401

@@ -21,6 +21,7 @@ from .files import save_atomic
 from .checks import check_param
 from .patches import PatchGrid, patches_to_pixels
 from .devices import PRECISIONS, resolve_device
+from .head import DefectHead
 from .models import CPCAD, CPCADConfig, REFERENCE_KINDS, encode_grid
 from .runs import code_version
 from .scoring import (AUTO, DETECTOR_PARTS, PIXEL_KINDS, PixelReferences, pixel_cell, ScoreCalibration, ScoringConfig, detector_maps,
@@ -31,8 +32,8 @@ from .scoring import (AUTO, DETECTOR_PARTS, PIXEL_KINDS, PixelReferences, pixel_
 # bank, kNN references, calibration, thresholds); `python -m cpc_utils score` on new images.
 
 BUNDLE_FORMAT = "cpc_utils.bundle"
-BUNDLE_VERSION = 4  # raise it when a bundle's contents change meaning; load_bundle refuses others
-READABLE_VERSIONS = (3, 4)  # 4: raw-pixel references (`pixel_source`) for the pixel detectors
+BUNDLE_VERSION = 5  # raise it when a bundle's contents change meaning; load_bundle refuses others
+READABLE_VERSIONS = (3, 4, 5)  # 4: raw-pixel references (`pixel_source`) for the pixel detectors; 5: the defect head
 IMAGE_HANDLING = ("8-bit RGB: grayscale replicated to 3 equal channels, 16-bit scaled to 8 bit (read_image); "
                   "resized bilinearly to image_size x image_size")
 _COLOUR_MODES = ("grayscale", "colour", "mixed")  # what `colour_mode` says of a set of images
@@ -69,7 +70,8 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
     It holds the weights, the CPCADConfig, ScoringConfig and PatchGrid (as dicts), the negative bank, the kNN
     references the detector reads (only those), the train/good images' pixels when it reads raw
     pixels (`pixel_source`, `PixelReferences.source`: pooled to the cells every patch averages, or
-    the uint8 images; the references are rebuilt from it on load), the score calibration, the image
+    the uint8 images; the references are rebuilt from it on load), the defect head's weights when it
+    reads the head (`fit_head`), the score calibration, the image
     size and handling, the image and pixel thresholds with their rules (`normal_threshold`),
     the bundle format version, `code_version()` and the training data's fingerprint (`data`,
     e.g. `data_fingerprint(root, category)`). Tensors are moved to the CPU and everything is
@@ -92,6 +94,8 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
         raise ValueError("a bundle scores with one detector and reduction: set them (the run's chosen ones) in "
                          f"scoring['config'], got detector={config.detector!r}, reduce={config.reduce!r}")
     kinds = score_kinds([config.detector])
+    if "head" in kinds and scoring.get("head") is None:
+        raise ValueError(f"detector {config.detector!r} reads the defect head: scoring needs its DefectHead")
     pixels = scoring.get("pixels")
     if any(k in PIXEL_KINDS for k in kinds) and pixels is None:
         raise ValueError(f"detector {config.detector!r} reads raw pixels: scoring needs its PixelReferences")
@@ -103,7 +107,8 @@ def save_bundle(path: str | os.PathLike, model: CPCAD, scoring: dict, threshold:
         "grid": dataclasses.asdict(model.grid),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "bank": scoring["bank"].detach().cpu(),
-        "references": {k: scoring["references"][k].detach().cpu() for k in kinds if k not in PIXEL_KINDS},
+        "references": {k: scoring["references"][k].detach().cpu() for k in kinds if k in REFERENCE_KINDS},
+        "head": {k: v.detach().cpu() for k, v in scoring["head"].state_dict().items()} if "head" in kinds else None,
         "pixel_source": pixels.source.cpu() if any(k in PIXEL_KINDS for k in kinds) else None,
         "calibration": _calibration_of(calibration, config.detector),
         "image_size": model.grid.image_size, "image_handling": IMAGE_HANDLING,
@@ -142,6 +147,7 @@ class Bundle:
     info: dict
     device: torch.device
     pixels: PixelReferences | None = None  # the raw-pixel references of a pixel detector
+    head: DefectHead | None = None         # the defect head of a head detector
 
     @property
     def threshold(self) -> float:
@@ -190,7 +196,7 @@ class Bundle:
                              f"{tuple(images.shape)}: read them with read_image(path, {S})")
         precision = (self.info.get("precision") or "fp32") if self.device.type == "cuda" else "fp32"  # as trained
         raw = score_patches(self.model, images, self.bank, self.references or None, batch_size, self.device, progress,
-                            precision, self.score_grid)
+                            precision, self.score_grid, self.head)
         if self.pixels is not None:
             raw.update(self.pixels.distances(images, self.device))
         maps = detector_maps(raw, self.calibration, self.scoring.detector)  # (N, n_sub, G, G), score grid
@@ -255,8 +261,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         pixels = PixelReferences.from_source(b["pixel_source"], scoring.score_grid(model.grid),
                                              [k for k in PIXEL_KINDS if k in kinds], device) \
             if b.get("pixel_source") is not None else None
+        head = DefectHead.from_state(b["head"]).eval().to(device) if b.get("head") is not None else None
         bundle = Bundle(model.eval().to(device), scoring, b["bank"].to(device), {k: v.to(device) for k, v in b["references"].items()},
-                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device, pixels)
+                        calibration, b["threshold"], b["pixel_threshold"], {**info, "path": str(path)}, device, pixels,
+                        head)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"model bundle {path} is inconsistent: {_first_line(e)}") from e
     misfit = _bundle_misfit(bundle)
@@ -303,8 +311,10 @@ def _check_bundle_contents(b: dict, path: Path) -> None:
         fail(f"has detector {detector!r}, expected one of {', '.join(DETECTOR_PARTS)}")
     kinds = score_kinds([detector]) if isinstance(detector, str) else ()
     for kind in kinds:
-        if kind not in PIXEL_KINDS and kind not in b["references"]:
+        if kind in REFERENCE_KINDS and kind not in b["references"]:
             fail(f"has no {kind} references, which its detector {detector!r} reads")
+    if "head" in kinds and not isinstance(b.get("head"), dict):
+        fail(f"has no defect head weights, which its detector {detector!r} reads")
     if any(k in PIXEL_KINDS for k in kinds):
         _check_pixel_source(b, fail)
     if detector not in (None, "cpcad", "pixel", "pixel_pos") and b["calibration"] is None:
@@ -317,11 +327,12 @@ def _check_bundle_contents(b: dict, path: Path) -> None:
         fail("has a calibration without 'mean' and 'std' dicts")
     tensors = {"bank": b["bank"], **{f"references[{k!r}]": v for k, v in b["references"].items()},
                **{f"calibration mean[{k!r}]": v for k, v in calibration["mean"].items()},
-               **{f"weights {k!r}": v for k, v in b["state_dict"].items()}}
+               **{f"weights {k!r}": v for k, v in b["state_dict"].items()},
+               **{f"head weights {k!r}": v for k, v in (b.get("head") or {}).items()}}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             fail(f"has a {type(t).__name__} as {name}, expected a tensor")
-        if not name.startswith("weights") and t.numel() == 0:
+        if "weights" not in name and t.numel() == 0:
             fail(f"has an empty {name} {tuple(t.shape)}, expected at least one value")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             fail(f"has non-finite values in {name}, expected finite numbers")
@@ -369,6 +380,9 @@ def _bundle_misfit(bundle: Bundle) -> str | None:
         if t.ndim != 3 or t.shape[0] != n_enc or t.shape[2] != want[name]:
             return (f"{name} is {tuple(t.shape)}, expected ({n_enc}, M, {want[name]}) for {n_enc} encoder(s) "
                     f"on {P} px patches (the grid {dataclasses.asdict(model.grid)})")
+    if bundle.head is not None and bundle.head.mean.numel() != n_enc * sizes[2]:
+        return (f"the defect head reads {bundle.head.mean.numel()} descriptor dimensions, expected {n_enc} x "
+                f"{sizes[2]} for {n_enc} encoder(s) on {P} px patches")
     shape = (grid.num_subimages ** 2, grid.grid, grid.grid)  # (n_sub, G, G) of the score grid
     for k, m in (bundle.calibration.mean.items() if bundle.calibration is not None else ()):
         if tuple(m.shape) != shape:

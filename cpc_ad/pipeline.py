@@ -423,6 +423,10 @@ def _score_and_evaluate(plan: RunPlan, data: RunData, model: CPCAD, detectors: t
     print(f"bank {tuple(scoring['bank'].shape)}, kNN references {refs or 'none'}, raw pixels "
           f"{'of ' + str(len(data.train)) + ' train images' if scoring['pixels'] is not None else 'none'}, "
           f"test maps {tuple(raw['loss'].shape)}, scored in {score_seconds:.1f} s")
+    if scoring.get("head") is not None:  # learning shown: its loss against predicting the base rate everywhere
+        log = scoring["head"].fit_log
+        print(f"defect head: {log['positives']:.1%} of patches defective; BCE {log['first_bce']:.3f} -> "
+              f"{log['last_bce']:.3f} (the base rate alone: {log['chance_bce']:.3f})")
     calibration = scoring["calibration"].check()  # calibration normals all alike: nothing to standardise by
     if calibration["status"] != "ok":
         warnings.warn(calibration["message"])

@@ -42,7 +42,7 @@ CODE_PARTS = {
               "models": None, "corruption": None, "training": None,
               "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad",
                            "_run_in")},
-    "score": {"scoring": None, "selection": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
+    "score": {"scoring": None, "head": None, "selection": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
                                                            "MetricsRecord"),
               "bundle": ("BUNDLE_FORMAT", "BUNDLE_VERSION", "save_bundle"),
               "pipeline": ("SCORING_PARAMETERS", "evaluate", "_score_and_evaluate", "_headline", "_select")},

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .checks import check_param, make_config
 from .patches import PatchGrid, extract_patches, to_float
 from .devices import autocast, resolve_device
+from .head import DefectHead, fit_head
 from .models import CPCAD, REFERENCE_KINDS, encode_grid
 from .training import _batches
 
@@ -91,7 +92,8 @@ def scoring_config(preset: str = "fast", **overrides) -> ScoringConfig:
 def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
                   references: dict[str, torch.Tensor] | None = None, batch_size: int = 16,
                   device: str | torch.device = "auto", progress: bool = False,
-                  precision: str = "auto", grid: PatchGrid | None = None) -> dict[str, torch.Tensor]:
+                  precision: str = "auto", grid: PatchGrid | None = None,
+                  head: DefectHead | None = None) -> dict[str, torch.Tensor]:
     """Raw per-patch scores of uint8 images (N, C, H, W), deterministic, each (N, n_sub, G, G)
     on the score `grid` (default the training grid; `ScoringConfig.score_grid`, the grid
     `prepare_scoring` returns, is what `patches_to_pixels` and `evaluate_maps` must be given).
@@ -106,7 +108,8 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
     Euclidean distance of the stage-statistics descriptor, every dimension standardised by the
     references' mean and spread (`PatchEncoder.multiscale` describes both). A flat fill or a
     smooth blob is easy to predict from its neighbour, so its loss stays low; it is still far
-    from every normal patch, which the kNN scores see. One encoding pass gives them all.
+    from every normal patch, which the kNN scores see. With `head` (`fit_head`), also "head":
+    its defect logit of each patch, from the same descriptors. One encoding pass gives them all.
     `precision` is the run's (`TrainConfig.precision`), so scoring computes as training did.
     """
     device = resolve_device(device)
@@ -116,11 +119,12 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
     images = images.to(device)  # one host->device copy (a no-op on CPU), not one per batch
     grid = grid or model.grid
     G, dense = grid.grid, grid != model.grid
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", *refs)}
+    head = head.to(device) if head is not None else None
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", *refs, *(HEAD_KINDS if head is not None else ()))}
     for idx in tqdm(_batches(len(images), batch_size, None), desc="score", disable=not progress):
         x = to_float(images[idx.to(device)])
         with autocast(device, precision):
-            if refs:  # descriptors on the score grid; the training grid's z are every other patch of it
+            if refs or head is not None:  # descriptors on the score grid; the training grid's z are every other patch of it
                 grids = [encode_grid(enc, x, grid, multiscale=True) for enc in model.encoders]
                 zs = [g[0][..., ::2, ::2] if dense else g[0] for g in grids]
             else:
@@ -134,6 +138,8 @@ def score_patches(model: CPCAD, images: torch.Tensor, bank: torch.Tensor,
             dist = [_nearest_distance(kind, g[i].float().permute(0, 2, 3, 1), r)  # (B', G, G)
                     for g, r in zip(grids, ref)]
             out[kind].append(torch.stack(dist).mean(0))
+        if head is not None:  # every encoder's stage statistics, as `head_features` gives them
+            out["head"].append(head(torch.cat([g[2].float() for g in grids], dim=1)))
     return {k: torch.cat(v).cpu().view(len(images), -1, G, G) for k, v in out.items()}
 
 
@@ -174,7 +180,8 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
     references: `knn_size` (default `config.knn_bank`) other train/good patches of the score
     grid, as each kNN kind of `kinds`: embeddings z ("knn"), multi-scale descriptors ("knn_ms"),
     stage statistics ("knn_stats"); pixels: the train/good images' raw pixels on the score grid
-    (`PixelReferences`) when `kinds` holds a kind of PIXEL_KINDS. By default `kinds` are those
+    (`PixelReferences`) when `kinds` holds a kind of PIXEL_KINDS; head: a DefectHead fitted on
+    the train/good images with training-only defects (`fit_head`) when `kinds` holds "head". By default `kinds` are those
     the config's detectors read (`ScoringConfig.kinds`). calibration: a ScoreCalibration
     fitted on `calibration_images`, normal images held out of training (train images would look
     too normal: the model has fitted them, and their own patches sit among the references), and
@@ -184,16 +191,19 @@ def prepare_scoring(model: CPCAD, train_images: torch.Tensor, calibration_images
     config = config or ScoringConfig()
     grid = config.score_grid(model.grid)
     kinds = tuple(kinds) if kinds is not None else config.kinds
-    unknown = [k for k in kinds if k not in (*REFERENCE_KINDS, *PIXEL_KINDS)]
+    unknown = [k for k in kinds if k not in (*REFERENCE_KINDS, *HEAD_KINDS, *PIXEL_KINDS)]
     if unknown:
-        raise ValueError(f"unknown score kinds {unknown}; choose from {', '.join(REFERENCE_KINDS + PIXEL_KINDS)}")
+        raise ValueError(f"unknown score kinds {unknown}; choose from "
+                         f"{', '.join(REFERENCE_KINDS + HEAD_KINDS + PIXEL_KINDS)}")
     knn = [k for k in kinds if k in REFERENCE_KINDS]
     bank = model.build_bank(train_images, config.test_negatives, seed=seed, precision=precision)
     references = model.build_references(train_images, knn_size or config.knn_bank, seed=seed + 1, kinds=knn,
                                         grid=grid, precision=precision) if knn else {}
     pixels = PixelReferences.build(train_images, grid, [k for k in PIXEL_KINDS if k in kinds], device=device) \
         if any(k in PIXEL_KINDS for k in kinds) else None
-    scoring = {"bank": bank, "references": references, "pixels": pixels, "calibration": None,
+    head = fit_head(model, train_images, grid, seed=seed + 2, device=device, precision=precision) \
+        if "head" in kinds else None
+    scoring = {"bank": bank, "references": references, "pixels": pixels, "head": head, "calibration": None,
                "calibration_raw": None, "config": config, "grid": grid}
     if calibration_images is not None and len(calibration_images):
         scoring["calibration_raw"] = raw_scores(model, calibration_images, scoring, batch_size, device,
@@ -209,7 +219,7 @@ def raw_scores(model: CPCAD, images: torch.Tensor, scoring: dict, batch_size: in
     loss and kNN kinds (`score_patches`) and the raw-pixel kinds (`PixelReferences`), each
     (N, n_sub, G, G) on the score grid, on the CPU."""
     raw = score_patches(model, images, scoring["bank"], scoring["references"], batch_size, device, progress,
-                        precision, scoring["grid"])
+                        precision, scoring["grid"], scoring.get("head"))
     if scoring.get("pixels") is not None:
         raw.update(scoring["pixels"].distances(images, device=device))
     return raw
@@ -314,14 +324,17 @@ DETECTORS: dict[str, Callable[[dict, dict], torch.Tensor]] = {
     "pixel_pos": lambda raw, cal: raw["pixel_pos"],                # ... at the same place (aligned objects)
     "knn_stats_pixel": lambda raw, cal: cal["knn_stats"] + cal["pixel"],  # learned and pixel typicality
     "knn_stats_pixel_pos": lambda raw, cal: cal["knn_stats"] + cal["pixel_pos"],  # ... pixels at the same place
+    "head": lambda raw, cal: cal["head"],                          # a head trained on synthetic defects (head.py)
+    "knn_stats_head": lambda raw, cal: cal["knn_stats"] + cal["head"],  # untypical or defect-like
 }
 DETECTOR_PARTS: dict[str, tuple[str, ...]] = {  # the raw score kinds each detector reads
     "cpcad": ("loss",), "cpcad_cal": ("loss",), "cpcad_2sided": ("loss",), "knn": ("knn",),
     "cpcad_knn": ("loss", "knn"), "knn_ms": ("knn_ms",), "cpcad_knn_ms": ("loss", "knn_ms"),
     "knn_stats": ("knn_stats",), "cpcad_knn_stats": ("loss", "knn_stats"), "pixel": ("pixel",),
     "pixel_pos": ("pixel_pos",), "knn_stats_pixel": ("knn_stats", "pixel"),
-    "knn_stats_pixel_pos": ("knn_stats", "pixel_pos"),
+    "knn_stats_pixel_pos": ("knn_stats", "pixel_pos"), "head": ("head",), "knn_stats_head": ("knn_stats", "head"),
 }
+HEAD_KINDS = ("head",)  # the defect head's logit (head.py): fitted after training, on synthetic defects
 UNCALIBRATED = ("cpcad", "pixel", "pixel_pos")  # raw maps: they need no ScoreCalibration
 CANDIDATES = ("cpcad", "knn_stats", "cpcad_knn_stats", "pixel", "pixel_pos", "knn_stats_pixel",
               "knn_stats_pixel_pos")  # what detector="auto" chooses from, each with every reduction
@@ -335,9 +348,9 @@ def detector_references(detector: str) -> str | None:
 
 
 def score_kinds(detectors: Sequence[str]) -> tuple[str, ...]:
-    """The score kinds beyond the loss that `detectors` read, REFERENCE_KINDS then PIXEL_KINDS."""
+    """The score kinds beyond the loss that `detectors` read: REFERENCE_KINDS, HEAD_KINDS, PIXEL_KINDS."""
     parts = {k for d in detectors for k in DETECTOR_PARTS[d]}
-    return tuple(k for k in (*REFERENCE_KINDS, *PIXEL_KINDS) if k in parts)
+    return tuple(k for k in (*REFERENCE_KINDS, *HEAD_KINDS, *PIXEL_KINDS) if k in parts)
 
 
 def detector_maps(raw: dict[str, torch.Tensor], calibration: ScoreCalibration | None,
