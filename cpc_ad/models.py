@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .checks import ParameterError, check_param, make_config
 from .patches import PatchGrid, extract_patches, patch_positions, to_float
 from .corruption import changed_patches, corrupt
+from .head import DefectHead
 from .encoders import ENCODERS, NORMS, STEMS, build_encoder
 from .devices import autocast
 
@@ -277,6 +278,9 @@ class CPCADConfig:
     Every default was chosen by scripts/study.py on the validation data of the demo's tuning
     half, never on test data: the evidence for each is in results/study/README.md ("Why the
     defaults are what they are"). `cpcad_config("paper")` is de Haan & Loewe as published.
+    One default is the preset's, not the dataclass's: `defect_head` is off here (plain CPC-AD,
+    what the tests and the paper preset build on) and on in `cpcad_config("fast")`, notebook
+    02's (adopted on the tuning half's validation, issue 30).
     """
     encoder: str = "resnet18v2"
     norm: str = "layer"
@@ -287,6 +291,8 @@ class CPCADConfig:
     num_negatives: int | None = 63
     negatives: str = "batch"      # training negatives: "batch" (num_negatives from the batch) | "image" (see patch_losses)
     defect_negatives: str = "none"  # "negative" | "outlier": targets with a training-only defect (`corruption`), see CPCAD.loss
+    defect_head: bool = False     # also train the encoder to segment training-only defects (an auxiliary head), see
+                                  # CPCAD.loss; True in the "fast" preset
     similarity: str = "cosine"
     temperature: float = 0.1
     shared_encoder: bool = True
@@ -299,6 +305,7 @@ class CPCADConfig:
         check_param("negatives", self.negatives, "str", choices=("batch", "image"))
         check_param("shared_encoder", self.shared_encoder, "bool")
         check_param("defect_negatives", self.defect_negatives, "str", choices=DEFECT_NEGATIVES)
+        check_param("defect_head", self.defect_head, "bool")
         for d in self.directions:
             check_param("directions", d, "str", choices=DIRECTIONS)
 
@@ -306,8 +313,8 @@ class CPCADConfig:
 def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **overrides) -> CPCADConfig:
     """CPCADConfig from a named preset, then `overrides` (None keeps the preset's value).
 
-    "fast": the dataclass defaults (what the study chose). "paper": de Haan & Loewe as
-    published: four independent encoder + W_k models, dot-product scores (temperature 1),
+    "fast": the dataclass defaults with `defect_head` on (what the studies chose). "paper":
+    de Haan & Loewe as published: four independent encoder + W_k models, dot-product scores (temperature 1),
     targets that share no pixels with the context patch (target_offset = the grid's overlap,
     hence the `grid`). Its scoring (pure CPC-AD loss, mean reduction, the training grid) is
     `scoring_config("paper")`.
@@ -320,7 +327,7 @@ def cpcad_config(preset: str = "fast", grid: PatchGrid | None = None, **override
     patch's four. The map is what the heatmaps need; the image scores differ only in weighting.
     """
     if preset == "fast":
-        base = {}
+        base = dict(defect_head=True)
     elif preset == "paper":
         if grid is None:
             raise ValueError("the paper preset needs the grid: its targets skip the overlapping rows")
@@ -368,6 +375,12 @@ class CPCAD(nn.Module):
         for w in W.view(-1, D, D):
             nn.init.xavier_uniform_(w)
         self.W = nn.Parameter(W)                                  # (n_dir, K, D, D): W_k per direction
+        if cfg.defect_head:  # on every encoder's stage statistics, as `head.head_features` reads them
+            P = grid.patch_size
+            with torch.no_grad():
+                dim = sum(enc.eval().multiscale(torch.zeros(1, 3, P, P))[2].shape[1] for enc in self.encoders)
+            self.encoders.train()
+            self.aux_head = DefectHead(dim)
 
     def chance_loss(self, batch_size: int) -> float:
         """The training loss of a model that has learned nothing: log of the candidates each
@@ -453,10 +466,28 @@ class CPCAD(nn.Module):
         `defect_negatives` "negative" adds each target's defective copy as one more negative
         (ranked below the true target), "outlier" also ranks it below the normal negatives
         (`info_nce`'s outlier term). The validation loss (eval mode) stays plain InfoNCE,
-        comparable across settings. The study of both: results/study/README.md (issue 30)."""
+        comparable across settings. With `defect_head`, training adds the binary cross-entropy of
+        an auxiliary head that segments a training-only defect from the encoder's patch
+        statistics (`defect_head_loss`; "defect_bce" in the history), so the encoder learns what
+        a defect changes; the head is not used to score. The study: results/study/README.md (issue 30)."""
         anomaly_aware = self.training and self.cfg.defect_negatives != "none"
         defects = self.defective_targets(x, generator) if anomaly_aware else None
-        return {"loss": self.patch_losses(self.encode(x), generator=generator, defects=defects).mean()}
+        loss = self.patch_losses(self.encode(x), generator=generator, defects=defects).mean()
+        if not (self.training and self.cfg.defect_head):
+            return {"loss": loss}
+        bce = self.defect_head_loss(x, generator)
+        return {"loss": loss + bce, "defect_bce": bce.detach()}
+
+    def defect_head_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Binary cross-entropy of the auxiliary head's logits on a copy of x with one training-only
+        defect per image (`corruption.corrupt`) against which training-grid patches it changed;
+        the statistics are standardised by the batch's own (detached) mean and spread."""
+        bad, _ = corrupt(x, generator)
+        labels = changed_patches(x, bad, self.grid).float()                          # (B'*G*G,)
+        f = torch.cat([encode_grid(enc, bad, self.grid, multiscale=True)[2] for enc in self.encoders], dim=1)
+        mu, sd = f.mean((0, 2, 3)).detach(), f.std((0, 2, 3)).detach().clamp_min(1e-3)
+        logits = self.aux_head.net((f - mu[:, None, None]) / sd[:, None, None])[:, 0]  # (B', G, G)
+        return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), labels)
 
     def defective_targets(self, x: torch.Tensor, generator: torch.Generator | None = None
                           ) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -61,6 +61,7 @@ class RunParameters:
     num_negatives: int | None = None
     negatives: str | None = None
     defect_negatives: str | None = None
+    defect_head: bool | None = None
     test_negatives: int | None = None
     similarity: str | None = None
     temperature: float | None = None
@@ -84,7 +85,7 @@ class RunParameters:
 
 
 MODEL_PARAMETERS = ("encoder", "width", "stem", "norm", "pred_steps", "target_offset", "num_negatives", "negatives",
-                    "defect_negatives", "similarity", "temperature", "shared_encoder")
+                    "defect_negatives", "defect_head", "similarity", "temperature", "shared_encoder")
 SCORING_PARAMETERS = ("detector", "reduce", "candidates", "test_negatives", "dense_scoring")  # ScoringConfig's, per run
 PIXELS_WON = "raw pixels won on this class's validation set: here the learned features did not help"
 

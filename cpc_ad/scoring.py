@@ -337,7 +337,7 @@ DETECTOR_PARTS: dict[str, tuple[str, ...]] = {  # the raw score kinds each detec
 HEAD_KINDS = ("head",)  # the defect head's logit (head.py): fitted after training, on synthetic defects
 UNCALIBRATED = ("cpcad", "pixel", "pixel_pos")  # raw maps: they need no ScoreCalibration
 CANDIDATES = ("cpcad", "knn_stats", "cpcad_knn_stats", "pixel", "pixel_pos", "knn_stats_pixel",
-              "knn_stats_pixel_pos")  # what detector="auto" chooses from, each with every reduction
+              "knn_stats_pixel_pos", "head", "knn_stats_head")  # what "auto" chooses from, each with every reduction
 FIXED = ("knn_stats", "top10")  # one detector for every class beside the chosen ones (the study's earlier default)
 assert set(DETECTOR_PARTS) == set(DETECTORS) and set(CANDIDATES) <= set(DETECTORS)
 

@@ -613,9 +613,11 @@ def test_subimage_layout_end_to_end(demo_root):
 
 def test_cpcad_config_presets():
     grid = cu.PatchGrid(128, 32, 16)
-    assert cu.cpcad_config() == cu.CPCADConfig()
-    assert cu.cpcad_config("fast", width=8, norm=None) == cu.CPCADConfig(width=8)  # None keeps the preset's value
+    assert cu.cpcad_config() == cu.CPCADConfig(defect_head=True)  # the one default that is the preset's (issue 30)
+    assert cu.cpcad_config("fast", width=8, norm=None) == cu.CPCADConfig(width=8, defect_head=True)  # None keeps it
+    assert not cu.CPCADConfig().defect_head and not cu.cpcad_config("fast", defect_head=False).defect_head
     paper = cu.cpcad_config("paper", grid, width=8)
+    assert not paper.defect_head  # as published
     assert (paper.shared_encoder, paper.similarity, paper.temperature) == (False, "dot", 1.0)
     assert paper.target_offset == grid.overlap_steps == 1 and paper.width == 8
     scoring = cu.scoring_config("paper")

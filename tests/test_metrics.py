@@ -453,5 +453,5 @@ def test_a_pixel_detector_needs_its_references_and_no_calibration():
     with pytest.raises(ValueError, match="needs pixel_pos scores"):
         cu.detector_maps({"pixel": raw["pixel"]}, None, "pixel_pos")
     assert cu.score_kinds(["knn_stats_pixel_pos", "cpcad"]) == ("knn_stats", "pixel_pos")
-    assert cu.ScoringConfig().kinds == ("knn_stats", "pixel", "pixel_pos") and cu.ScoringConfig().choosing
+    assert cu.ScoringConfig().kinds == ("knn_stats", "head", "pixel", "pixel_pos") and cu.ScoringConfig().choosing
     assert not cu.scoring_config("paper").choosing and cu.scoring_config("paper").detectors == ("cpcad",)
