@@ -118,6 +118,16 @@ def test_notebook02_has_the_documented_parameters():
     assert not missing, f"notebook 02 lacks parameters {missing}"
 
 
+
+def test_notebook02_passes_every_parameter_to_the_pipeline():
+    """A parameter the notebook declares but never hands to `run_cpcad` would be silently ignored."""
+    import json
+    source = "\n".join("".join(c["source"]) for c in json.loads(NOTEBOOKS["02"].read_text())["cells"]
+                       if c["cell_type"] == "code")
+    unused = [p for p in pm.inspect_notebook(str(NOTEBOOKS["02"])) if f"{p}={p}" not in source]
+    assert not unused, f"notebook 02 never passes {unused} to cu.run_cpcad"
+
+
 # ---- executed with papermill ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
