@@ -14,8 +14,9 @@ files' own resolution), the same trained model scores every candidate on the ear
 candidates can be compared with test's on the same models. Test numbers are only reported.
 Each run is written atomically to <out>/runs/<category>/seed<k>.json (its run folder beside
 it, ignored by git); finished runs are skipped, so an interrupted study resumes. `--set NAME=VALUE`
-changes notebook 02's parameters (`cu.RunParameters`) for the trained runs, so a training lever is
-studied through the same code and tables; the untrained control stays the same network.
+changes notebook 02's parameters (`cu.RunParameters`) for both runs, so a lever is studied through
+the same code and tables: the untrained control is the same network, scored the same way
+(a training-only parameter such as `defect_negatives` changes nothing in it).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def run_one(job: dict) -> str:
     with contextlib.redirect_stdout(io.StringIO()):  # the control: the same network and protocol, untrained
         u = cu.run_cpcad(progress=False, untrained=True, data_root=job["data_root"], category=job["category"],
                          seed=job["seed"], epochs=job["epochs"], device="cpu", num_heatmaps=1,
-                         output_dir=str(out.with_suffix("")) + "_untrained")
+                         output_dir=str(out.with_suffix("")) + "_untrained", **job["overrides"])
     legacy = cu.make_validation_set(r.data.normals, job["seed"], kinds=cu.LEGACY_KINDS)
     candidates = r.plan.scoring.detectors
     on_legacy = cu.score_detectors(r.model, r.scoring, legacy, candidates, device="cpu",
@@ -196,6 +197,8 @@ def lever_report(base: Path, levers: list[Path]) -> str:
            "chosen: image / pixel / AUPRO": lambda r: tuple(chosen(r)[f"val_{k}"] for k in KEYS),
            "pure CPC-AD (mean): image / pixel / AUPRO": lambda r: tuple(_row(r, "cpcad", "mean")[f"val_{k}"] for k in KEYS)}
     test = {"chosen: image / pixel / AUPRO": lambda r: tuple(r["test"][k] for k in KEYS),
+            "untrained, chosen: image / pixel / AUPRO": lambda r: tuple(r["untrained"]["test"][k] for k in KEYS),
+            "raw pixels: image (max) / pixel": lambda r: (r["pixels"]["image_auroc_max"], r["pixels"]["pixel_auroc"]),
             "pure CPC-AD (mean): image / pixel / AUPRO": lambda r: tuple(_row(r, "cpcad", "mean")[f"test_{k}"]
                                                                         for k in KEYS),
             "train s (median)": lambda r: (r["train_seconds"],)}
