@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .checks import ParameterError, check_param, make_config
 from .patches import PatchGrid, extract_patches, patch_positions, to_float
 from .corruption import changed_patches, corrupt
-from .head import DefectHead
+from .head import DefectHead, head_features
 from .encoders import ENCODERS, NORMS, STEMS, build_encoder
 from .devices import autocast
 
@@ -484,7 +484,7 @@ class CPCAD(nn.Module):
         the statistics are standardised by the batch's own (detached) mean and spread."""
         bad, _ = corrupt(x, generator)
         labels = changed_patches(x, bad, self.grid).float()                          # (B'*G*G,)
-        f = torch.cat([encode_grid(enc, bad, self.grid, multiscale=True)[2] for enc in self.encoders], dim=1)
+        f = head_features(self.encoders, bad, self.grid)                             # (B', D, G, G)
         mu, sd = f.mean((0, 2, 3)).detach(), f.std((0, 2, 3)).detach().clamp_min(1e-3)
         logits = self.aux_head.net((f - mu[:, None, None]) / sd[:, None, None])[:, 0]  # (B', G, G)
         return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), labels)
