@@ -343,7 +343,7 @@ def _run_in(out: Path, params: RunParameters, plan: RunPlan, data: RunData, mode
 
 def _figures(params: RunParameters, data: RunData, history: list[dict], chance_loss: float, r: dict) -> dict:
     """The run's figures: training curves, image ROC, score histogram, and the anomaly maps of
-    the best and worst detected defect images (`num_heatmaps` each)."""
+    the best and worst detected defect images (`num_heatmaps` each; none and no "heatmaps" figure at 0)."""
     import matplotlib.pyplot as plt
     from .plots import plot_heatmaps, plot_roc, plot_score_histogram, plot_training_curves
     cfg, test = r["scoring"]["config"], data.test
@@ -367,7 +367,8 @@ def _figures(params: RunParameters, data: RunData, history: list[dict], chance_l
     worst = [i for i in ranked[-params.num_heatmaps:] if i not in best] if params.num_heatmaps else []
     titles = [f"{'best' if i in best else 'worst'} detected: {test.defect_types[i]} {Path(test.paths[i]).name}, "
               f"score {scores[i]:.3f}" for i in best + worst]
-    figures["heatmaps"] = plot_heatmaps(test, r["ours"].pixel_maps, best + worst, titles)
+    if best + worst:  # num_heatmaps=0 draws none
+        figures["heatmaps"] = plot_heatmaps(test, r["ours"].pixel_maps, best + worst, titles)
     for fig in figures.values():
         plt.close(fig)  # kept as objects for the notebook to show; not piling up in pyplot's state
     return figures

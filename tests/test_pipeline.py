@@ -162,6 +162,18 @@ def test_a_scoring_code_change_rescores_and_a_training_code_change_retrains(fini
     assert json.loads((out / "metrics.json").read_text())["fingerprint"]["code"]["train"] == "1" * 12
 
 
+def test_no_heatmaps_asked_for_draws_none(finished, tiny_root, tmp_path, monkeypatch):
+    """num_heatmaps=0 (the parameter allows it) leaves the heatmap figure out; it crashed in
+    matplotlib with zero rows before."""
+    out = copy_run(finished, tmp_path)
+    assert (out / "heatmaps.png").exists()
+    no_training(monkeypatch)  # with a scoring parameter changed, a rescore
+    result = cu.run_cpcad(data_root=str(tiny_root), category="brick", output_dir=str(out), progress=False,
+                          **{**TINY, "num_heatmaps": 0, "target_fpr": 0.05})
+    assert "heatmaps" not in result.figures and {"roc", "score_histogram"} <= set(result.figures)
+    assert not (out / "heatmaps.png").exists() and (out / "roc.png").exists()
+
+
 def test_a_training_parameter_change_retrains(finished, tiny_root, tmp_path, monkeypatch):
     out = copy_run(finished, tmp_path)
     assert cu.is_rescorable(out, cu.cpcad_fingerprint({**json.loads((out / "metrics.json").read_text())["config"]
