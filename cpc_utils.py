@@ -89,7 +89,8 @@ from cpc_ad.inference import (  # noqa: F401
     MASK_COLOUR, find_images, overlay_heatmap, SCORE_COLUMNS, UPSAMPLE_WARNING, score_files)
 from cpc_ad.pipeline import (  # noqa: F401
     RunParameters, MODEL_PARAMETERS, SCORING_PARAMETERS, PIXELS_WON, RunPlan, RunData, Evaluated, CPCADResult,
-    plan_run, run_identity, cpcad_fingerprint, load_run_data, evaluate, run_cpcad, score_detectors)
+    plan_run, run_identity, cpcad_fingerprint, load_run_data, evaluate, run_cpcad, score_detectors, pretrain_pooled,
+    load_init)
 from cpc_ad.cli import (  # noqa: F401
     cli_parser, main)
 

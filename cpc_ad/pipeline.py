@@ -36,6 +36,7 @@ from .selection import CRITERION, TIE_RULE, bootstrap_spread, candidate_table, c
 from .metrics import evaluate_maps, normal_threshold, per_defect_auroc, threshold_metrics
 from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, MetricsRecord
 from .bundle import colour_mode, save_bundle
+from .files import save_atomic
 
 
 @dataclass
@@ -196,6 +197,38 @@ def cpcad_fingerprint(parameters: dict, root: str | Path, category: str) -> dict
     return run_fingerprint(identity, root, category)
 
 
+def pretrain_pooled(params: RunParameters, categories: Sequence[str], path: str | Path,
+                    progress: bool = True) -> list[dict]:
+    """Pooled pretraining (issue 30, lever 2): one CPC-AD model trained on the train splits of
+    every category in `categories` together, each split as `run_cpcad` splits it with
+    `params.seed` (so no class's held-out validation normals are trained on), with early
+    stopping on their calibration normals. Saves its weights to `path` for `run_cpcad(...,
+    init_from=path)`; returns the training history."""
+    plan = plan_run(params)
+    parts = [load_run_data(plan_run(dataclasses.replace(params, category=c))) for c in categories]
+    train, calib = concat_sets([d.train for d in parts]), concat_sets([d.calib for d in parts])
+    print(f"pooled pretraining on {', '.join(categories)}: {len(train)} train, {len(calib)} calibration images")
+    seed_everything(params.seed)
+    model = CPCAD(plan.model, plan.grid)
+    history = train_model(model, train, calib, plan.train, progress=progress)
+    save_atomic({"state_dict": model.state_dict(), "categories": list(categories),
+                 "parameters": dataclasses.asdict(params), "history": history}, Path(path))
+    return history
+
+
+def load_init(model: CPCAD, path: Path) -> str:
+    """Load `pretrain_pooled`'s weights into `model` (weights_only); returns the file's digest."""
+    import hashlib
+    from .runs import load_checkpoint
+    state = load_checkpoint(path, remedy="pass a file written by pretrain_pooled")
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise RunBlocked(f"init_from={path}: not weights of this model ({str(e).splitlines()[0]}); pretrain with "
+                         "the same model parameters") from e
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def load_run_data(plan: RunPlan) -> RunData:
     """The category's images and the seeded held-out split (`split_held_out`, `make_validation_set`)."""
     p = plan.parameters
@@ -213,7 +246,8 @@ def evaluate(maps: torch.Tensor, images: ImageSet, grid: PatchGrid, reduces: tup
 
 def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
               on_epoch: Callable[[nn.Module, int], dict] | None = None, detectors: Sequence[str] = (),
-              weights_from: str | Path | None = None, untrained: bool = False, **overrides) -> CPCADResult | None:
+              weights_from: str | Path | None = None, untrained: bool = False, init_from: str | Path | None = None,
+              **overrides) -> CPCADResult | None:
     """Train, score and evaluate CPC-AD on one category, and write the run's folder.
 
     Args:
@@ -224,6 +258,9 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
         weights_from: a finished run's folder whose trained weights to score instead of training
             (its training fingerprint must be this run's: only scoring may differ).
         untrained: score the network as initialised, not trained (the study's control).
+        init_from: a weights file of `pretrain_pooled` to start from instead of the random
+            init (pooled pretraining, then `epochs` of this class; with `untrained`, the pooled
+            encoder scored as it is). Its digest joins the training fingerprint.
     Returns:
         the result (model, maps, metrics record, thresholds, what the figures need); None on the
         non-zero ranks of a torchrun job, which stop when training ends (rank 0 scores).
@@ -259,6 +296,8 @@ def run_cpcad(params: RunParameters | None = None, *, progress: bool = True,
           f"maps on the {score_grid.grid}x{score_grid.grid} score grid")
 
     fingerprint = run_fingerprint(run_identity(plan), data.root, params.category)
+    if init_from is not None:
+        fingerprint["init"] = load_init(model, Path(init_from))
     staged = plan.output.parent / f".{plan.output.name}.partial"  # begin_run's staging folder
     interrupted = params.resume and any((staged / "checkpoints").rglob("last.pt"))
     rescore = None if interrupted else is_rescorable(plan.output, fingerprint)

@@ -41,7 +41,7 @@ CODE_PARTS = {
     "train": {"data": None, "synthetic": None, "checks": None, "patches": None, "encoders": None, "devices": None,
               "models": None, "corruption": None, "training": None,
               "pipeline": ("RunParameters", "MODEL_PARAMETERS", "plan_run", "load_run_data", "run_cpcad",
-                           "_run_in")},
+                           "_run_in", "pretrain_pooled", "load_init")},
     "score": {"scoring": None, "head": None, "selection": None, "metrics": None, "schema": ("SCHEMA_VERSION", "METRIC_KEYS", "METRIC_FAMILIES",
                                                            "MetricsRecord"),
               "bundle": ("BUNDLE_FORMAT", "BUNDLE_VERSION", "save_bundle"),

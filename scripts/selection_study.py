@@ -5,6 +5,8 @@ test, and how well each validation design ranks the candidates as test does.
     python scripts/selection_study.py --report                 # tables only, from finished runs
     python scripts/selection_study.py --set defect_negatives=outlier --out results/study/levers/defect_outlier
                                                                # a training lever (issue 30), same protocol
+    python scripts/selection_study.py --pretrain --epochs 10 --out results/study/levers/pooled
+                                                               # pooled pretraining, then 10 epochs per class
 
 One run per (category, seed) is `cu.run_cpcad` at notebook 02's defaults (the detector and
 reduction chosen on the class's own validation set, `cu.CANDIDATES` x `cu.REDUCES`). Beside the
@@ -17,6 +19,10 @@ it, ignored by git); finished runs are skipped, so an interrupted study resumes.
 changes notebook 02's parameters (`cu.RunParameters`) for both runs, so a lever is studied through
 the same code and tables: the untrained control is the same network, scored the same way
 (a training-only parameter such as `defect_negatives` changes nothing in it).
+`--pretrain` first trains one model per seed on every category's train split pooled
+(`cu.pretrain_pooled`, <out>/pooled_seed<k>.pt) and starts each class's run from it (`--epochs`
+then counts the per-class fine-tune); the pooled model scored as it is, with no fine-tune, is
+recorded beside ("pooled_as_is"), and the untrained control stays the random init.
 """
 from __future__ import annotations
 
@@ -40,14 +46,26 @@ def run_one(job: dict) -> str:
     import cpc_utils as cu
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
+    init = job.get("init_from")
     with contextlib.redirect_stdout(io.StringIO()):
         r = cu.run_cpcad(progress=False, data_root=job["data_root"], category=job["category"], seed=job["seed"],
                          epochs=job["epochs"], device="cpu", num_heatmaps=1, output_dir=str(out.with_suffix("")),
-                         **job["overrides"])
+                         init_from=init, **job["overrides"])
     with contextlib.redirect_stdout(io.StringIO()):  # the control: the same network and protocol, untrained
         u = cu.run_cpcad(progress=False, untrained=True, data_root=job["data_root"], category=job["category"],
                          seed=job["seed"], epochs=job["epochs"], device="cpu", num_heatmaps=1,
                          output_dir=str(out.with_suffix("")) + "_untrained", **job["overrides"])
+    as_is = None
+    if init:  # the pooled model with no fine-tune: scored the same way
+        with contextlib.redirect_stdout(io.StringIO()):
+            a = cu.run_cpcad(progress=False, untrained=True, init_from=init, data_root=job["data_root"],
+                             category=job["category"], seed=job["seed"], epochs=job["epochs"], device="cpu",
+                             num_heatmaps=1, output_dir=str(out.with_suffix("")) + "_pooled", **job["overrides"])
+        as_is = {"selection": {k: v for k, v in a.record.selection.items() if k != "candidates"},
+                 "chosen": next(c for c in a.record.selection["candidates"]
+                                if (c["detector"], c["reduce"]) == (a.record.selection["detector"],
+                                                                    a.record.selection["reduce"])),
+                 "test": a.record.test, "cpcad": a.record.cpcad}
     legacy = cu.make_validation_set(r.data.normals, job["seed"], kinds=cu.LEGACY_KINDS)
     candidates = r.plan.scoring.detectors
     on_legacy = cu.score_detectors(r.model, r.scoring, legacy, candidates, device="cpu",
@@ -62,6 +80,7 @@ def run_one(job: dict) -> str:
                                            if (c["detector"], c["reduce"]) == (u.record.selection["detector"],
                                                                                u.record.selection["reduce"])),
                             "test": u.record.test},
+              **({"init_from": Path(init).name, "pooled_as_is": as_is} if init else {}),
               "legacy_val": {d: e.metrics for d, e in on_legacy.items()},
               "val_recall_at_threshold": rec.val_recall_at_threshold,
               "test_recall_at_threshold": rec.test_recall_at_threshold,
@@ -267,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the tables from finished runs")
     parser.add_argument("--levers", action="store_true",
                         help="only write levers/tables.md beside --out: every lever's study beside the defaults' (--out)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="pooled pretraining per seed on every category first; --epochs then fine-tunes each class")
+    parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
                         help="a notebook 02 parameter for the trained runs, VALUE as JSON (true, 3, \"image\")")
     args = parser.parse_args(argv)
@@ -284,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [dict(category=c, seed=k, epochs=args.epochs, data_root=str(root), threads=1 if args.jobs > 1 else 2,
                      overrides=overrides, out=str(out / "runs" / c / f"seed{k}.json")) for c, k in pairs]
         todo = [j for j in jobs if not Path(j["out"]).exists()]
+        if args.pretrain:  # one pooled model per seed, before the runs that start from it
+            import torch
+            torch.set_num_threads(2)
+            for k in sorted({j["seed"] for j in todo}):
+                path = out / f"pooled_seed{k}.pt"
+                if not path.exists():
+                    cu.pretrain_pooled(cu.RunParameters(data_root=str(root), seed=k, epochs=args.pretrain_epochs,
+                                                        device="cpu", **overrides),
+                                       cu.list_categories(root), path, progress=False)
+                for j in todo:
+                    if j["seed"] == k:
+                        j["init_from"] = str(path)
         print(f"selection study: {len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time",
               flush=True)
         from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -219,3 +219,31 @@ def test_a_category_without_ground_truth_is_evaluated_on_image_labels(tiny_root,
     (root / "brick" / "ground_truth" / "crack").mkdir(parents=True)  # a partial ground_truth/ stays an error
     with pytest.raises(FileNotFoundError, match="has no mask: expected .*ground_truth"):
         cu.load_category(root, "brick", 64)
+
+
+def test_pooled_pretraining_trains_on_every_train_split_and_starts_a_run(tmp_path, monkeypatch):
+    """Issue 30, lever 2: `pretrain_pooled` trains one model on the classes' train splits pooled,
+    as `run_cpcad` splits them (never a held-out validation normal), and `run_cpcad(init_from=)`
+    starts from its weights, the file's digest in the run's fingerprint."""
+    root = cu.make_demo_dataset(tmp_path / "data", ["brick", "gravel"], n_train=8, n_test_good=2, n_per_defect=1,
+                                image_size=64)
+    params = cu.RunParameters(data_root=str(root), **{**TINY, "epochs": 1})
+    trained_on, real = [], cpc_ad.pipeline.train_model
+    monkeypatch.setattr(cpc_ad.pipeline, "train_model",
+                        lambda m, train, *a, **k: trained_on.append(set(train.paths)) or real(m, train, *a, **k))
+    history = cu.pretrain_pooled(params, ["brick", "gravel"], tmp_path / "pooled.pt", progress=False)
+    assert len(history) == 1 and (tmp_path / "pooled.pt").is_file()
+    splits = [cu.load_run_data(cu.plan_run(dataclasses.replace(params, category=c))) for c in ("brick", "gravel")]
+    assert trained_on == [set(splits[0].train.paths) | set(splits[1].train.paths)]
+    assert not trained_on[0] & {p for d in splits for p in d.normals.paths + d.calib.paths}
+
+    saved = torch.load(tmp_path / "pooled.pt", weights_only=True)["state_dict"]
+    out = tmp_path / "run"
+    r = cu.run_cpcad(untrained=True, init_from=tmp_path / "pooled.pt", data_root=str(root), category="brick",
+                     output_dir=str(out), progress=False, **TINY)
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in r.model.state_dict().items())
+    init = json.loads((out / "metrics.json").read_text())["fingerprint"]["init"]
+    assert len(init) == 16 and init == cu.load_init(cu.CPCAD(r.plan.model, r.plan.grid), tmp_path / "pooled.pt")
+    with pytest.raises(cu.RunBlocked, match="init_from=.*pooled.pt: not weights of this model"):
+        cu.run_cpcad(init_from=tmp_path / "pooled.pt", data_root=str(root), category="brick",
+                     output_dir=str(tmp_path / "wider"), progress=False, **{**TINY, "width": 16})
