@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -30,15 +31,22 @@ STRIP_MAX_IMAGES = 200         # above this a strip plot of every image is a blu
 
 
 def plot_training_curves(history: list[dict], title: str = "") -> "matplotlib.figure.Figure":
-    """Is the model learning? Train and validation loss per epoch (and CPC's per-step accuracy)."""
+    """Is the model learning? Train and validation loss per epoch (and CPC's per-step accuracy).
+    With defect-aware training (a "defect_bce" in every epoch) the train curve is its InfoNCE part,
+    comparable with the validation loss and chance, and the defect head's BCE is drawn beside."""
     has_acc = "acc_per_step" in history[0]
     fig, axes = _figure(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.5), squeeze=False)
     epochs = [h["epoch"] for h in history]
     ax = axes[0, 0]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    bce = [h.get("defect_bce") for h in history]
+    defect_aware = all(b is not None for b in bce)  # its training loss is InfoNCE + the defect head's BCE
+    ax.plot(epochs, [h["train_loss"] - (b if defect_aware else 0) for h, b in zip(history, bce)], "o-",
+            label="train")
     if "val_loss" in history[0]:
         ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
-    ax.set(xlabel="epoch", ylabel="InfoNCE loss", title=title or "training")
+    if defect_aware:
+        ax.plot(epochs, bce, "^:", color="tab:green", label="train: defect head BCE")
+    ax.set(xlabel="epoch", ylabel="InfoNCE loss" + (" (and BCE)" if defect_aware else ""), title=title or "training")
     ax.legend()
     if has_acc:
         acc = np.array([h["acc_per_step"] for h in history])
@@ -337,7 +345,9 @@ def plot_comparison(rows: list[dict], metrics: str | Sequence[str] = ("image_aur
     axes[-1, 0].set_xlabel("category")
     _figure_legend(fig, axes, encoders)
     question = "Which encoder detects anomalies best" + (", and does it beat the raw-pixel baseline" if has_base else "")
-    fig.suptitle(f"{question}?\ntest AUROC by category and encoder{_run_description(shown)}", fontsize=11)
+    chars = int(fig.get_figwidth() * 12)  # what fits across the figure at font size 11
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in
+                           (f"{question}?", f"test AUROC by category and encoder{_run_description(shown)}")), fontsize=11)
     return fig
 
 

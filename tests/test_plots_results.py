@@ -46,6 +46,26 @@ def test_plot_training_curves_without_validation():
     assert line_labels(fig.axes[0]) == ["train"]
 
 
+def test_plot_training_curves_of_defect_aware_training_separate_infonce_and_the_heads_bce():
+    """With `defect_head` the training loss is InfoNCE + BCE: the train curve drawn is its InfoNCE
+    part, comparable with the validation loss and chance, and the BCE is its own line."""
+    history = [{"epoch": e, "train_loss": 3.0 - e + 0.5 / e, "defect_bce": 0.5 / e, "val_loss": 3.2 - e}
+               for e in (1, 2)]
+    ax = cu.plot_training_curves(history).axes[0]
+    assert line_labels(ax) == ["train", "validation", "train: defect head BCE"]
+    assert np.allclose(ax.get_lines()[0].get_ydata(), [2.0, 1.0]) and np.allclose(ax.get_lines()[2].get_ydata(), [0.5, 0.25])
+
+
+def test_plot_comparison_wraps_a_long_title_inside_the_figure():
+    rows = [{"category": c, "encoder": "resnet18v2", "image_auroc": 0.8, "pixel_auroc": 0.9, "epochs": 40,
+             "detector": d, "image_reduce": "top10", "selection": {"mode": "validation"}}
+            for c, d in (("brick", "knn_stats_head"), ("gravel", "knn_stats"), ("nut", "pixel_pos"))]
+    fig = cu.plot_comparison(rows)
+    limit = int(fig.get_figwidth() * 12)
+    assert all(len(line) <= limit for line in fig._suptitle.get_text().splitlines())
+    assert "pixel_pos" in fig._suptitle.get_text()
+
+
 def test_plot_roc():
     y = np.array([0, 0, 1, 1])
     fig = cu.plot_roc({"perfect": (y, np.array([0.1, 0.2, 0.8, 0.9])), "inverted": (y, np.array([4, 3, 2, 1]))})
