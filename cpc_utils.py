@@ -81,7 +81,7 @@ from cpc_ad.plots import (  # noqa: F401
 from cpc_ad.report import (  # noqa: F401
     load_results, summary_records, summary_table, comparison_table, ladder_table, encoder_verdicts,
     cost_table, parameters_text, summary_markdown, pair_status_table, write_summary, summary_files,
-    check_summary_files)
+    check_summary_files, PUBLISHED_STUDY, load_published, published_comparison)
 from cpc_ad.bundle import (  # noqa: F401
     BUNDLE_FORMAT, BUNDLE_VERSION, READABLE_VERSIONS, IMAGE_HANDLING, colour_mode, save_bundle, Bundle, load_bundle,
     BUNDLE_CONTENTS)

@@ -15,7 +15,7 @@ from .training import chosen_epoch
 from .scoring import DETECTORS, FIXED, REDUCES
 from .metrics import _mean_std
 from .schema import IMAGE_LABELS_ONLY, PIXEL_MASKS, PIXEL_METRIC_KEYS, COLUMN_LEGEND, HALVES, SUMMARY_COLUMNS, SUMMARY_HIDDEN_PARAMETERS, TEXT_COLUMNS, _budget, _category_order, _encoder_order, _floor, _group, _half, half_rank, _seed, read_record
-from .plots import CHOSEN, method_suffix, _metric_label, save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
+from .plots import CHOSEN, method_label, method_suffix, _metric_label, save_figure, check_one_detector, detector_groups, has_epoch_series, plot_comparison, plot_epochs
 
 
 def load_results(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[dict]:
@@ -251,6 +251,90 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
             text += f"; against the raw-pixel floor ({f:.3f}) the best is {m1 - f:+.3f}"
         out.append(text + ".")
     return out
+
+
+# The encoder study this suite reproduces (issue 31): its published image AUROC per MVTec AD
+# class, training length and encoder, beside what the same setup gives here.
+PUBLISHED_STUDY = Path(__file__).resolve().parent.parent / "results" / "reference" / "published_study.csv"
+
+
+def load_published(path: str | os.PathLike = PUBLISHED_STUDY) -> list[dict]:
+    """The published study's table: [{"class", "epochs", "encoder", "image_auroc"}], checked."""
+    import csv
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    want = ["class", "epochs", "encoder", "image_auroc"]
+    if not rows or list(rows[0]) != want:
+        raise ValueError(f"{path}: expected the columns {','.join(want)} and at least one row")
+    out = []
+    for i, r in enumerate(rows, 2):
+        try:
+            row = {"class": r["class"], "epochs": int(r["epochs"]), "encoder": r["encoder"],
+                   "image_auroc": float(r["image_auroc"])}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}, line {i}: {e}; expected a class, whole epochs, an encoder and an AUROC") from e
+        if row["encoder"] not in ENCODERS or not 0 <= row["image_auroc"] <= 1:
+            raise ValueError(f"{path}, line {i}: encoder {row['encoder']!r} (one of {', '.join(ENCODERS)}) and "
+                             f"image AUROC {row['image_auroc']} (between 0 and 1) expected")
+        out.append(row)
+    return out
+
+
+def published_comparison(rows: list[dict], published: list[dict] | None = None) -> tuple[str, list[str]]:
+    """The published study beside the reproduced runs: (markdown table, verdicts).
+
+    Two lines per (class, epochs) that both have, one column per encoder. First the study's own
+    score, pure CPC-AD with the mean reduction (each run's `cpcad_image_auroc_mean`): published /
+    reproduced (mean ± std over the runs' seeds) / difference. Then the runs' headline detector
+    (`image_auroc`; the rows must share one method, `check_one_detector`) on the same models.
+    Per class and training length, one verdict: does the published ranking of the encoders hold
+    under the study's score? Runs are matched by category, encoder and the epochs they were asked
+    for. With no cell in common the table is empty and the one verdict says why there is
+    nothing to compare with.
+    """
+    if published is None and not PUBLISHED_STUDY.is_file():  # an installed package, away from the repository
+        return "", [f"Nothing to compare with: the published study's table ({PUBLISHED_STUDY.name}) is not beside "
+                    f"this installation; it is in the repository's results/reference/."]
+    published = load_published() if published is None else published
+    headline = method_label(check_one_detector(rows)) if rows else ""
+    pub = {(p["class"], p["epochs"], p["encoder"]): p["image_auroc"] for p in published}
+    key = lambda r: (r["category"], _budget(r), r["encoder"])  # noqa: E731
+    ours, beside = _group(rows, "cpcad_image_auroc_mean", key), _group(rows, "image_auroc", key)
+    order = dict.fromkeys((p["class"], p["epochs"]) for p in published)  # the published table's order
+    shared = [(c, e) for c, e in order if any((c, e, enc) in ours and (c, e, enc) in pub for enc in ENCODERS)]
+    if not shared:
+        classes = ", ".join(dict.fromkeys(p["class"] for p in published))
+        epochs = "/".join(str(e) for e in sorted({p["epochs"] for p in published}))
+        found = ", ".join(sorted({f"{r['category']} ({_budget(r)} epochs)" for r in rows})) or "no runs"
+        return "", [f"Nothing to compare with: the published study has MVTec AD's {classes} at {epochs} epochs; "
+                    f"these results have {found}."]
+    encoders = [e for e in ENCODERS if any(p["encoder"] == e for p in published)]
+    stats = lambda v: "{:.3f} ± {:.3f}".format(*_mean_std(v)) if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
+    lines = ["| Class | epochs | score | " + " | ".join(f"{e}: published / reproduced / difference" for e in encoders)
+             + " |", "|---|---|---|" + "---|" * len(encoders)]
+    verdicts = []
+    for c, ep in shared:
+        cells, both = [], {}
+        for e in encoders:
+            p, mine = pub.get((c, ep, e)), ours.get((c, ep, e), [])
+            if p is None or not mine:
+                cells.append(f"{p:.3f} / - / -" if p is not None else "-")
+                continue
+            both[e] = (p, float(np.mean(mine)))
+            cells.append(f"{p:.3f} / {stats(mine)} / {both[e][1] - p:+.3f}")
+        lines.append(f"| {c} | {ep} | pure CPC-AD (mean), the study's score | " + " | ".join(cells) + " |")
+        lines.append(f"| {c} | {ep} | {headline} | " + " | ".join(
+            f"- / {stats(beside[c, ep, e])} / -" if (c, ep, e) in beside else "-" for e in encoders) + " |")
+        if len(both) < 2:
+            verdicts.append(f"{c}, {ep} epochs: fewer than two encoders reproduced, so no ranking to compare.")
+            continue
+        said, found = (sorted(both, key=lambda e: -both[e][i]) for i in (0, 1))
+        holds = "holds" if said == found else ("the best holds, the order below it does not" if said[0] == found[0]
+                                               else "does NOT hold")
+        verdicts.append(f"{c}, {ep} epochs: published {' > '.join(said)}; reproduced {' > '.join(found)}: "
+                        f"the published ranking {holds}.")
+    return "\n".join(lines) + "\n", verdicts
 
 
 def cost_table(rows: list[dict]) -> str:

@@ -671,3 +671,65 @@ def test_summary_lists_failed_missing_and_other_pairs(results_tree):
     assert "1 finished, 1 failed, 1 missing" in text
     assert "- brick/bogus: failed: ParameterError: encoder='bogus'" in text and "- nut/densenet: missing" in text
     assert all(pair in text.split("Also in this folder")[1] for pair in rest)
+
+
+# ---- the published encoder study beside the reproduced one (issue 31) -------------------
+
+def test_the_published_study_is_the_issues_table():
+    published = cu.load_published()
+    assert len(published) == 27 and {p["class"] for p in published} == {"bottle", "cable", "capsule", "carpet", "grid"}
+    cell = {(p["class"], p["epochs"], p["encoder"]): p["image_auroc"] for p in published}
+    assert cell["bottle", 70, "densenet"] == 0.876 and cell["grid", 30, "resnet50v2"] == 0.275
+    assert {e for c, e, _ in cell if c == "cable"} == {30, 55, 70} and {e for c, e, _ in cell if c == "grid"} == {30}
+
+
+def test_a_bad_published_table_names_its_file_and_line(tmp_path):
+    bad = tmp_path / "published.csv"
+    bad.write_text("class,epochs,encoder,image_auroc\nbottle,30,vgg16,0.5\n")
+    with pytest.raises(ValueError, match=r"published.csv, line 2: encoder 'vgg16'"):
+        cu.load_published(bad)
+    bad.write_text("class,epochs,encoder,image_auroc\nbottle,thirty,densenet,0.5\n")
+    with pytest.raises(ValueError, match=r"published.csv, line 2: .*whole epochs"):
+        cu.load_published(bad)
+
+
+def test_published_beside_reproduced_from_a_fake_mvtec_results_tree(tmp_path):
+    """Runs on MVTec-named classes are matched to the published cells by class, encoder and epochs;
+    each cell shows published / mean ± std / difference, and each class says whether the ranking holds."""
+    got = {"resnet18v2": 0.60, "resnet50v2": 0.70, "densenet": 0.80}  # bottle 30: the published order
+    for enc, auroc in got.items():
+        for seed in (0, 1):
+            for category, value in (("bottle", auroc + 0.02 * seed), ("grid", 1 - auroc)):  # grid: reversed
+                cu.save_json(metrics_record(category=category, encoder=enc, epochs=30, epochs_trained=30, seed=seed,
+                                            cpcad_image_auroc_mean=value, image_auroc=0.9, detector="knn_stats",
+                                            image_reduce="top10"),
+                             tmp_path / category / enc / f"seed{seed}" / "metrics.json")
+    cu.save_json(metrics_record(category="screw", encoder="densenet", epochs=30, detector="knn_stats",
+                                image_reduce="top10"), tmp_path / "screw" / "densenet" / "metrics.json")  # not published
+    table, verdicts = cu.published_comparison(cu.load_results(tmp_path))
+    lines = table.splitlines()
+    assert len(lines) == 6 and lines[2].startswith("| bottle | 30 | pure CPC-AD (mean), the study's score | "
+                                                   "0.558 / 0.610 ± 0.014 / +0.052 |")
+    assert "0.790 / 0.810 ± 0.014 / +0.020" in lines[2]
+    assert lines[3] == "| bottle | 30 | detector `knn_stats`, image score: top10 of the patch map | " + " | ".join(
+        ["- / 0.900 ± 0.000 / -"] * 3) + " |"  # the same models' headline detector beside
+    assert lines[4].startswith("| grid | 30 | pure CPC-AD (mean), the study's score | 0.307 / 0.400 ± 0.000 / +0.093 |")
+    assert verdicts == ["bottle, 30 epochs: published densenet > resnet50v2 > resnet18v2; reproduced densenet > "
+                        "resnet50v2 > resnet18v2: the published ranking holds.",
+                        "grid, 30 epochs: published densenet > resnet18v2 > resnet50v2; reproduced resnet18v2 > "
+                        "resnet50v2 > densenet: the published ranking does NOT hold."]
+
+
+def test_on_other_data_the_comparison_says_why_there_is_nothing_to_compare():
+    rows = [metrics_record(category="brick", encoder="densenet", epochs=40, cpcad_image_auroc_mean=0.6)]
+    table, verdicts = cu.published_comparison([cu.read_record(r).to_dict() for r in rows])
+    assert table == "" and verdicts[0].startswith("Nothing to compare with: the published study has MVTec AD's "
+                                                  "bottle, cable, capsule, carpet, grid at 30/55/70 epochs")
+    assert "brick (40 epochs)" in verdicts[0]
+
+
+def test_without_the_published_table_beside_the_package_the_comparison_says_so(monkeypatch, tmp_path):
+    import cpc_ad.report
+    monkeypatch.setattr(cpc_ad.report, "PUBLISHED_STUDY", tmp_path / "published_study.csv")  # an installed wheel
+    table, verdicts = cu.published_comparison([])
+    assert table == "" and "published_study.csv) is not beside this installation" in verdicts[0]
