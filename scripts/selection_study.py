@@ -38,6 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cpc_utils.py, when the package is not installed
 
 
+def _control(record) -> dict:
+    """A control run's choice as the study records it: the selection (without the candidate
+    table), the chosen candidate's row and its test metrics."""
+    s = record.selection
+    return {"selection": {k: v for k, v in s.items() if k != "candidates"},
+            "chosen": next(c for c in s["candidates"] if (c["detector"], c["reduce"]) == (s["detector"], s["reduce"])),
+            "test": record.test}
+
+
 def run_one(job: dict) -> str:
     """Train, choose and evaluate one (category, seed); score the earlier validation design too."""
     import contextlib
@@ -47,25 +56,18 @@ def run_one(job: dict) -> str:
     torch.set_num_threads(job["threads"])
     out = Path(job["out"])
     init = job.get("init_from")
-    with contextlib.redirect_stdout(io.StringIO()):
-        r = cu.run_cpcad(progress=False, data_root=job["data_root"], category=job["category"], seed=job["seed"],
-                         epochs=job["epochs"], device="cpu", num_heatmaps=1, output_dir=str(out.with_suffix("")),
-                         init_from=init, **job["overrides"])
-    with contextlib.redirect_stdout(io.StringIO()):  # the control: the same network and protocol, untrained
-        u = cu.run_cpcad(progress=False, untrained=True, data_root=job["data_root"], category=job["category"],
-                         seed=job["seed"], epochs=job["epochs"], device="cpu", num_heatmaps=1,
-                         output_dir=str(out.with_suffix("")) + "_untrained", **job["overrides"])
+
+    def run(suffix: str, **kw):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cu.run_cpcad(progress=False, data_root=job["data_root"], category=job["category"], seed=job["seed"],
+                                epochs=job["epochs"], device="cpu", num_heatmaps=1,
+                                output_dir=str(out.with_suffix("")) + suffix, **kw, **job["overrides"])
+    r = run("", init_from=init)
+    u = run("_untrained", untrained=True)  # the control: the same network and protocol, untrained
     as_is = None
     if init:  # the pooled model with no fine-tune: scored the same way
-        with contextlib.redirect_stdout(io.StringIO()):
-            a = cu.run_cpcad(progress=False, untrained=True, init_from=init, data_root=job["data_root"],
-                             category=job["category"], seed=job["seed"], epochs=job["epochs"], device="cpu",
-                             num_heatmaps=1, output_dir=str(out.with_suffix("")) + "_pooled", **job["overrides"])
-        as_is = {"selection": {k: v for k, v in a.record.selection.items() if k != "candidates"},
-                 "chosen": next(c for c in a.record.selection["candidates"]
-                                if (c["detector"], c["reduce"]) == (a.record.selection["detector"],
-                                                                    a.record.selection["reduce"])),
-                 "test": a.record.test, "cpcad": a.record.cpcad}
+        a = run("_pooled", untrained=True, init_from=init)
+        as_is = {**_control(a.record), "cpcad": a.record.cpcad}
     legacy = cu.make_validation_set(r.data.normals, job["seed"], kinds=cu.LEGACY_KINDS)
     candidates = r.plan.scoring.detectors
     on_legacy = cu.score_detectors(r.model, r.scoring, legacy, candidates, device="cpu",
@@ -75,11 +77,7 @@ def run_one(job: dict) -> str:
               "half": "tuning" if job["category"] in cu.DEMO_TUNING else "confirmation",
               "selection": rec.selection, "test": rec.test, "fixed": rec.fixed, "cpcad": rec.cpcad,
               "pixels": r.detectors["test"]["pixel"].metrics,
-              "untrained": {"selection": {k: v for k, v in u.record.selection.items() if k != "candidates"},
-                            "chosen": next(c for c in u.record.selection["candidates"]
-                                           if (c["detector"], c["reduce"]) == (u.record.selection["detector"],
-                                                                               u.record.selection["reduce"])),
-                            "test": u.record.test},
+              "untrained": _control(u.record),
               **({"init_from": Path(init).name, "pooled_as_is": as_is} if init else {}),
               "legacy_val": {d: e.metrics for d, e in on_legacy.items()},
               "val_recall_at_threshold": rec.val_recall_at_threshold,
