@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: env demo cpc compare study test unit notebooks bench clean
+.PHONY: env demo cpc compare study test unit notebooks bench wheel clean
 
 env: $(VENV)/.installed
 
@@ -71,6 +71,14 @@ test: env
 
 bench: env
 	$(PY) scripts/benchmark.py
+
+# the wheel for Kaggle (docs/mvtec_kaggle.md): dist/cpc_ad-<version>-py3-none-any.whl, built offline from
+# this checkout, with the notebooks and the published study's table inside; no build/ or egg-info left behind
+wheel: env
+	rm -rf build cpc_ad.egg-info
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation --no-index -w dist .
+	rm -rf build cpc_ad.egg-info
+	@ls dist/cpc_ad-*.whl
 
 clean:
 	rm -rf $(VENV) data/demo .pytest_cache

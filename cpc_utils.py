@@ -19,6 +19,8 @@ if __name__ == "__main__":  # parse first: --help and a wrong argument answer be
 from cpc_ad.files import (  # noqa: F401
     save_atomic, save_json, FILES_MANIFEST, SCORE_MANIFEST, written_here, check_ours, record_ours, save_ours,
     save_text_ours, save_json_ours, remove_ours)
+from cpc_ad.resources import (  # noqa: F401
+    project_file)
 from cpc_ad.data import (  # noqa: F401
     MVTEC_CATEGORIES, IMAGE_EXTENSIONS, KAGGLE_ROOTS, NESTED_DIR, LOCAL_ROOT, EXPECTED_LAYOUT,
     candidate_roots, list_categories, find_mvtec_root, ImageSet, read_image, LOSSY_FORMATS, FULL_MASK, read_mask,

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .files import check_ours, remove_ours, save_text_ours
+from .resources import project_file
 from .encoders import ENCODERS, build_encoder, count_parameters
 from .training import chosen_epoch
 from .scoring import DETECTORS, FIXED, REDUCES
@@ -255,7 +256,7 @@ def encoder_verdicts(rows: list[dict], metric: str = "image_auroc") -> list[str]
 
 # The encoder study this suite reproduces (issue 31): its published image AUROC per MVTec AD
 # class, training length and encoder, beside what the same setup gives here.
-PUBLISHED_STUDY = Path(__file__).resolve().parent.parent / "results" / "reference" / "published_study.csv"
+PUBLISHED_STUDY = project_file("results/reference/published_study.csv")  # also in the wheel
 
 
 def load_published(path: str | os.PathLike = PUBLISHED_STUDY) -> list[dict]:

@@ -83,6 +83,10 @@ def built_wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=NOT_SOURCE)
+    # of results/, what the wheel carries: the reference folder's own files (the published study's
+    # table), not the runs in its subfolders
+    shutil.copytree(ROOT / "results" / "reference", src / "results" / "reference",
+                    ignore=lambda folder, names: [n for n in names if (Path(folder) / n).is_dir()])
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
           "-w", tmp / "dist", src], "building the wheel", cwd=tmp, env=_clean_env())
     wheels = list((tmp / "dist").glob("*.whl"))
@@ -97,6 +101,9 @@ def _wheel_metadata(wheel: Path):
 
 
 def test_wheel_holds_the_package_and_nothing_else(built_wheel):
+    """The package, the façade, and as package data the notebooks (the sweep runs notebook 02)
+    and the published study's table: no tests, scripts, data or results, nothing left over from
+    an earlier build."""
     with zipfile.ZipFile(built_wheel) as z:
         names = set(z.namelist())
     tops = {n.split("/")[0] for n in names}
@@ -104,12 +111,14 @@ def test_wheel_holds_the_package_and_nothing_else(built_wheel):
     assert len(dist_info) == 1 and tops - dist_info == {"cpc_utils.py", "cpc_ad"}, sorted(tops)
     # every module of the package as it was built (the copy, not the tree being edited meanwhile)
     source = built_wheel.parent.parent / "src"
-    expected = {"cpc_utils.py"} | {f"cpc_ad/{p.name}" for p in (source / "cpc_ad").glob("*.py")}
-    assert "cpc_ad/__init__.py" in expected
-    missing = expected - names
-    assert not missing, f"the wheel lacks {sorted(missing)}"
-    assert not [n for n in names if n.split("/")[0] in ("tests", "notebooks", "scripts", "data", "results")]
-    assert _canon(_wheel_metadata(built_wheel)["Name"]) == "cpc-utils"
+    expected = ({"cpc_utils.py", "cpc_ad/reference/published_study.csv"}
+                | {f"cpc_ad/{p.name}" for p in (source / "cpc_ad").glob("*.py")}
+                | {f"cpc_ad/notebooks/{p.name}" for p in (source / "notebooks").glob("*.ipynb")})
+    assert {"cpc_ad/__init__.py", "cpc_ad/notebooks/02_cpc_anomaly_detection.ipynb"} <= expected
+    held = {n for n in names if n.split("/")[0] not in dist_info}
+    assert held == expected, f"the wheel lacks {sorted(expected - held)}, and holds {sorted(held - expected)} besides"
+    assert _canon(_wheel_metadata(built_wheel)["Name"]) == "cpc-ad"
+    assert built_wheel.name == f"cpc_ad-{_wheel_metadata(built_wheel)['Version']}-py3-none-any.whl"
 
 
 def _imported_modules(path: Path) -> dict[str, int]:
@@ -227,12 +236,15 @@ def test_installed_wheel_runs_notebook02_outside_the_repository(built_wheel, tmp
 
     probe = _run([python, "-c", "import json, sys, cpc_utils, cpc_ad, torch, papermill; print(json.dumps("
                                 "{'prefix': sys.prefix, 'cpc_utils': cpc_utils.__file__, 'cpc_ad': cpc_ad.__file__, "
-                                "'torch': torch.__file__, 'editable': [m for m in sys.modules if 'editable' in m]}))"],
+                                "'torch': torch.__file__, 'editable': [m for m in sys.modules if 'editable' in m], "
+                                "'notebook': str(cpc_utils.project_file('notebooks/02_cpc_anomaly_detection.ipynb')), "
+                                "'published': str(cpc_utils.PUBLISHED_STUDY)}))"],
                  "importing the installed package", env=env, cwd=run)
     where = json.loads(probe.stdout.strip().splitlines()[-1])
     assert Path(where["prefix"]).resolve() == venv.resolve(), where
-    for key in ("cpc_utils", "cpc_ad"):
+    for key in ("cpc_utils", "cpc_ad", "notebook", "published"):  # the package data too: no repository needed
         assert _inside(where[key], purelib) and not _inside(where[key], ROOT), where
+    assert Path(where["notebook"]).is_file() and Path(where["published"]).is_file(), where
     assert not where["editable"], where
     assert not _inside(where["torch"], venv), where  # borrowed, not installed
 
